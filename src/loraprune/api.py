@@ -1,0 +1,92 @@
+"""`prune()`: the whole method on an in-memory model, for notebooks; the CLI is a layer over it.
+
+load → attach LoRA → train (score, schedule, mask) → shrink → merge. Saving and evaluating
+are separate steps (export.py, evaluate.py).
+"""
+
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .archs import arch_for
+from .config import PruneConfig
+from .data import BatchSampler, tokenize, windows
+from .errors import LoraPruneError
+from .evaluate import count_parameters, count_prunable
+from .groups import LayerGroups
+from .load import context_length
+from .lora import attach_lora
+from .pruner import Pruner
+from .schedule import CubicSchedule
+from .shrink import shrink, stock_config_error
+from .train import train
+
+
+def check_compatible(model_config, config: PruneConfig) -> None:
+    """Every check that needs only the model's config: run before any work is done."""
+    arch = arch_for(model_config)
+    context = context_length(model_config)
+    if config.seq_len > context:
+        raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
+    CubicSchedule(config.ratio, config.steps, config.warmup, config.cooldown, config.prune_freq)
+    heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
+    if config.uniform:
+        kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
+        problem = stock_config_error(model_config, arch, heads, kv_heads, channels)
+        if problem:
+            raise LoraPruneError(
+                f"--uniform --ratio {config.ratio} leaves {heads} heads ({kv_heads} k/v) and {channels} channels "
+                f"per layer, which {type(model_config).__name__} rejects ({problem}); choose another ratio or drop --uniform"
+            )
+
+
+def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Prune `model` (a transformers causal LM, modified in place) by LoRAPrune, fine-tuning on
+    `text`. Returns the physically smaller model, LoRA merged, and a report dict."""
+    started = time.perf_counter()
+    check_compatible(model.config, config)
+    arch = arch_for(model.config)
+    train_windows = windows(tokenize(tokenizer, text), config.seq_len)
+    before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
+
+    peft_model = attach_lora(model, arch, config)
+    pruner = Pruner(peft_model.get_base_model(), arch, config)
+
+    torch.manual_seed(config.seed)  # LoRA dropout
+    batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed))
+    history = train(peft_model, pruner, batches, config, progress=progress)
+    pruner.remove_hooks()
+    shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
+    model = peft_model.merge_and_unload()
+    model.eval()
+
+    after = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
+    heads, channels = pruner.sparsity()
+    report = {
+        "config": asdict(config),
+        "parameters": {"before": before, "after": after},
+        "removed": {
+            "heads": heads,
+            "channels": channels,
+            "prunable_parameters": 1 - after["prunable"] / before["prunable"],
+            "total_parameters": 1 - after["total"] / before["total"],
+        },
+        "layers": [
+            {
+                "index": i,
+                "pruned": i in pruner.prunable,
+                "heads": int(h.sum()),
+                "kv_heads": len(pruner.groups.kv_of_head[h].unique()),
+                "channels": int(c.sum()),
+            }
+            for i, (h, c) in enumerate(zip(pruner.head_alive, pruner.channel_alive))
+        ],
+        "score_updates": pruner.score_updates,
+        "skipped_score_updates": pruner.skipped_updates,
+        "train_windows": len(train_windows),
+        "history": asdict(history),
+        "seconds": time.perf_counter() - started,
+    }
+    return model, report

@@ -1,0 +1,79 @@
+"""Settings of a pruning run: one typed dataclass, validated in one place.
+
+The CLI's `prune` flags are generated from these fields (a field `lora_r` is `--lora-r`), and
+each field's `help` is the flag's help, so the two cannot drift apart.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import LoraPruneError
+from .importance import CRITERIA
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PruneConfig:
+    """How much to prune, how to score, and the LoRA fine-tuning budget."""
+
+    ratio: float = _opt(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
+    steps: int = _opt(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
+    seq_len: int = _opt(128, "tokens per training window")
+    batch_size: int = _opt(4, "windows per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(1e-4, "AdamW learning rate of the LoRA factors")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scaling s = alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA branch")
+    criterion: str = _opt("lora", f"importance criterion: {', '.join(CRITERIA)}")
+    normalize: bool = _opt(True, "L2-normalise each module's group scores before summing a group")
+    prune_freq: int = _opt(10, "prune every this many optimizer steps inside the pruning window")
+    warmup: float = _opt(0.1, "fraction of steps fine-tuned before pruning starts")
+    cooldown: float = _opt(0.1, "fraction of steps fine-tuned after the target is reached")
+    ema: float = _opt(0.9, "moving-average factor lambda of the group scores")
+    skip_layers: str = _opt("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
+    uniform: bool = _opt(False, "same shape in every layer (none skipped) so stock transformers loads the result")
+    seed: int = _opt(0, "seed of LoRA init, data order and dropout")
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, what: str):
+            if not ok:
+                raise LoraPruneError(f"--{name.replace('_', '-')} {what} (got {getattr(self, name)!r})")
+
+        require(0 <= self.ratio < 1, "ratio", "must be in [0, 1)")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq"):
+            require(getattr(self, name) >= 1, name, "must be a positive integer")
+        require(self.seq_len >= 2, "seq_len", "must be at least 2 tokens")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        require(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        require(self.criterion in CRITERIA, "criterion", f"must be one of {', '.join(CRITERIA)}")
+        require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
+        require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
+        require(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
+            raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")
+
+    def skipped_layers(self, num_layers: int) -> set[int]:
+        """Indices of the layers left unpruned (none under --uniform)."""
+        spec = "none" if self.uniform else self.skip_layers.replace(" ", "")
+        skipped: set[int] = set()
+        for part in filter(None, spec.split(",")):
+            if part == "none":
+                continue
+            elif part == "first10pct":
+                skipped.update(range(round(0.1 * num_layers)))
+            elif part == "last":
+                skipped.add(num_layers - 1)
+            elif part.lstrip("-").isdigit() and -num_layers <= int(part) < num_layers:
+                skipped.add(int(part) % num_layers)
+            else:
+                raise LoraPruneError(
+                    f"--skip-layers: {part!r} is not 'none', 'first10pct', 'last' or a layer index below {num_layers}"
+                )
+        if len(skipped) == num_layers and self.ratio > 0:
+            raise LoraPruneError("--skip-layers leaves no layer to prune")
+        return skipped

@@ -1,0 +1,71 @@
+"""Perplexity, parameter counts and a greedy sample: how good and how big a model is."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .archs import Arch, arch_for, get_path
+from .errors import LoraPruneError
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
+    """Perplexity over all predicted tokens of [n, seq_len] windows (seq_len - 1 per window)."""
+    if windows.ndim != 2 or len(windows) == 0:
+        raise LoraPruneError(f"expected a non-empty [n, seq_len] tensor of windows, got shape {tuple(windows.shape)}")
+    n, seq_len = windows.shape
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # sum (not mean) per batch: the last batch may be smaller, and every token weighs the same
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                )
+                total += loss.item()  # accumulated in float64 on the host
+                count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    mean = total / count
+    return {"perplexity": math.exp(mean), "loss": mean, "tokens": count, "windows": n, "seq_len": seq_len}
+
+
+def count_parameters(model) -> int:
+    """All parameters; tied weights (shared embedding / lm_head) count once."""
+    return sum(p.numel() for p in model.parameters())  # parameters() yields each tensor once
+
+
+def count_prunable(model, arch: Arch | None = None) -> int:
+    """Weights and biases of every layer's q/k/v/o and gate/up/down projections."""
+    arch = arch or arch_for(model.config)
+    names = [f"{arch.attention}.{name}" for name in (*arch.row_pruned_attention, arch.o)]
+    names += [f"{arch.mlp}.{name}" for name in (*arch.row_pruned_mlp, arch.down)]
+    total = 0
+    for layer in get_path(model, arch.layers):
+        for name in names:
+            module = get_path(layer, name)
+            # .weight/.bias rather than .parameters(): a LoRA-wrapped projection also holds adapters
+            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    return total
+
+
+def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of a prompt (the new text only)."""
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt")
+    ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)  # no token_type_ids
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

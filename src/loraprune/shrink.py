@@ -1,0 +1,102 @@
+"""Physical pruning (METHOD.md §6): cut the dead rows and columns out of W0 and the LoRA factors.
+
+Works on plain and peft-wrapped projections alike: a LoRA layer keeps B's rows with its output
+rows and A's columns with its input columns, so merging afterwards gives exactly the kept part
+of W0 + s·B·A. The model config is then rebuilt from the weights' real shapes.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from .archs import Arch, get_path
+from .groups import LayerGroups
+from .modeling_pruned import LAYOUT_KEY, is_grouped_evenly, set_kv_layout
+
+
+def _keep(linear: nn.Linear, index: Tensor, dim: int) -> None:
+    """Keep output rows (dim 0) or input columns (dim 1) of a linear layer, in place."""
+    weight = linear.weight
+    linear.weight = nn.Parameter(weight.index_select(dim, index.to(weight.device)), weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias[index.to(weight.device)], linear.bias.requires_grad)
+        linear.out_features = len(index)
+    else:
+        linear.in_features = len(index)
+
+
+def keep_projection(module: nn.Module, index: Tensor, dim: int) -> None:
+    """Keep rows/columns of a projection; for a peft LoRA layer also of its B (rows) or A (columns)."""
+    _keep(getattr(module, "base_layer", module), index, dim)
+    if hasattr(module, "lora_A"):
+        factors = module.lora_B if dim == 0 else module.lora_A
+        for linear in factors.values():
+            _keep(linear, index, dim)
+        if dim == 0:
+            module.out_features = len(index)
+        else:
+            module.in_features = len(index)
+
+
+def _rows(units: Tensor, size: int) -> Tensor:
+    """Row indices of whole units of `size` rows: [1, 3] with size 2 -> [2, 3, 6, 7]."""
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tensor) -> None:
+    """Remove dead heads (per layer, [layers, heads] bool) and channels ([layers, channels]) in place."""
+    groups = LayerGroups.from_config(model.config, arch)
+    kv_of_head = groups.kv_of_head
+    layout = []
+    for layer, heads, channels in zip(get_path(model, arch.layers), head_alive, channel_alive):
+        attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+        kept_heads = heads.nonzero().flatten()
+        kept_kv = kv_of_head[kept_heads].unique()  # sorted
+        kv_index = torch.searchsorted(kept_kv, kv_of_head[kept_heads])
+
+        head_rows, kv_rows = _rows(kept_heads, groups.head_dim), _rows(kept_kv, groups.head_dim)
+        keep_projection(getattr(attention, arch.q), head_rows, 0)
+        keep_projection(getattr(attention, arch.k), kv_rows, 0)
+        keep_projection(getattr(attention, arch.v), kv_rows, 0)
+        keep_projection(getattr(attention, arch.o), head_rows, 1)
+        set_kv_layout(attention, kv_index.tolist(), len(kept_kv))
+
+        kept_channels = channels.nonzero().flatten()
+        for name in arch.row_pruned_mlp:
+            keep_projection(getattr(mlp, name), kept_channels, 0)
+        keep_projection(getattr(mlp, arch.down), kept_channels, 1)
+        layout.append(
+            {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
+        )
+    set_layout(model.config, arch, layout)
+
+
+def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:
+    """Why the family's own config class rejects these uniform sizes, or None if it accepts them."""
+    values = config.to_dict()
+    values.pop(LAYOUT_KEY, None)
+    values["head_dim"] = LayerGroups.from_config(config, arch).head_dim  # explicit: hidden/heads changes
+    values.update({arch.heads_key: heads, arch.kv_heads_key: kv_heads, arch.intermediate_key: channels})
+    try:
+        type(config)(**values)
+    except Exception as error:  # the config classes raise assorted types from their validators
+        return str(error).strip().splitlines()[-1]
+    return None
+
+
+def set_layout(config, arch: Arch, layout: list[dict]) -> None:
+    """Record the per-layer shapes in the config: as the family's own fields when every layer
+    is alike, evenly grouped and accepted by the config class; else as a per-layer layout."""
+    first = layout[0]
+    heads, kv_heads, channels = len(first["kv_index"]), first["kv_heads"], first["intermediate_size"]
+    uniform = all(shape == first for shape in layout) and is_grouped_evenly(first["kv_index"], kv_heads)
+    if uniform and stock_config_error(config, arch, heads, kv_heads, channels) is None:
+        config.head_dim = LayerGroups.from_config(config, arch).head_dim
+        setattr(config, arch.heads_key, heads)
+        setattr(config, arch.kv_heads_key, kv_heads)
+        setattr(config, arch.intermediate_key, channels)
+        if hasattr(config, LAYOUT_KEY):
+            delattr(config, LAYOUT_KEY)
+        return
+    names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
+    setattr(config, LAYOUT_KEY, {"modules": {name: getattr(arch, name) for name in names}, "layers": layout})
