@@ -1,34 +1,8 @@
 import pytest
 import torch
 
-from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
-from loraprune.lora import attach_lora
 from loraprune.modeling_pruned import LAYOUT_KEY
-from loraprune.pruner import Pruner
-from loraprune.shrink import shrink
-from tiny import FAMILIES, randomize_lora, tiny_model
-
-
-def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0):
-    """Logits of the masked LoRA model and of the shrunk, merged model on the same input."""
-    model = tiny_model(family, seed=seed)
-    arch = arch_for(model.config)
-    config = PruneConfig(ratio=ratio, skip_layers="none" if uniform else "0", uniform=uniform, lora_dropout=0.0)
-    peft_model = attach_lora(model, arch, config)
-    randomize_lora(peft_model)
-    pruner = Pruner(peft_model.get_base_model(), arch, config)
-    g = torch.Generator().manual_seed(seed)
-    pruner.head_score.uniform_(generator=g)
-    pruner.channel_score.uniform_(generator=g)
-    pruner.prune_to(ratio)
-    tokens = torch.randint(0, 64, (2, 16), generator=g)
-    with torch.no_grad():
-        masked = peft_model(input_ids=tokens).logits
-        pruner.remove_hooks()
-        shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
-        pruned = peft_model.merge_and_unload()
-        return masked, pruned(input_ids=tokens).logits, pruned, pruner
+from tiny import FAMILIES, masked_then_pruned
 
 
 @pytest.mark.parametrize("family", FAMILIES)

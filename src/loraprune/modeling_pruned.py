@@ -33,14 +33,15 @@ class _GatheringCache:
     repeats each kept k/v head once per query head that reads it, so layers whose query heads
     are unevenly shared run through the family's own attention code unchanged."""
 
-    def __init__(self, cache, kv_index: torch.Tensor):
+    def __init__(self, cache, kv_index: list[int]):
         self.cache, self.kv_index = cache, kv_index
 
     def update(self, key, value, *args, **kwargs):
         if self.cache is not None:
             key, value = self.cache.update(key, value, *args, **kwargs)
+        index = torch.tensor(self.kv_index, device=key.device)
         # (batch, kv_heads, seq, head_dim) -> (batch, heads, seq, head_dim)
-        return key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
+        return key.index_select(1, index), value.index_select(1, index)
 
     def __getattr__(self, name):
         return getattr(self.cache, name)
@@ -75,9 +76,8 @@ def set_kv_layout(attention: nn.Module, kv_index: list[int], kv_heads: int) -> N
         return
     attention.__class__ = _gathering_class(base)
     attention.num_key_value_groups = 1  # k/v arrive already repeated per query head
-    device = next(attention.parameters()).device
-    index = torch.tensor(kv_index, dtype=torch.long, device=device)
-    attention.register_buffer("kv_index", index, persistent=False)
+    # a plain list, not a buffer: loading materialises non-persistent buffers uninitialised
+    attention.kv_index = list(kv_index)
 
 
 def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:

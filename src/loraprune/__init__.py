@@ -1,0 +1,9 @@
+"""LoRA-guided structured pruning of transformers (LoRAPrune, arXiv 2305.18403)."""
+
+from .api import prune
+from .config import PruneConfig
+from .errors import LoraPruneError
+from .export import save_pruned
+from .load import load_model
+
+__all__ = ["prune", "PruneConfig", "LoraPruneError", "save_pruned", "load_model"]

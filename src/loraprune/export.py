@@ -1,0 +1,68 @@
+"""Save a pruned model as an ordinary Hugging Face folder, atomically.
+
+Layers of one shape: the family's own config fields, so stock `from_pretrained` loads it.
+Per-layer shapes: config.json also carries the layout and an auto_map to modeling_loraprune.py
+(a copy of modeling_pruned.py), loaded with `trust_remote_code=True` or `loraprune.load_model`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from . import modeling_pruned
+from .errors import LoraPruneError
+from .modeling_pruned import LAYOUT_KEY
+
+MODELING_FILE = "modeling_loraprune.py"
+REPORT_FILE = "loraprune.json"
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output path that exists and is not an empty folder, unless overwriting."""
+    if output.exists() and not output.is_dir():
+        raise LoraPruneError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise LoraPruneError(f"output folder {output} exists and is not empty; pass --overwrite or choose another")
+
+
+def pruned_class_name(model: nn.Module) -> str:
+    name = f"Pruned{type(model).__name__}"
+    if not hasattr(modeling_pruned, name):
+        raise LoraPruneError(f"per-layer shapes of {type(model).__name__} cannot be exported; use --uniform")
+    return name
+
+
+def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, overwrite: bool = False) -> Path:
+    """Write weights (safetensors), config, tokenizer and loraprune.json to `output`. Everything
+    goes to a temporary folder beside it first, renamed into place only when complete."""
+    output = Path(output)
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        if hasattr(model.config, LAYOUT_KEY):
+            model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
+            shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move `staging` to `output`; an old `output` is removed only once the new one is in place."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
