@@ -38,7 +38,8 @@ def check_compatible(model_config, config: PruneConfig) -> None:
         if problem:
             raise LoraPruneError(
                 f"--uniform --ratio {config.ratio} leaves {heads} heads ({kv_heads} k/v) and {channels} channels "
-                f"per layer, which {type(model_config).__name__} rejects ({problem}); choose another ratio or drop --uniform"
+                f"per layer, which {type(model_config).__name__} rejects ({problem}); "
+                "choose another ratio or drop --uniform"
             )
 
 
@@ -81,7 +82,7 @@ def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress:
                 "kv_heads": len(pruner.groups.kv_of_head[h].unique()),
                 "channels": int(c.sum()),
             }
-            for i, (h, c) in enumerate(zip(pruner.head_alive, pruner.channel_alive))
+            for i, (h, c) in enumerate(zip(pruner.head_alive, pruner.channel_alive, strict=True))
         ],
         "score_updates": pruner.score_updates,
         "skipped_score_updates": pruner.skipped_updates,

@@ -1,6 +1,7 @@
 """What each model family looks like to the pruner: data, one entry per family.
 
-Adding a family is one entry here plus one row in tests/test_archs.py. Biases need no entry:
+Adding a family is one entry here plus one row in tests/tiny.py (FAMILIES), which every
+masked-vs-pruned and export test then runs on. Biases need no entry:
 shrinking slices whatever bias a projection has (qwen2's q/k/v biases included).
 """
 

@@ -28,7 +28,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8, help="windows per evaluation batch")
-    parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (all by default)")
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="evaluate only the first N windows (all by default)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "prune":
             run_prune(args)
@@ -86,8 +92,8 @@ def run_prune(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .workflow import evaluate_model
     from .report import format_eval
+    from .workflow import evaluate_model
 
     if args.seq_len < 2:
         raise LoraPruneError(f"--seq-len must be at least 2 (got {args.seq_len})")

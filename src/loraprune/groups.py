@@ -62,7 +62,7 @@ class LayerGroups:
         """(heads, k/v heads, channels) a pruned layer keeps; k/v heads are None when they
         depend on which heads the scores pick. Raises if a layer would lose every head or channel."""
         pools, targets = self.head_pools(uniform), self.head_targets(ratio, uniform)
-        if any(target == len(pool) for target, pool in zip(targets, pools)):
+        if any(target == len(pool) for target, pool in zip(targets, pools, strict=True)):
             where = "k/v group" if len(pools) > 1 else "layer"
             raise LoraPruneError(
                 f"--ratio {ratio} would remove every head of a {where} "

@@ -5,8 +5,8 @@ A criterion maps `LoraFactors` (a block of rows of one projection) to |score| pe
 out x in transient never exists for more than one block of one module at a time.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -96,7 +96,7 @@ def resize_layers(model: nn.Module, layout: dict) -> None:
     layers = model
     for part in names["layers"].split("."):
         layers = getattr(layers, part)
-    for layer, shape in zip(layers, layout["layers"]):
+    for layer, shape in zip(layers, layout["layers"], strict=True):
         attention = getattr(layer, names["attention"])
         head_dim = attention.head_dim
         heads, kv_rows = len(shape["kv_index"]) * head_dim, shape["kv_heads"] * head_dim

@@ -82,7 +82,7 @@ class Pruner:
             self.skipped_updates += 1
             return False
         lam = self.config.ema
-        for i, (heads, channels) in zip(self.prunable, new):
+        for i, (heads, channels) in zip(self.prunable, new, strict=True):
             self.head_score[i] = lam * self.head_score[i] + (1 - lam) * heads.cpu()
             self.channel_score[i] = lam * self.channel_score[i] + (1 - lam) * channels.cpu()
         self.score_updates += 1
@@ -91,7 +91,9 @@ class Pruner:
     def prune_to(self, sparsity: float) -> None:
         """Raise every prunable layer to `sparsity`, removing its lowest-scored live groups."""
         for i in self.prunable:
-            for pool, target in zip(self.head_pools, self.groups.head_targets(sparsity, self.config.uniform)):
+            for pool, target in zip(
+                self.head_pools, self.groups.head_targets(sparsity, self.config.uniform), strict=True
+            ):
                 _remove_lowest(self.head_alive[i], self.head_score[i], pool, target)
             _remove_lowest(self.channel_alive[i], self.channel_score[i], None, self.groups.channel_target(sparsity))
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))

@@ -39,7 +39,10 @@ def format_eval(result: dict) -> str:
     """The table printed by `loraprune eval`."""
     rows = [
         ("model", result["model"]),
-        (f"{result['data']} {result['split']} perplexity ({result['seq_len']}-token windows)", f"{result['perplexity']:.3f}"),
+        (
+            f"{result['data']} {result['split']} perplexity ({result['seq_len']}-token windows)",
+            f"{result['perplexity']:.3f}",
+        ),
         ("tokens scored / windows", f"{result['tokens']} / {result['windows']}"),
         ("parameters, total", _millions(result["parameters"])),
         ("parameters, prunable", _millions(result["prunable_parameters"])),

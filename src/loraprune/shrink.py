@@ -48,7 +48,7 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
     groups = LayerGroups.from_config(model.config, arch)
     kv_of_head = groups.kv_of_head
     layout = []
-    for layer, heads, channels in zip(get_path(model, arch.layers), head_alive, channel_alive):
+    for layer, heads, channels in zip(get_path(model, arch.layers), head_alive, channel_alive, strict=True):
         attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
         kept_heads = heads.nonzero().flatten()
         kept_kv = kv_of_head[kept_heads].unique()  # sorted

