@@ -21,12 +21,15 @@ from .lora import attach_lora
 from .pruner import Pruner
 from .schedule import CubicSchedule
 from .shrink import shrink, stock_config_error
+from .target import removed_fraction, resolve_ratio
 from .train import train
 
 
-def check_compatible(model_config, config: PruneConfig) -> None:
-    """Every check that needs only the model's config: run before any work is done."""
+def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
+    """Every check that needs only the model's config: run before any work is done. Returns the
+    config to run, its --ratio the one --target-params picks when that is set."""
     arch = arch_for(model_config)
+    config = resolve_ratio(model_config, config)
     context = context_length(model_config)
     if config.seq_len > context:
         raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
@@ -41,13 +44,17 @@ def check_compatible(model_config, config: PruneConfig) -> None:
                 f"per layer, which {type(model_config).__name__} rejects ({problem}); "
                 "choose another ratio or drop --uniform"
             )
+    return config
 
 
 def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` (a transformers causal LM, modified in place) by LoRAPrune, fine-tuning on
     `text`. Returns the physically smaller model, LoRA merged, and a report dict."""
     started = time.perf_counter()
-    check_compatible(model.config, config)
+    config = check_compatible(model.config, config)
+    target = None
+    if config.target_params is not None:
+        target = {"requested": config.target_params, "predicted": removed_fraction(model.config, config)}
     arch = arch_for(model.config)
     train_windows = windows(tokenize(tokenizer, text), config.seq_len)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
@@ -58,7 +65,7 @@ def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress:
     torch.manual_seed(config.seed)  # LoRA dropout
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed))
     history = train(peft_model, pruner, batches, config, progress=progress)
-    pruner.remove_hooks()
+    pruner.close()
     shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
     model = peft_model.merge_and_unload()
     model.eval()
@@ -66,7 +73,8 @@ def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress:
     after = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
     heads, channels = pruner.sparsity()
     report = {
-        "config": asdict(config),
+        "config": asdict(config),  # its ratio is the one run, also when --target-params chose it
+        "target_params": target,
         "parameters": {"before": before, "after": after},
         "removed": {
             "heads": heads,

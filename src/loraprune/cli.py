@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers/peft deprecation notices say nothing actionable to a user of the CLI
+    warnings.filterwarnings("ignore", category=FutureWarning)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

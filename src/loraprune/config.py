@@ -20,6 +20,10 @@ class PruneConfig:
     """How much to prune, how to score, and the LoRA fine-tuning budget."""
 
     ratio: float = _opt(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
+    # None: use --ratio. Annotated `float` (not `float | None`) because the CLI uses the type as the parser.
+    target_params: float = _opt(
+        None, "fraction of the model's total parameters to remove; picks the group ratio that reaches it"
+    )
     steps: int = _opt(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
     seq_len: int = _opt(128, "tokens per training window")
     batch_size: int = _opt(4, "windows per micro-batch")
@@ -28,7 +32,11 @@ class PruneConfig:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling s = alpha / r)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA branch")
-    criterion: str = _opt("lora", f"importance criterion: {', '.join(CRITERIA)}")
+    criterion: str = _opt(
+        "lora",
+        "importance criterion: lora (LoRA-guided, the method), gradient (true |dL/dW0 * W0|, stores full "
+        "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed)",
+    )
     normalize: bool = _opt(True, "L2-normalise each module's group scores before summing a group")
     prune_freq: int = _opt(10, "prune every this many optimizer steps inside the pruning window")
     warmup: float = _opt(0.1, "fraction of steps fine-tuned before pruning starts")
@@ -36,7 +44,7 @@ class PruneConfig:
     ema: float = _opt(0.9, "moving-average factor lambda of the group scores")
     skip_layers: str = _opt("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
     uniform: bool = _opt(False, "same shape in every layer (none skipped) so stock transformers loads the result")
-    seed: int = _opt(0, "seed of LoRA init, data order and dropout")
+    seed: int = _opt(0, "seed of LoRA init, data order, dropout and the random criterion")
 
     def __post_init__(self):
         def require(ok: bool, name: str, what: str):
@@ -44,6 +52,7 @@ class PruneConfig:
                 raise LoraPruneError(f"--{name.replace('_', '-')} {what} (got {getattr(self, name)!r})")
 
         require(0 <= self.ratio < 1, "ratio", "must be in [0, 1)")
+        require(self.target_params is None or 0 < self.target_params < 1, "target_params", "must be in (0, 1)")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq"):
             require(getattr(self, name) >= 1, name, "must be a positive integer")
         require(self.seq_len >= 2, "seq_len", "must be at least 2 tokens")

@@ -3,6 +3,8 @@
 A criterion maps `LoraFactors` (a block of rows of one projection) to |score| per element,
 (rows, in). `projection_scores` runs it block by block and sums rows or columns, so the
 out x in transient never exists for more than one block of one module at a time.
+A criterion says what it reads through two attributes: `needs_lora_grads` (default True) and
+`needs_weight_grad` (the true dL/dW0, which the Pruner then enables on the base weights).
 """
 
 from collections.abc import Callable
@@ -14,35 +16,49 @@ from torch import Tensor, nn
 
 @dataclass
 class LoraFactors:
-    """W = W0 + s·B·A and the LoRA gradients, for a block of output rows (float32)."""
+    """W = W0 + s·B·A and the available gradients, for a block of output rows (float32)."""
 
     weight: Tensor  # W0: (rows, in)
     A: Tensor  # (r, in)
     B: Tensor  # (rows, r)
-    grad_A: Tensor  # dL/dA: (r, in)
-    grad_B: Tensor  # dL/dB: (rows, r)
+    grad_A: Tensor | None  # dL/dA: (r, in)
+    grad_B: Tensor | None  # dL/dB: (rows, r)
     scaling: float  # s = alpha / r
+    weight_grad: Tensor | None = None  # dL/dW0: (rows, in), only when the base weight requires grad
 
     @classmethod
-    def of(cls, module: nn.Module, rows: slice, adapter: str = "default") -> "LoraFactors":
-        """Read a peft LoRA layer's factors for output rows `rows`."""
-        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        if A.grad is None or B.grad is None:
+    def of(cls, module: nn.Module, rows: slice, adapter: str = "default", lora_grads: bool = True) -> "LoraFactors":
+        """Read a peft LoRA layer's factors for output rows `rows`; gradients are None where absent
+        (an error if `lora_grads` asks for the LoRA ones)."""
+        A, B, W = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.base_layer.weight
+        if lora_grads and (A.grad is None or B.grad is None):
             raise RuntimeError("LoRA factors have no gradient: call backward() before scoring")
 
-        def f32(t: Tensor) -> Tensor:
-            return t.detach().float()
+        def f32(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().float()
 
         return cls(
-            weight=f32(module.base_layer.weight[rows]),
+            weight=f32(W[rows]),
             A=f32(A),
             B=f32(B[rows]),
             grad_A=f32(A.grad),
-            grad_B=f32(B.grad[rows]),
+            grad_B=f32(B.grad[rows]) if B.grad is not None else None,
             scaling=module.scaling[adapter],
+            weight_grad=f32(W.grad[rows]) if W.grad is not None else None,
         )
 
 
+def _reads(lora_grads: bool = False, weight_grad: bool = False):
+    """Mark which gradients a criterion reads."""
+
+    def mark(criterion):
+        criterion.needs_lora_grads, criterion.needs_weight_grad = lora_grads, weight_grad
+        return criterion
+
+    return mark
+
+
+@_reads(lora_grads=True)
 def lora_guided(f: LoraFactors) -> Tensor:
     """METHOD.md §2: |(G_B·A + B·G_A − G_B·G_A) ⊙ (W0 + s·B·A)|.
 
@@ -54,18 +70,64 @@ def lora_guided(f: LoraFactors) -> Tensor:
     return (grad_estimate * merged).abs()
 
 
+@_reads(weight_grad=True)
+def weight_gradient(f: LoraFactors) -> Tensor:
+    """Vanilla first-order |dL/dW0 ⊙ W0| with the true gradient, as LLM-Pruner (the memory baseline).
+
+    Like LLM-Pruner it multiplies by the frozen W0, not the merged W0 + s·B·A.
+    """
+    if f.weight_grad is None:
+        raise RuntimeError("base weight has no gradient: the 'gradient' criterion needs the Pruner to enable it")
+    return (f.weight_grad * f.weight).abs()
+
+
+@_reads()
+def magnitude(f: LoraFactors) -> Tensor:
+    """|W0 + s·B·A|: needs no gradient at all."""
+    return (f.weight + f.scaling * (f.B @ f.A)).abs()
+
+
+class RandomScores:
+    """Uniform random element scores, a floor every criterion must beat.
+
+    One CPU generator per run, seeded by --seed and drawn in the fixed order the Pruner scores
+    (step, layer, module, row block), so the same seed gives the same masks on any device.
+    """
+
+    needs_lora_grads = needs_weight_grad = False
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, f: LoraFactors) -> Tensor:
+        return torch.rand(f.weight.shape, generator=self.generator).to(f.weight.device)
+
+
 Criterion = Callable[[LoraFactors], Tensor]
-CRITERIA: dict[str, Criterion] = {"lora": lora_guided}
+# a class entry is stateful: make_criterion builds a fresh one per run
+CRITERIA: dict[str, Criterion | type] = {
+    "lora": lora_guided,
+    "gradient": weight_gradient,
+    "magnitude": magnitude,
+    "random": RandomScores,
+}
+
+
+def make_criterion(name: str, seed: int = 0) -> Criterion:
+    """The criterion called `name`, a stateful one seeded by `seed`."""
+    criterion = CRITERIA[name]
+    return criterion(seed) if isinstance(criterion, type) else criterion
 
 
 def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
     """Sum a projection's element scores over its rows (dim=0: one score per input column) or
     over its columns (dim=1: one score per output row)."""
     out_features = module.base_layer.weight.shape[0]
+    lora_grads = getattr(criterion, "needs_lora_grads", True)
     parts = []
     total = None
     for start in range(0, out_features, block_rows):
-        block = criterion(LoraFactors.of(module, slice(start, start + block_rows)))
+        block = criterion(LoraFactors.of(module, slice(start, start + block_rows), lora_grads=lora_grads))
         if dim == 1:
             parts.append(block.sum(dim=1))
         else:

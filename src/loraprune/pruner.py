@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .archs import Arch, get_path
 from .config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
-from .importance import CRITERIA, projection_scores
+from .importance import make_criterion, projection_scores
 
 
 def _mask_input(mask: Tensor):
@@ -31,9 +31,16 @@ class Pruner:
         self.arch, self.config = arch, config
         self.layers = get_path(model, arch.layers)
         self.groups = LayerGroups.from_config(model.config, arch)
-        self.criterion = CRITERIA[config.criterion]
+        self.criterion = make_criterion(config.criterion, config.seed)
         skipped = config.skipped_layers(len(self.layers))
         self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
+        # the 'gradient' criterion reads the true dL/dW0: the base weights it scores get a .grad
+        # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
+        self.scored_weights = []
+        if getattr(self.criterion, "needs_weight_grad", False):
+            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i)]
+            for weight in self.scored_weights:
+                weight.requires_grad_(True)
         self.head_pools = self.groups.head_pools(config.uniform)
 
         n, g = len(self.layers), self.groups
@@ -59,9 +66,17 @@ class Pruner:
         layer = self.layers[i]
         return getattr(layer, self.arch.attention), getattr(layer, self.arch.mlp)
 
+    def projections(self, i: int) -> list[nn.Module]:
+        """Layer i's q, k, v, o, gate, up, down (those that exist)."""
+        attention, mlp = self.modules(i)
+        a = self.arch
+        return [getattr(attention, n) for n in (*a.row_pruned_attention, a.o)] + [
+            getattr(mlp, n) for n in (*a.row_pruned_mlp, a.down)
+        ]
+
     @torch.no_grad()
     def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
-        """This step's (head, channel) scores of layer i, from the LoRA gradients."""
+        """This step's (head, channel) scores of layer i, by the configured criterion."""
         attention, mlp = self.modules(i)
         g, a = self.groups, self.arch
 
@@ -77,7 +92,10 @@ class Pruner:
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
-        new = [self.layer_scores(i) for i in self.prunable]
+        try:
+            new = [self.layer_scores(i) for i in self.prunable]
+        finally:
+            self.clear_weight_grads()  # so the next step's dL/dW0 does not accumulate onto this one
         if not all(torch.isfinite(h).all() and torch.isfinite(c).all() for h, c in new):
             self.skipped_updates += 1
             return False
@@ -104,10 +122,21 @@ class Pruner:
         rows = self.prunable
         return (1 - self.head_alive[rows].float().mean().item(), 1 - self.channel_alive[rows].float().mean().item())
 
+    def clear_weight_grads(self) -> None:
+        for weight in self.scored_weights:
+            weight.grad = None
+
     def remove_hooks(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+    def close(self) -> None:
+        """Remove the masks' hooks and freeze the base weights again (after training)."""
+        self.remove_hooks()
+        self.clear_weight_grads()
+        for weight in self.scored_weights:
+            weight.requires_grad_(False)
 
 
 def _remove_lowest(alive: Tensor, score: Tensor, pool: Tensor | None, target: int) -> None:

@@ -36,7 +36,8 @@ def train(
 ) -> History:
     """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled."""
     schedule = CubicSchedule(config.ratio, config.steps, config.warmup, config.cooldown, config.prune_freq)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # by name, not requires_grad: the 'gradient' criterion gives base weights a .grad, never an update
+    trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     history = History()
     model.train()
@@ -47,7 +48,7 @@ def train(
             micro_loss = causal_lm_loss(model, next(batches)) / config.grad_accum
             micro_loss.backward()
             loss += micro_loss.item()
-        pruner.update_scores()  # from the accumulated LoRA gradients, before they are consumed
+        pruner.update_scores()  # from the accumulated gradients, before they are consumed
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if schedule.is_pruning_step(step):

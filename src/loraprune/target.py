@@ -1,0 +1,112 @@
+"""--target-params: the group ratio that removes a given fraction of all parameters, from the
+model config alone (the model is built on the meta device: shapes, no weights).
+
+Under grouped-query attention with free per-query-head pruning, whether a k/v head goes depends
+on the scores (it goes only when every query head reading it does): the count assumes every
+k/v head stays, so the prediction is a lower bound and the run may remove slightly more.
+"""
+
+from dataclasses import dataclass, replace
+from itertools import pairwise
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .archs import arch_for, get_path
+from .config import PruneConfig
+from .errors import LoraPruneError
+from .evaluate import count_parameters
+from .groups import LayerGroups
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """The model's total parameters and what removing one group of one layer takes away."""
+
+    total: int
+    head: int  # one query head: its q rows (with bias) and the o columns that read it
+    kv_head: int  # one k/v head: its k and v rows (with biases)
+    channel: int  # one MLP channel: its gate/up rows (with biases) and down column
+    prunable_layers: int
+    groups: LayerGroups
+
+    @classmethod
+    def of(cls, model_config, config: PruneConfig) -> "ParameterCounts":
+        arch = arch_for(model_config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+        layers = get_path(model, arch.layers)
+        attention, mlp = getattr(layers[0], arch.attention), getattr(layers[0], arch.mlp)
+
+        def row(module) -> int:  # a row-pruned projection loses its weights' row and its bias entry
+            return module.in_features + (module.bias is not None)
+
+        groups = LayerGroups.from_config(model_config, arch)
+        d = groups.head_dim
+        return cls(
+            total=count_parameters(model),
+            head=d * (row(getattr(attention, arch.q)) + getattr(attention, arch.o).out_features),
+            kv_head=d * (row(getattr(attention, arch.k)) + row(getattr(attention, arch.v))),
+            channel=sum(row(getattr(mlp, n)) for n in arch.row_pruned_mlp) + getattr(mlp, arch.down).out_features,
+            prunable_layers=len(layers) - len(config.skipped_layers(len(layers))),
+            groups=groups,
+        )
+
+    def removed(self, ratio: float, uniform: bool) -> int:
+        """Parameters removed at `ratio`, k/v heads assumed kept where the scores decide them."""
+        g = self.groups
+        heads, kv_heads, channels = g.kept_at(ratio, uniform)
+        if kv_heads is None:  # free pruning: plain attention loses k/v with each head; GQA keeps them
+            kv_heads = heads if g.heads_per_kv == 1 else g.kv_heads
+        per_layer = (g.heads - heads) * self.head + (g.kv_heads - kv_heads) * self.kv_head
+        return self.prunable_layers * (per_layer + (g.channels - channels) * self.channel)
+
+
+def _between(low: float, high: float) -> float:
+    """A short decimal strictly inside (low, high), for a readable --ratio in reports."""
+    for digits in range(2, 12):
+        value = round((low + high) / 2, digits)
+        if low < value < high:
+            return value
+    return (low + high) / 2
+
+
+def candidate_ratios(groups: LayerGroups, uniform: bool) -> list[float]:
+    """One ratio per distinct (heads, channels) pruned: between consecutive rounding thresholds."""
+    sizes = {groups.channels, *(len(pool) for pool in groups.head_pools(uniform))}
+    # round_half_up(ratio * n) steps up at ratio = (k + 0.5) / n
+    edges = sorted({0.0, 1.0, *((k + 0.5) / n for n in sizes for k in range(n))})
+    return [_between(low, high) for low, high in pairwise(edges)]
+
+
+def ratio_for_target_params(model_config, config: PruneConfig) -> float:
+    """The group ratio whose removed fraction of all parameters is closest to config.target_params."""
+    counts = ParameterCounts.of(model_config, config)
+    reachable = {}
+    for ratio in candidate_ratios(counts.groups, config.uniform):
+        try:
+            reachable[ratio] = counts.removed(ratio, config.uniform) / counts.total
+        except LoraPruneError:  # this ratio would empty a layer
+            continue
+    best = min(reachable, key=lambda r: (abs(reachable[r] - config.target_params), r))
+    most = max(reachable.values())
+    step = max(counts.head, counts.channel) * counts.prunable_layers / counts.total
+    if config.target_params > most + step:
+        raise LoraPruneError(
+            f"--target-params {config.target_params} is out of reach: at most {most:.3f} of the parameters can go "
+            "(embeddings, norms, the LM head and skipped layers stay, and every layer keeps a head and a channel)"
+        )
+    return best
+
+
+def removed_fraction(model_config, config: PruneConfig) -> float:
+    """Predicted fraction of all parameters that config.ratio removes (k/v heads assumed kept)."""
+    counts = ParameterCounts.of(model_config, config)
+    return counts.removed(config.ratio, config.uniform) / counts.total
+
+
+def resolve_ratio(model_config, config: PruneConfig) -> PruneConfig:
+    """`config` with --ratio replaced by the one --target-params asks for (unchanged without it)."""
+    if config.target_params is None:
+        return config
+    return replace(config, ratio=ratio_for_target_params(model_config, config))
