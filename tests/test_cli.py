@@ -33,6 +33,14 @@ def test_prune_then_eval(tmp_path, capsys, tiny_folder, text_file):
     assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
     assert report["evaluation"]["pruned"]["perplexity"] > 1
 
+    plots = ["training.png", "kept.png", "scores.png"]
+    assert all((out / name).stat().st_size > 1000 for name in ["report.md", *plots])
+    for name in plots:
+        (out / name).unlink()
+    code, stdout, err = run(capsys, "report", out)
+    assert code == 0 and all((out / name).exists() for name in plots), err
+    assert "![kept groups](kept.png)" in (out / "report.md").read_text()
+
     code, stdout, err = run(capsys, "eval", "--model", out, "--data", text_file, "--seq-len", 16, "--json")
     assert code == 0, err
     result = json.loads(stdout)
@@ -91,3 +99,30 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, tiny_
     assert err.startswith("loraprune: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("criterion", ["lora", "gradient", "magnitude", "random"])
+def test_criterion_and_target_params_flags(criterion):
+    from loraprune.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["prune", "--model", "m", "--data", "d", "--output", "o", "--criterion", criterion, "--target-params", "0.3"]
+    )
+    assert (args.criterion, args.target_params) == (criterion, 0.3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--criterion", "bogus"], "--criterion must be one of lora, gradient, magnitude, random"),
+        (["--target-params", "1.5"], r"--target-params must be in \(0, 1\)"),
+    ],
+)
+def test_bad_criterion_or_target_params_is_one_clear_error(capsys, flags, message):
+    code, _, err = run(capsys, "prune", "--model", "m", "--data", "d", "--output", "o", *flags)
+    assert code == 2 and re.search(message, err), err
+
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run(capsys, "report", tmp_path)
+    assert code == 2 and "is not a loraprune run: it has no loraprune.json" in err

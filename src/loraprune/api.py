@@ -92,6 +92,13 @@ def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress:
             }
             for i, (h, c) in enumerate(zip(pruner.head_alive, pruner.channel_alive, strict=True))
         ],
+        "dense_groups": asdict(pruner.groups),
+        "scores": {  # final moving averages and masks, saved as safetensors beside the report
+            "head_score": pruner.head_score,
+            "channel_score": pruner.channel_score,
+            "head_alive": pruner.head_alive,
+            "channel_alive": pruner.channel_alive,
+        },
         "score_updates": pruner.score_updates,
         "skipped_score_updates": pruner.skipped_updates,
         "train_windows": len(train_windows),

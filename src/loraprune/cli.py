@@ -1,4 +1,4 @@
-"""`loraprune prune|eval`: thin commands over the Python functions.
+"""`loraprune prune|eval|report`: thin commands over the Python functions.
 
 The `prune` flags are PruneConfig's fields (`lora_r` -> `--lora-r`), help text included.
 A LoraPruneError anywhere becomes one line on stderr and exit status 2.
@@ -23,7 +23,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # X | None -> X
             parser.add_argument(flag, type=kind, default=f.default if f.default is not MISSING else None, help=help)
 
 
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window (default: 128)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_eval_flags(evaluate)
+
+    report = commands.add_parser("report", help="rebuild report.md and its plots in a run folder")
+    report.add_argument("run_dir", help="output folder of `loraprune prune`")
     return parser
 
 
@@ -68,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             run_prune(args)
-        else:
+        elif args.command == "eval":
             run_eval(args)
+        else:
+            from .report import write_report
+
+            print(f"wrote {write_report(Path(args.run_dir))}")
     except LoraPruneError as error:
         print(f"loraprune: error: {error}", file=sys.stderr)
         return 2

@@ -20,8 +20,7 @@ class PruneConfig:
     """How much to prune, how to score, and the LoRA fine-tuning budget."""
 
     ratio: float = _opt(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
-    # None: use --ratio. Annotated `float` (not `float | None`) because the CLI uses the type as the parser.
-    target_params: float = _opt(
+    target_params: float | None = _opt(
         None, "fraction of the model's total parameters to remove; picks the group ratio that reaches it"
     )
     steps: int = _opt(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")

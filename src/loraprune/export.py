@@ -11,14 +11,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
 from torch import nn
 
 from . import modeling_pruned
 from .errors import LoraPruneError
 from .modeling_pruned import LAYOUT_KEY
+from .report import REPORT_FILE, SCORES_FILE, write_report
 
 MODELING_FILE = "modeling_loraprune.py"
-REPORT_FILE = "loraprune.json"
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -37,8 +38,9 @@ def pruned_class_name(model: nn.Module) -> str:
 
 
 def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, overwrite: bool = False) -> Path:
-    """Write weights (safetensors), config, tokenizer and loraprune.json to `output`. Everything
-    goes to a temporary folder beside it first, renamed into place only when complete."""
+    """Write weights (safetensors), config, tokenizer and loraprune.json to `output`, plus the final
+    scores and report.md with plots when `report` comes from `prune()`. Everything goes to a
+    temporary folder beside it first, renamed into place only when complete."""
     output = Path(output)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,12 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
             shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        scores = report.get("scores")
+        (staging / REPORT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
+        if scores is not None:
+            save_file({name: tensor.contiguous() for name, tensor in scores.items()}, str(staging / SCORES_FILE))
+        if "history" in report:
+            write_report(staging)
         _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,13 +34,6 @@ class Pruner:
         self.criterion = make_criterion(config.criterion, config.seed)
         skipped = config.skipped_layers(len(self.layers))
         self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
-        # the 'gradient' criterion reads the true dL/dW0: the base weights it scores get a .grad
-        # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
-        self.scored_weights = []
-        if getattr(self.criterion, "needs_weight_grad", False):
-            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i)]
-            for weight in self.scored_weights:
-                weight.requires_grad_(True)
         self.head_pools = self.groups.head_pools(config.uniform)
 
         n, g = len(self.layers), self.groups
@@ -61,6 +54,14 @@ class Pruner:
             o, down = getattr(attention, arch.o), getattr(mlp, arch.down)
             self.hooks.append(o.register_forward_pre_hook(_mask_input(self.head_masks[i])))
             self.hooks.append(down.register_forward_pre_hook(_mask_input(self.channel_masks[i])))
+
+        # the 'gradient' criterion reads the true dL/dW0: the base weights it scores get a .grad
+        # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
+        self.scored_weights = []
+        if getattr(self.criterion, "needs_weight_grad", False):
+            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i)]
+            for weight in self.scored_weights:
+                weight.requires_grad_(True)
 
     def modules(self, i: int) -> tuple[nn.Module, nn.Module]:
         layer = self.layers[i]

@@ -1,4 +1,13 @@
-"""Human-readable tables of a run's report dict (the same dict loraprune.json holds)."""
+"""Human-readable views of a run: tables of its report dict (the dict loraprune.json holds),
+and report.md with plots in the run folder."""
+
+import json
+from pathlib import Path
+
+from .errors import LoraPruneError
+
+REPORT_FILE = "loraprune.json"
+SCORES_FILE = "loraprune_scores.safetensors"
 
 
 def _millions(n: int) -> str:
@@ -50,3 +59,45 @@ def format_eval(result: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def write_report(run_dir: Path) -> Path:
+    """(Re)build report.md and its PNG plots in a run folder from loraprune.json and the scores."""
+    from safetensors.torch import load_file
+
+    from .plots import plot_kept, plot_scores, plot_training
+
+    run_dir = Path(run_dir)
+    report_path = run_dir / REPORT_FILE
+    if not report_path.is_file():
+        raise LoraPruneError(f"{run_dir} is not a loraprune run: it has no {REPORT_FILE}")
+    report = json.loads(report_path.read_text())
+    dense = report["dense_groups"]
+    plot_training(report["history"], run_dir / "training.png")
+    plot_kept(report["layers"], dense["heads"], dense["channels"], run_dir / "kept.png")
+    sections = [
+        "# loraprune run\n",
+        f"Model `{report.get('model', '?')}`, data `{report.get('data', '?')}`.\n",
+        "```\n" + format_summary(report) + "\n```\n",
+        "## Schedule and loss\n\n![loss and sparsity](training.png)\n",
+        "## Kept groups per layer\n\n![kept groups](kept.png)\n",
+    ]
+    scores_path = run_dir / SCORES_FILE
+    if scores_path.is_file():
+        scores = load_file(str(scores_path))
+        prunable = [layer["index"] for layer in report["layers"] if layer["pruned"]]
+        plot_scores(scores["head_score"], scores["channel_score"], prunable, run_dir / "scores.png")
+        sections.append("## Final group scores\n\n![score distributions](scores.png)\n")
+    rows = "\n".join(
+        f"| {layer['index']} | {'yes' if layer['pruned'] else 'no'} | {layer['heads']} | {layer['kv_heads']} "
+        f"| {layer['channels']} |"
+        for layer in report["layers"]
+    )
+    sections.append(
+        "## Layers\n\n| layer | pruned | heads | k/v heads | channels |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
+    settings = "\n".join(f"| `{key}` | {value} |" for key, value in report["config"].items())
+    sections.append("## Settings\n\n| setting | value |\n|---|---|\n" + settings + "\n")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(sections))
+    return path

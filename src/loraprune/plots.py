@@ -1,0 +1,64 @@
+"""PNG plots of a run: schedule and loss, kept groups per layer, final score distributions."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def plot_training(history: dict, path: Path) -> None:
+    """Loss (left axis) and head/channel sparsity (right axis) per step, pruning steps marked."""
+    steps = range(1, len(history["loss"]) + 1)
+    fig, loss_axis = plt.subplots(figsize=(8, 4))
+    loss_axis.plot(steps, history["loss"], color="tab:blue", linewidth=1, label="training loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss", color="tab:blue")
+    sparsity_axis = loss_axis.twinx()
+    sparsity_axis.plot(steps, history["head_sparsity"], color="tab:red", label="heads removed")
+    sparsity_axis.plot(steps, history["channel_sparsity"], color="tab:orange", linestyle="--", label="channels removed")
+    sparsity_axis.set_ylabel("fraction removed (pruned layers)")
+    sparsity_axis.set_ylim(0, 1)
+    for step in history["pruning_steps"]:
+        loss_axis.axvline(step, color="grey", alpha=0.25, linewidth=0.8)
+    lines = loss_axis.get_legend_handles_labels()[0] + sparsity_axis.get_legend_handles_labels()[0]
+    labels = loss_axis.get_legend_handles_labels()[1] + sparsity_axis.get_legend_handles_labels()[1]
+    loss_axis.legend(lines, labels, loc="upper right", fontsize=8)
+    loss_axis.set_title("LoRAPrune: loss and sparsity (grey lines: pruning steps)")
+    _save(fig, path)
+
+
+def plot_kept(layers: list[dict], dense_heads: int, dense_channels: int, path: Path) -> None:
+    """Bars of kept heads and kept MLP channels per layer; skipped layers hatched."""
+    index = [layer["index"] for layer in layers]
+    fig, (heads_axis, channels_axis) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    for axis, key, dense in ((heads_axis, "heads", dense_heads), (channels_axis, "channels", dense_channels)):
+        bars = axis.bar(index, [layer[key] for layer in layers], color="tab:green")
+        for bar, layer in zip(bars, layers, strict=True):
+            if not layer["pruned"]:
+                bar.set_hatch("//")
+                bar.set_color("lightgrey")
+        axis.axhline(dense, color="black", linewidth=0.8, linestyle=":")
+        axis.set_ylabel(f"kept {key}\n(of {dense})")
+    channels_axis.set_xlabel("layer (grey: not pruned)")
+    heads_axis.set_title("Kept groups per layer")
+    _save(fig, path)
+
+
+def plot_scores(head_score: Tensor, channel_score: Tensor, prunable: list[int], path: Path) -> None:
+    """Box plots of the final moving-average group scores of each pruned layer."""
+    fig, (heads_axis, channels_axis) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    for axis, scores, name in ((heads_axis, head_score, "head"), (channels_axis, channel_score, "channel")):
+        axis.boxplot([scores[i].numpy() for i in prunable], positions=prunable, widths=0.6, showfliers=False)
+        axis.set_ylabel(f"{name} score")
+    channels_axis.set_xlabel("layer")
+    heads_axis.set_title("Final group scores (moving average) per pruned layer")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
