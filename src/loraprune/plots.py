@@ -47,14 +47,24 @@ def plot_kept(layers: list[dict], dense_heads: int, dense_channels: int, path: P
     _save(fig, path)
 
 
-def plot_scores(head_score: Tensor, channel_score: Tensor, prunable: list[int], path: Path) -> None:
-    """Box plots of the final moving-average group scores of each pruned layer."""
-    fig, (heads_axis, channels_axis) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
-    for axis, scores, name in ((heads_axis, head_score, "head"), (channels_axis, channel_score, "channel")):
-        axis.boxplot([scores[i].numpy() for i in prunable], positions=prunable, widths=0.6, showfliers=False)
-        axis.set_ylabel(f"{name} score")
-    channels_axis.set_xlabel("layer")
-    heads_axis.set_title("Final group scores (moving average) per pruned layer")
+def plot_scores(scores: dict[str, Tensor], prunable: list[int], path: Path) -> None:
+    """Box plots of the final moving-average group scores of each pruned layer: kept groups (green)
+    beside removed ones (red; their averages decay once masked, as their gradients are zero)."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    for axis, kind in zip(axes, ("head", "channel"), strict=True):
+        score, alive = scores[f"{kind}_score"], scores[f"{kind}_alive"].bool()
+        for offset, keep, color in ((-0.2, True, "tab:green"), (0.2, False, "tab:red")):
+            data = [score[i][alive[i] == keep].numpy() for i in prunable]
+            boxes = axis.boxplot(
+                data, positions=[i + offset for i in prunable], widths=0.35, showfliers=False, patch_artist=True
+            )
+            for box in boxes["boxes"]:
+                box.set_facecolor(color)
+                box.set_alpha(0.6)
+        axis.set_ylabel(f"{kind} score")
+    axes[1].set_xticks(prunable, [str(i) for i in prunable])
+    axes[1].set_xlabel("layer (green: kept, red: removed)")
+    axes[0].set_title("Final group scores (moving average) per pruned layer")
     _save(fig, path)
 
 

@@ -86,7 +86,7 @@ def write_report(run_dir: Path) -> Path:
     if scores_path.is_file():
         scores = load_file(str(scores_path))
         prunable = [layer["index"] for layer in report["layers"] if layer["pruned"]]
-        plot_scores(scores["head_score"], scores["channel_score"], prunable, run_dir / "scores.png")
+        plot_scores(scores, prunable, run_dir / "scores.png")
         sections.append("## Final group scores\n\n![score distributions](scores.png)\n")
     rows = "\n".join(
         f"| {layer['index']} | {'yes' if layer['pruned'] else 'no'} | {layer['heads']} | {layer['kv_heads']} "
