@@ -98,7 +98,7 @@ def test_training_under_gradient_never_updates_the_base_weights():
     config = PruneConfig(criterion="gradient", steps=6, prune_freq=2, lr=1e-2, skip_layers="none")
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
-    lora_B = pruner.projections(0)[0].lora_B["default"].weight
+    lora_B = pruner.projections(0)["q"].lora_B["default"].weight
     batches = iter(torch.randint(0, 64, (config.steps, 2, 16), generator=torch.Generator().manual_seed(0)))
     history = train(peft_model, pruner, batches, config, progress=False)
 

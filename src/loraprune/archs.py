@@ -7,6 +7,8 @@ shrinking slices whatever bias a projection has (qwen2's q/k/v biases included).
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from .errors import LoraPruneError
 
 
@@ -36,6 +38,18 @@ class Arch:
     def row_pruned_mlp(self) -> tuple[str, ...]:
         return tuple(name for name in (self.gate, self.up) if name)
 
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return get_path(layer, self.attention)
+
+    def projections(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """A layer's prunable projections by role: q, k, v, o, gate (if any), up, down."""
+        attention, mlp = get_path(layer, self.attention), get_path(layer, self.mlp)
+        found = {role: get_path(attention, getattr(self, role)) for role in ("q", "k", "v", "o")}
+        found.update(
+            {role: get_path(mlp, getattr(self, role)) for role in ("gate", "up", "down") if getattr(self, role)}
+        )
+        return found
+
     @property
     def lora_targets(self) -> list[str]:
         """Every projection the method puts LoRA on (q, k, v, o, gate, up, down)."""
@@ -59,7 +73,7 @@ def arch_for(config) -> Arch:
 
 
 def get_path(root, path: str):
-    """Follow a dotted attribute path ('model.layers') from a module."""
-    for part in path.split("."):
+    """Follow a dotted attribute path ('model.layers') from a module; '' is the module itself."""
+    for part in filter(None, path.split(".")):
         root = getattr(root, part)
     return root

@@ -42,12 +42,9 @@ def count_parameters(model) -> int:
 def count_prunable(model, arch: Arch | None = None) -> int:
     """Weights and biases of every layer's q/k/v/o and gate/up/down projections."""
     arch = arch or arch_for(model.config)
-    names = [f"{arch.attention}.{name}" for name in (*arch.row_pruned_attention, arch.o)]
-    names += [f"{arch.mlp}.{name}" for name in (*arch.row_pruned_mlp, arch.down)]
     total = 0
     for layer in get_path(model, arch.layers):
-        for name in names:
-            module = get_path(layer, name)
+        for module in arch.projections(layer).values():
             # .weight/.bias rather than .parameters(): a LoRA-wrapped projection also holds adapters
             total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
     return total

@@ -50,8 +50,7 @@ class Pruner:
         self.channel_masks = torch.ones(n, g.channels, device=device)
         self.hooks = []
         for i in self.prunable:
-            attention, mlp = self.modules(i)
-            o, down = getattr(attention, arch.o), getattr(mlp, arch.down)
+            o, down = self.projections(i)["o"], self.projections(i)["down"]
             self.hooks.append(o.register_forward_pre_hook(_mask_input(self.head_masks[i])))
             self.hooks.append(down.register_forward_pre_hook(_mask_input(self.channel_masks[i])))
 
@@ -59,37 +58,27 @@ class Pruner:
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         self.scored_weights = []
         if getattr(self.criterion, "needs_weight_grad", False):
-            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i)]
+            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i).values()]
             for weight in self.scored_weights:
                 weight.requires_grad_(True)
 
-    def modules(self, i: int) -> tuple[nn.Module, nn.Module]:
-        layer = self.layers[i]
-        return getattr(layer, self.arch.attention), getattr(layer, self.arch.mlp)
-
-    def projections(self, i: int) -> list[nn.Module]:
-        """Layer i's q, k, v, o, gate, up, down (those that exist)."""
-        attention, mlp = self.modules(i)
-        a = self.arch
-        return [getattr(attention, n) for n in (*a.row_pruned_attention, a.o)] + [
-            getattr(mlp, n) for n in (*a.row_pruned_mlp, a.down)
-        ]
+    def projections(self, i: int) -> dict[str, nn.Module]:
+        return self.arch.projections(self.layers[i])
 
     @torch.no_grad()
     def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
         """This step's (head, channel) scores of layer i, by the configured criterion."""
-        attention, mlp = self.modules(i)
-        g, a = self.groups, self.arch
+        g, projections = self.groups, self.projections(i)
 
-        def score(module_name: str, parent: nn.Module, dim: int, units: int) -> Tensor:
-            s = per_unit(projection_scores(getattr(parent, module_name), self.criterion, dim), units)
+        def score(role: str, dim: int, units: int) -> Tensor:
+            s = per_unit(projection_scores(projections[role], self.criterion, dim), units)
             return F.normalize(s, dim=0) if self.config.normalize else s
 
-        q, o = score(a.q, attention, 1, g.heads), score(a.o, attention, 0, g.heads)
-        k, v = score(a.k, attention, 1, g.kv_heads), score(a.v, attention, 1, g.kv_heads)
+        q, o = score("q", 1, g.heads), score("o", 0, g.heads)
+        k, v = score("k", 1, g.kv_heads), score("v", 1, g.kv_heads)
         heads = head_scores(q, k, v, o, g, self.head_alive[i])
-        channels = sum(score(name, mlp, 1, g.channels) for name in a.row_pruned_mlp)
-        return heads, channels + score(a.down, mlp, 0, g.channels)
+        channels = sum(score(role, 1, g.channels) for role in ("gate", "up") if role in projections)
+        return heads, channels + score("down", 0, g.channels)
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""

@@ -49,22 +49,22 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
     kv_of_head = groups.kv_of_head
     layout = []
     for layer, heads, channels in zip(get_path(model, arch.layers), head_alive, channel_alive, strict=True):
-        attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+        projections = arch.projections(layer)
         kept_heads = heads.nonzero().flatten()
         kept_kv = kv_of_head[kept_heads].unique()  # sorted
         kv_index = torch.searchsorted(kept_kv, kv_of_head[kept_heads])
 
         head_rows, kv_rows = _rows(kept_heads, groups.head_dim), _rows(kept_kv, groups.head_dim)
-        keep_projection(getattr(attention, arch.q), head_rows, 0)
-        keep_projection(getattr(attention, arch.k), kv_rows, 0)
-        keep_projection(getattr(attention, arch.v), kv_rows, 0)
-        keep_projection(getattr(attention, arch.o), head_rows, 1)
-        set_kv_layout(attention, kv_index.tolist(), len(kept_kv))
+        for role, rows in (("q", head_rows), ("k", kv_rows), ("v", kv_rows)):
+            keep_projection(projections[role], rows, 0)
+        keep_projection(projections["o"], head_rows, 1)
+        set_kv_layout(arch.attention_module(layer), kv_index.tolist(), len(kept_kv))
 
         kept_channels = channels.nonzero().flatten()
-        for name in arch.row_pruned_mlp:
-            keep_projection(getattr(mlp, name), kept_channels, 0)
-        keep_projection(getattr(mlp, arch.down), kept_channels, 1)
+        for role in ("gate", "up"):
+            if role in projections:
+                keep_projection(projections[role], kept_channels, 0)
+        keep_projection(projections["down"], kept_channels, 1)
         layout.append(
             {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
         )

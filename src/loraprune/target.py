@@ -36,7 +36,7 @@ class ParameterCounts:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config)
         layers = get_path(model, arch.layers)
-        attention, mlp = getattr(layers[0], arch.attention), getattr(layers[0], arch.mlp)
+        p = arch.projections(layers[0])
 
         def row(module) -> int:  # a row-pruned projection loses its weights' row and its bias entry
             return module.in_features + (module.bias is not None)
@@ -45,9 +45,9 @@ class ParameterCounts:
         d = groups.head_dim
         return cls(
             total=count_parameters(model),
-            head=d * (row(getattr(attention, arch.q)) + getattr(attention, arch.o).out_features),
-            kv_head=d * (row(getattr(attention, arch.k)) + row(getattr(attention, arch.v))),
-            channel=sum(row(getattr(mlp, n)) for n in arch.row_pruned_mlp) + getattr(mlp, arch.down).out_features,
+            head=d * (row(p["q"]) + p["o"].out_features),
+            kv_head=d * (row(p["k"]) + row(p["v"])),
+            channel=sum(row(p[role]) for role in ("gate", "up") if role in p) + p["down"].out_features,
             prunable_layers=len(layers) - len(config.skipped_layers(len(layers))),
             groups=groups,
         )
