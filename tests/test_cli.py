@@ -126,3 +126,41 @@ def test_bad_criterion_or_target_params_is_one_clear_error(capsys, flags, messag
 def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     code, _, err = run(capsys, "report", tmp_path)
     assert code == 2 and "is not a loraprune run: it has no loraprune.json" in err
+
+
+def test_config_file_with_flags_overriding_it(tmp_path, capsys, tiny_folder, text_file):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(
+        f"model: {tiny_folder}\ndata: {text_file}\nratio: 0.3\nlora-r: 4\nsteps: 6\nprune_freq: 2\n"
+        "seq_len: 16\nbatch_size: 2\nquiet: true\nno_such: 1\n"
+    )
+    code, _, err = run(capsys, "prune", "--config", settings, "--output", tmp_path / "out")
+    assert code == 2 and "unknown setting(s) no_such" in err
+    settings.write_text(settings.read_text().replace("no_such: 1\n", ""))
+    code, _, err = run(capsys, "prune", "--config", settings, "--output", tmp_path / "out", "--ratio", "0.5")
+    assert code == 0, err
+    saved = (tmp_path / "out" / "loraprune.yaml").read_text()
+    assert "ratio: 0.5" in saved and "lora_r: 4" in saved  # the flag won; the file's other values stayed
+    code, _, err = run(capsys, "prune", "--config", tmp_path / "out" / "loraprune.yaml", "--output", tmp_path / "again")
+    assert code == 0, err  # a saved run's settings rerun as they are
+    first, again = (json.loads((tmp_path / d / "loraprune.json").read_text()) for d in ("out", "again"))
+    assert first["layers"] == again["layers"] and first["config"] == again["config"]
+
+
+def test_missing_required_setting(tmp_path, capsys, text_file):
+    code, _, err = run(capsys, "prune", "--data", text_file, "--output", tmp_path / "out")
+    assert code == 2 and "--model required (on the command line or in --config)" in err
+
+
+def test_inspect_predicts_what_prune_removes(tmp_path, capsys, tiny_folder, text_file):
+    code, stdout, err = run(capsys, "inspect", tiny_folder, "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert (info["heads"], info["kv_heads"], info["head_dim"], info["mlp_width"]) == (6, 2, 8, 40)
+    row = next(r for r in info["ratios"] if r["ratio"] == 0.5 and not r["uniform"])
+    assert (row["heads"], row["channels"]) == (3, 20)
+    code, _, err = run(capsys, "prune", "--model", tiny_folder, "--data", text_file, "--output", tmp_path / "o", *FAST)
+    actual = json.loads((tmp_path / "o" / "loraprune.json").read_text())["removed"]["total_parameters"]
+    # inspect assumes k/v heads stay; the run may also drop a k/v head whose readers all went
+    kv_head_fraction = 2 * 8 * 48 * 2 / info["parameters"]  # k and v rows of one k/v head, 2 pruned layers
+    assert row["removed_total"] <= actual <= row["removed_total"] + 2 * kv_head_fraction

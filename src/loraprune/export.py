@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,6 +21,7 @@ from .modeling_pruned import LAYOUT_KEY
 from .report import REPORT_FILE, SCORES_FILE, write_report
 
 MODELING_FILE = "modeling_loraprune.py"
+SETTINGS_FILE = "loraprune.yaml"
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -55,6 +57,9 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
         (staging / REPORT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
         if scores is not None:
             save_file({name: tensor.contiguous() for name, tensor in scores.items()}, str(staging / SCORES_FILE))
+        if "config" in report:  # the resolved settings, reusable as `prune --config`
+            settings = {"model": report.get("model"), "data": report.get("data"), **report["config"]}
+            (staging / SETTINGS_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
         if "history" in report:
             write_report(staging)
         _replace(staging, output)

@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from .errors import LoraPruneError  # noqa: E402
 
@@ -34,25 +34,40 @@ def embedded_path() -> str:
     return path
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder."""
+def _resolve(spec: str) -> tuple[str, str]:
+    """('gguf' | 'folder', path) for a model spec, or a clear error."""
     path = embedded_path() if spec == EMBEDDED else spec
     if os.path.isfile(path) and path.endswith(".gguf"):
-        model, tokenizer = _load_gguf(path, dtype)
-    elif os.path.isdir(path):
-        model, tokenizer = _load_folder(path, dtype)
-    elif os.path.exists(path):
+        return "gguf", path
+    if os.path.isdir(path):
+        return "folder", path
+    if os.path.exists(path):
         raise LoraPruneError(f"{path} is neither a .gguf file nor a model folder")
-    elif "/" in spec and not spec.startswith((".", "/")):
+    if "/" in spec and not spec.startswith((".", "/")):
         raise LoraPruneError(
             f"model {spec!r} not found locally; it looks like a Hugging Face hub id, but loraprune "
             f"works offline: download it yourself first (e.g. `hf download {spec} --local-dir DIR`) "
             f"and pass the folder"
         )
-    else:
-        raise LoraPruneError(
-            f"model {spec!r} not found: give '{EMBEDDED}', a .gguf file or a local Hugging Face folder"
-        )
+    raise LoraPruneError(f"model {spec!r} not found: give '{EMBEDDED}', a .gguf file or a local Hugging Face folder")
+
+
+def load_config(spec: str):
+    """Only the model's config (no weights), from the same specs as load_model."""
+    kind, path = _resolve(spec)
+    try:
+        if kind == "gguf":
+            folder, name = os.path.split(os.path.abspath(path))
+            return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=_has_remote_code(path))
+    except Exception as e:
+        raise LoraPruneError(f"could not read the model config of {path}: {e}") from e
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder."""
+    kind, path = _resolve(spec)
+    model, tokenizer = _load_gguf(path, dtype) if kind == "gguf" else _load_folder(path, dtype)
 
     if tokenizer.pad_token is None:
         # windows are never padded, but batched generation and collators want a pad id
@@ -81,10 +96,8 @@ def _load_folder(path: str, dtype: torch.dtype):
         raise LoraPruneError(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it"
         )
+    remote_code = _has_remote_code(path)
     try:
-        with open(config_path) as f:
-            # pruned models ship their own modeling code, announced by auto_map
-            remote_code = "auto_map" in json.load(f)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=remote_code, local_files_only=True
         )
@@ -95,6 +108,18 @@ def _load_folder(path: str, dtype: torch.dtype):
     except Exception as e:
         raise LoraPruneError(f"could not load the tokenizer in {path}: {e}") from e
     return model, tokenizer
+
+
+def _has_remote_code(folder: str) -> bool:
+    """Pruned per-layer folders ship their own modeling code, announced by auto_map."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise LoraPruneError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        with open(config_path) as f:
+            return "auto_map" in json.load(f)
+    except (OSError, ValueError) as e:
+        raise LoraPruneError(f"{config_path} is not valid JSON (corrupt or truncated?): {e}") from e
 
 
 def _drop_quantization(model) -> None:
