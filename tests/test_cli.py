@@ -65,7 +65,10 @@ def bad_input_cases(tmp_path, tiny_folder, text_file):
         "missing model": (["--model", tmp_path / "nope", *data], "not found"),
         "unknown name": (["--model", "llama9", *data], "not found: give 'smollm2'"),
         "hub id": (["--model", "meta-llama/Llama-3-8B", *data], "works offline"),
-        "unsupported architecture": (["--model", gpt2, *data], "unsupported architecture 'gpt2'; supported: llama"),
+        "unsupported architecture": (
+            ["--model", gpt2, *data],
+            "unsupported architecture 'gpt2'; supported: bert, llama, mistral, qwen2, vit",
+        ),
         "ratio 1": ([*model, *data, "--ratio", 1.0], r"--ratio must be in \[0, 1\)"),
         "ratio negative": ([*model, *data, "--ratio", -0.1], r"--ratio must be in \[0, 1\)"),
         "every head": ([*model, *data, "--ratio", 0.95], "would remove every head of a layer"),

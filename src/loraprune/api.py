@@ -11,17 +11,20 @@ import torch
 from torch import nn
 
 from .archs import arch_for
+from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
-from .data import BatchSampler, tokenize, windows
+from .data import BatchSampler, num_examples
 from .errors import LoraPruneError
 from .evaluate import count_parameters, count_prunable
 from .groups import LayerGroups
 from .load import context_length
 from .lora import attach_lora
 from .pruner import Pruner
+from .quant import dequantize_base_layers
 from .schedule import CubicSchedule
 from .shrink import shrink, stock_config_error
 from .target import removed_fraction, resolve_ratio
+from .tasks import task_for
 from .train import train
 
 
@@ -47,25 +50,56 @@ def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
     return config
 
 
-def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Prune `model` (a transformers causal LM, modified in place) by LoRAPrune, fine-tuning on
-    `text`. Returns the physically smaller model, LoRA merged, and a report dict."""
+def prune(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    config: PruneConfig,
+    progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    resume: Checkpoint | None = None,
+) -> tuple[nn.Module, dict]:
+    """Prune `model` (modified in place) by LoRAPrune, fine-tuning on `text`: for a causal LM a text,
+    for a BERT embedding model a list of sentences (or a text, one per line), for a ViT classifier
+    (pixel_values, labels) -- whatever the task's `load` returns (tasks.py; the task is
+    `config.task` or the model type's default). Returns the physically smaller model, LoRA merged,
+    and a report dict.
+    `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py)."""
     started = time.perf_counter()
     config = check_compatible(model.config, config)
     target = None
     if config.target_params is not None:
         target = {"requested": config.target_params, "predicted": removed_fraction(model.config, config)}
     arch = arch_for(model.config)
-    train_windows = windows(tokenize(tokenizer, text), config.seq_len)
+    task = task_for(model.config, config.task)
+    if task.name == "embedding" and isinstance(text, str):
+        text = [line.strip() for line in text.split("\n") if line.strip()]
+    # from the dense model, before LoRA: the embedding task's teacher targets are computed here
+    train_windows = task.examples(model, tokenizer, text, config)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
 
+    if config.gradient_checkpointing:
+        # non-reentrant: the embeddings' output needs no requires_grad for LoRA's gradients to flow
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
 
     torch.manual_seed(config.seed)  # LoRA dropout
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed))
-    history = train(peft_model, pruner, batches, config, progress=progress)
+    history = train(
+        peft_model,
+        pruner,
+        batches,
+        config,
+        progress=progress,
+        checkpointer=checkpointer,
+        resume=resume,
+        loss_fn=task.loss,
+    )
     pruner.close()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    dequantize_base_layers(peft_model)  # 8-/4-bit base weights: shrink and merge need plain ones
     shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
     model = peft_model.merge_and_unload()
     model.eval()
@@ -101,7 +135,8 @@ def prune(model: nn.Module, tokenizer, text: str, config: PruneConfig, progress:
         },
         "score_updates": pruner.score_updates,
         "skipped_score_updates": pruner.skipped_updates,
-        "train_windows": len(train_windows),
+        "task": task.name,
+        "train_windows": num_examples(train_windows),  # windows, sentences or images
         "history": asdict(history),
         "seconds": time.perf_counter() - started,
     }

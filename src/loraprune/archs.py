@@ -3,8 +3,12 @@
 Adding a family is one entry here plus one row in tests/tiny.py (FAMILIES), which every
 masked-vs-pruned and export test then runs on. Biases need no entry:
 shrinking slices whatever bias a projection has (qwen2's q/k/v biases included).
+Paths are dotted and relative ('self.query'); '' is the module itself (BERT's MLP is the layer).
+Encoders (BERT, ViT) have the same two groups as decoders: heads (q, k, v rows + o columns) and
+MLP channels (up rows + down columns).
 """
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -14,9 +18,9 @@ from .errors import LoraPruneError
 
 @dataclass(frozen=True)
 class Arch:
-    """Module names (relative paths) and config keys of one decoder family."""
+    """Module names (relative paths), config keys and task of one model family."""
 
-    layers: str = "model.layers"  # path from the top model to the list of decoder layers
+    layers: str = "model.layers"  # path from the top model (or its base model) to the list of layers
     attention: str = "self_attn"  # attention module inside a layer
     q: str = "q_proj"  # row-pruned: one block of head_dim rows per query head
     k: str = "k_proj"  # row-pruned: one block of head_dim rows per key/value head
@@ -29,6 +33,13 @@ class Arch:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     intermediate_key: str = "intermediate_size"
+    # config key the family's own code reads the head size from; None: it derives hidden / heads,
+    # so a stock config cannot say "fewer heads of the same size" (BERT) and pruned heads need a layout
+    head_dim_key: str | None = "head_dim"
+    # module attributes that hold sizes, reset after shrinking: (path in a layer, attribute, what), what
+    # being 'heads' (kept heads), 'head_rows' (kept heads × head_dim) or 'channels' (kept MLP channels)
+    size_attributes: tuple[tuple[str, str, str], ...] = ()
+    task: str = "causal-lm"  # default task (tasks.TASKS), overridable with --task
 
     @property
     def row_pruned_attention(self) -> tuple[str, ...]:
@@ -50,16 +61,72 @@ class Arch:
         )
         return found
 
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        """The list of layers: at `layers` from the model, or from its base model (a ViT classifier
+        keeps them in `vit.layers`, a bare ViTModel in `layers`)."""
+        try:
+            return get_path(model, self.layers)
+        except AttributeError:
+            base = getattr(model, "base_model", None)
+            if base is None or base is model:
+                raise
+            return get_path(base, self.layers)
+
     @property
-    def lora_targets(self) -> list[str]:
-        """Every projection the method puts LoRA on (q, k, v, o, gate, up, down)."""
-        return [*self.row_pruned_attention, self.o, *self.row_pruned_mlp, self.down]
+    def lora_targets(self) -> str:
+        """Every projection the method puts LoRA on (q, k, v, o, gate, up, down), as the regex peft's
+        `target_modules` fullmatches against module names. Anchored at the layer index, so that
+        BERT's two `output.dense` (attention output, MLP output) and any `dense` outside the layers
+        (pooler, heads) are told apart."""
+
+        def one_of(base: str, names) -> str:
+            names = "|".join(re.escape(name) for name in names if name)
+            return (re.escape(base) + r"\." if base else "") + f"(?:{names})"
+
+        attention = one_of(self.attention, (self.q, self.k, self.v, self.o))
+        mlp = one_of(self.mlp, (self.gate, self.up, self.down))
+        return rf"(?:.*\.)?{re.escape(self.layers)}\.\d+\.(?:{attention}|{mlp})"
 
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch(),
     "mistral": Arch(),
     "qwen2": Arch(),  # q/k/v carry biases; sliced with their rows
+    # BertModel (sentence embeddings, e.g. all-MiniLM-L6-v2): the MLP lives in the layer itself
+    "bert": Arch(
+        layers="encoder.layer",
+        attention="attention",
+        q="self.query",
+        k="self.key",
+        v="self.value",
+        o="output.dense",
+        mlp="",
+        gate=None,
+        up="intermediate.dense",
+        down="output.dense",
+        head_dim_key=None,  # BertSelfAttention: attention_head_size = hidden_size / num_attention_heads
+        size_attributes=(
+            ("attention.self", "num_attention_heads", "heads"),
+            ("attention.self", "all_head_size", "head_rows"),
+        ),
+        task="embedding",
+    ),
+    # ViTModel / ViTForImageClassification (transformers 5.24 naming: vit.layers.N.attention.q_proj, mlp.fc1);
+    # head_dim is read from the config
+    "vit": Arch(
+        layers="layers",
+        attention="attention",
+        q="q_proj",
+        k="k_proj",
+        v="v_proj",
+        o="o_proj",
+        mlp="mlp",
+        gate=None,
+        up="fc1",
+        down="fc2",
+        size_attributes=(("attention", "num_attention_heads", "heads"),),
+        task="image-classification",
+    ),
 }
 
 

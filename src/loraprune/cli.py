@@ -6,6 +6,7 @@ A LoraPruneError anywhere becomes one line on stderr and exit status 2.
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -17,6 +18,11 @@ from .errors import LoraPruneError
 
 # `prune` settings that are not PruneConfig fields, with their defaults
 RUN_DEFAULTS = {"model": None, "data": None, "output": None, "overwrite": False, "evaluate": True, "quiet": False}
+# memory settings of a run (load_model's arguments) and its checkpoints
+RUN_DEFAULTS |= {"dtype": "float32", "load_in_8bit": False, "load_in_4bit": False, "checkpoint_every": None}
+# what a resumed run may set differently from its checkpoint: none of it changes the result
+RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
+                     "gradient_checkpointing", "overwrite"}  # fmt: skip
 EVAL_DEFAULTS = {"eval_batch_size": 8, "eval_windows": None}
 
 
@@ -35,14 +41,42 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def prune_settings(args: argparse.Namespace) -> dict:
     """Defaults, then the --config YAML file, then the flags typed on the command line."""
     settings = {f.name: f.default for f in fields(PruneConfig)} | RUN_DEFAULTS | EVAL_DEFAULTS
-    given = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "config", "resume")}
     if getattr(args, "config", None):
-        settings |= read_settings_file(Path(args.config), known=settings.keys())
+        given = read_settings_file(Path(args.config), known=settings.keys()) | given
+    if getattr(args, "resume", None):
+        settings |= resumed_settings(args.resume, given)
     settings |= given
     missing = [f"--{key}" for key in ("model", "data", "output") if settings[key] is None]
     if missing:
         raise LoraPruneError(f"{', '.join(missing)} required (on the command line or in --config)")
     return settings
+
+
+def resumed_settings(resume: str, given: dict) -> dict:
+    """The settings of the run checkpointed in `resume`; refuses given settings that differ from them."""
+    from .checkpoint import latest
+
+    checkpoint = latest(resume)
+    run = checkpoint.run
+    differ = [
+        f"--{key.replace('_', '-')} {given[key]!r} (checkpoint: {run[key]!r})"
+        for key in sorted(given)
+        if key in run and key not in RESUME_MAY_CHANGE and _normalized(key, given[key]) != run[key]
+    ]
+    if differ:
+        raise LoraPruneError(
+            f"--resume {resume}: the run was checkpointed with other settings: {', '.join(differ)}; "
+            "drop these flags to continue it as it was (--resume alone restores everything)"
+        )
+    return {**run, "resume_from": checkpoint}
+
+
+def _normalized(key: str, value):
+    # model and data files are recorded as absolute paths, so a run resumes from any folder
+    if key in ("model", "data", "output") and isinstance(value, str) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def read_settings_file(path: Path, known) -> dict:
@@ -90,18 +124,64 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", **flag, help="replace a non-empty output folder")
     prune.add_argument("--no-eval", dest="evaluate", action="store_false", **flag, help="skip dense/pruned perplexity")
     prune.add_argument("--quiet", action="store_true", **flag, help="no progress bars")
+    prune.add_argument(
+        "--resume", **flag, help="continue the run checkpointed in this folder (OUT.checkpoints, or OUT); "
+        "other flags default to the run's and must not contradict them"
+    )  # fmt: skip
+    prune.add_argument(
+        "--checkpoint-every", type=int, **flag, help="save a checkpoint to OUT.checkpoints every K steps "
+        "(Ctrl-C always saves one)"
+    )  # fmt: skip
+    prune.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), **flag,
+        help="dtype of the base weights (scores are always accumulated in float32; default: float32)",
+    )  # fmt: skip
+    for bits in (8, 4):
+        prune.add_argument(
+            f"--load-in-{bits}bit", action="store_true", **flag,
+            help=f"load the base weights in {bits} bits through bitsandbytes (CUDA GPU only)",
+        )  # fmt: skip
     _add_config_flags(prune)
     _add_eval_flags(prune, default=argparse.SUPPRESS)
 
     evaluate = commands.add_parser("eval", help="perplexity and parameters of a model")
     evaluate.add_argument("--model", required=True, help="'smollm2', a .gguf file or a local model folder")
-    evaluate.add_argument("--data", required=True, help="'ptb' (test split), a .txt or a .jsonl file")
+    evaluate.add_argument(
+        "--data", default=None, help="'ptb' (test split), a .txt or a .jsonl file (with --tasks: local_text's file)"
+    )
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation window (default: 128)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument(
+        "--task",
+        choices=("causal-lm", "embedding", "image-classification"),
+        default=None,
+        help="what to measure (default: from the model type: perplexity; a BERT's embeddings vs --reference; "
+        "a ViT's accuracy, --data digits)",
+    )
+    evaluate.add_argument(
+        "--reference",
+        default=None,
+        help="embedding task: the dense model to compare with (default: the model a pruned folder was made from)",
+    )
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        help="run lm-eval harness tasks instead (comma-separated): ptb_local, local_text (--data FILE), "
+        "or a harness task whose dataset is cached; --seq-len tokens per window",
+    )
+    evaluate.add_argument(
+        "--limit", type=int, default=None, help="with --tasks: the first N documents of each task (all by default)"
+    )
     _add_eval_flags(evaluate)
 
     report = commands.add_parser("report", help="rebuild report.md and its plots in a run folder")
     report.add_argument("run_dir", help="output folder of `loraprune prune`")
+
+    estimate = commands.add_parser("estimate", help="expected peak memory of a prune per dtype (reads the config only)")
+    estimate.add_argument("--model", required=True, help="'smollm2', a .gguf file or a local model folder")
+    estimate.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch (default: 4)")
+    estimate.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")
+    estimate.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
 
     inspect = commands.add_parser("inspect", help="a model's prunable structure and what each --ratio removes")
     inspect.add_argument("model", help="'smollm2', a .gguf file or a local model folder (only its config is read)")
@@ -121,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         elif args.command == "inspect":
             run_inspect(args)
+        elif args.command == "estimate":
+            run_estimate(args)
         else:
             from .report import write_report
 
             print(f"wrote {write_report(Path(args.run_dir))}")
     except LoraPruneError as error:
-        print(f"loraprune: error: {error}", file=sys.stderr)
-        return 2
+        code = getattr(error, "exit_code", 2)  # 130 after Ctrl-C saved a checkpoint
+        print(f"loraprune: {'' if code == 130 else 'error: '}{error}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C outside training (or twice): nothing to save
+        print("loraprune: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -141,6 +227,13 @@ def run_prune(args: argparse.Namespace) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if settings["load_in_8bit"] and settings["load_in_4bit"]:
+        raise LoraPruneError("--load-in-8bit and --load-in-4bit exclude each other: choose one")
+    every = settings["checkpoint_every"]
+    if every is not None and every < 1:
+        raise LoraPruneError(f"--checkpoint-every must be a positive integer (got {every})")
+    # the run as a checkpoint records it, for --resume: every setting, paths made absolute
+    run = {key: _normalized(key, value) for key, value in settings.items() if key != "resume_from"}
     prune_and_save(
         model=settings["model"],
         data=settings["data"],
@@ -151,7 +244,24 @@ def run_prune(args: argparse.Namespace) -> None:
         eval_batch_size=settings["eval_batch_size"],
         eval_windows=settings["eval_windows"],
         progress=not settings["quiet"],
+        dtype=settings["dtype"],
+        quantize_bits=8 if settings["load_in_8bit"] else 4 if settings["load_in_4bit"] else None,
+        checkpoint_every=every,
+        run=run,
+        resume=settings.get("resume_from"),
     )
+
+
+def run_estimate(args: argparse.Namespace) -> None:
+    from .load import load_config
+    from .memory import BYTES, estimate, format_estimates
+
+    for name in ("batch_size", "seq_len", "lora_r"):
+        if getattr(args, name) < 1:
+            raise LoraPruneError(f"--{name.replace('_', '-')} must be a positive integer (got {getattr(args, name)})")
+    config = load_config(args.model)
+    estimates = [estimate(config, args.batch_size, args.seq_len, args.lora_r, dtype) for dtype in BYTES]
+    print(format_estimates(args.model, estimates, args.batch_size, args.seq_len, args.lora_r))
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -168,10 +278,39 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.seq_len < 2:
         raise LoraPruneError(f"--seq-len must be at least 2 (got {args.seq_len})")
+    if args.tasks is not None:
+        return run_harness_eval(args)
+    if args.limit is not None:
+        raise LoraPruneError("--limit applies to --tasks (harness documents); use --eval-windows N here")
+    if args.data is None:
+        raise LoraPruneError("--data is required (or --tasks for lm-eval harness tasks)")
     started = time.perf_counter()
-    result = evaluate_model(args.model, args.data, args.seq_len, args.eval_batch_size, args.eval_windows)
+    result = evaluate_model(
+        args.model,
+        args.data,
+        args.seq_len,
+        args.eval_batch_size,
+        args.eval_windows,
+        task=args.task,
+        reference=args.reference,
+    )
     result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=2) if args.json else format_eval(result))
+
+
+def run_harness_eval(args: argparse.Namespace) -> None:
+    from .harness import format_harness, harness_eval
+
+    if args.limit is not None and args.limit < 1:
+        raise LoraPruneError(f"--limit must be at least 1 (got {args.limit})")
+    if args.task not in (None, "causal-lm"):
+        raise LoraPruneError(f"--tasks runs lm-eval on causal LMs; it does not combine with --task {args.task}")
+    if args.eval_windows is not None:
+        raise LoraPruneError("--eval-windows does not apply to --tasks; use --limit N (documents per task)")
+    started = time.perf_counter()
+    result = harness_eval(args.model, args.tasks, args.data, args.seq_len, args.eval_batch_size, args.limit)
+    result["seconds"] = time.perf_counter() - started
+    print(json.dumps(result, indent=2) if args.json else format_harness(result))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from .errors import LoraPruneError
 from .importance import CRITERIA
 
+TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS, one entry each
+
 
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -44,6 +46,18 @@ class PruneConfig:
     skip_layers: str = _opt("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
     uniform: bool = _opt(False, "same shape in every layer (none skipped) so stock transformers loads the result")
     seed: int = _opt(0, "seed of LoRA init, data order, dropout and the random criterion")
+    task: str | None = _opt(
+        None,
+        "what the model is fine-tuned on while pruning: causal-lm (next-token loss), embedding (1 - cosine to "
+        "the dense model's mean-pooled sentence embedding), image-classification (cross-entropy); "
+        "default: from the model type (llama/mistral/qwen2: causal-lm, bert: embedding, vit: image-classification)",
+    )
+    max_nan_steps: int = _opt(
+        5, "stop after this many optimizer steps in a row whose loss is NaN/inf (a single one is skipped)"
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
+    )
 
     def __post_init__(self):
         def require(ok: bool, name: str, what: str):
@@ -52,7 +66,7 @@ class PruneConfig:
 
         require(0 <= self.ratio < 1, "ratio", "must be in [0, 1)")
         require(self.target_params is None or 0 < self.target_params < 1, "target_params", "must be in (0, 1)")
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq", "max_nan_steps"):
             require(getattr(self, name) >= 1, name, "must be a positive integer")
         require(self.seq_len >= 2, "seq_len", "must be at least 2 tokens")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
@@ -62,6 +76,7 @@ class PruneConfig:
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        require(self.task is None or self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")
 

@@ -90,8 +90,13 @@ def windows(tokens: torch.Tensor, seq_len: int) -> torch.LongTensor:
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
+def num_examples(examples) -> int:
+    return len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
+
+
 class BatchSampler:
     """Endless [batch_size, seq_len] training batches of windows, reproducible by seed.
+    `windows` may also be a dict of tensors with one row per example: batches are then dicts.
 
     Each epoch is a fresh permutation drawn from (seed, epoch), so the position is just
     (epoch, pos): state_dict() / load_state_dict() resume exactly where a run stopped.
@@ -107,7 +112,7 @@ class BatchSampler:
     def _permutation(self) -> torch.Tensor:
         if self._order_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.windows), generator=g), self.epoch
+            self._order, self._order_epoch = torch.randperm(num_examples(self.windows), generator=g), self.epoch
         return self._order
 
     def __iter__(self):
@@ -123,10 +128,62 @@ class BatchSampler:
             self.pos += len(take)
             if self.pos == len(order):  # epoch done: continue in the next epoch's permutation
                 self.epoch, self.pos = self.epoch + 1, 0
-        return self.windows[torch.cat(picked)]
+        index = torch.cat(picked)
+        if isinstance(self.windows, dict):  # examples of several tensors (e.g. inputs and targets)
+            return {name: tensor[index] for name, tensor in self.windows.items()}
+        return self.windows[index]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
+
+
+# ---- encoders: sentences (BERT embedding models) and images (ViT classifiers) ----
+
+IMAGE_DATASETS = ("digits",)
+DIGITS_SEED, DIGITS_TRAIN_FRACTION = 0, 0.8
+
+
+def load_sentences(spec: str, split: str) -> list[str]:
+    """One sentence per non-empty line of a text dataset (PTB: one sentence per line)."""
+    return [line.strip() for line in load_text(spec, split).split("\n") if line.strip()]
+
+
+def load_images(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values [n, 1, 8, 8] in [-1, 1], labels [n]) of an image dataset.
+
+    'digits' is scikit-learn's load_digits (1797 8×8 gray images of 10 digits, values 0..16),
+    split once by a fixed seed: 80% train (1437 images), 20% test (360); 'valid' is the test split.
+    Pixels are v / 16 normalised with mean 0.5, std 0.5 (what the saved image processor does).
+    """
+    if split not in SPLITS:
+        raise LoraPruneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if spec not in IMAGE_DATASETS:
+        raise LoraPruneError(f"unknown image dataset {spec!r}; choose one of {', '.join(IMAGE_DATASETS)}")
+    from sklearn.datasets import load_digits  # imported late: only this dataset needs it
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None]  # [n, 1, 8, 8]
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SEED))
+    cut = round(DIGITS_TRAIN_FRACTION * len(labels))
+    index = order[:cut] if split == "train" else order[cut:]
+    return (images[index] / 16 - 0.5) / 0.5, labels[index]
+
+
+def pad_sentences(tokenizer, sentences: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of sentences, padded to the longest (truncated at max_length)."""
+    if not sentences:
+        raise LoraPruneError("no sentences to encode")
+    encoded = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns no sentence of this batch uses (batches are cut from one padded set)."""
+    if "attention_mask" not in batch:
+        return batch
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if k in ("input_ids", "attention_mask", "token_type_ids") else v for k, v in batch.items()}

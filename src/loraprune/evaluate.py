@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .archs import Arch, arch_for, get_path
+from .archs import Arch, arch_for
 from .errors import LoraPruneError
 
 
@@ -43,7 +43,7 @@ def count_prunable(model, arch: Arch | None = None) -> int:
     """Weights and biases of every layer's q/k/v/o and gate/up/down projections."""
     arch = arch or arch_for(model.config)
     total = 0
-    for layer in get_path(model, arch.layers):
+    for layer in arch.layers_of(model):
         for module in arch.projections(layer).values():
             # .weight/.bias rather than .parameters(): a LoRA-wrapped projection also holds adapters
             total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)

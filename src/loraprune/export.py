@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import modeling_pruned
-from .errors import LoraPruneError
+from .errors import LoraPruneError, write_error
 from .modeling_pruned import LAYOUT_KEY
 from .report import REPORT_FILE, SCORES_FILE, write_report
 
@@ -30,6 +30,18 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise LoraPruneError(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise LoraPruneError(f"output folder {output} exists and is not empty; pass --overwrite or choose another")
+
+
+def auto_class_name(model: nn.Module) -> str:
+    """The transformers Auto class that loads this kind of model (the auto_map key)."""
+    name = type(model).__name__
+    for suffix, auto in (
+        ("ForCausalLM", "AutoModelForCausalLM"),
+        ("ForImageClassification", "AutoModelForImageClassification"),
+    ):
+        if name.endswith(suffix):
+            return auto
+    return "AutoModel"
 
 
 def pruned_class_name(model: nn.Module) -> str:
@@ -49,10 +61,11 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         if hasattr(model.config, LAYOUT_KEY):
-            model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
+            model.config.auto_map = {auto_class_name(model): f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
             shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:  # a tokenizer, or an image processor for an image model
+            tokenizer.save_pretrained(staging)
         scores = report.get("scores")
         (staging / REPORT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
         if scores is not None:
@@ -63,6 +76,10 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
         if "history" in report:
             write_report(staging)
         _replace(staging, output)
+    except OSError as error:  # disk full, quota, permissions: say so in one line
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = f"the previous {output} is intact" if output.exists() else f"nothing was written to {output}"
+        raise write_error(error, f"saving the pruned model to {output}", kept) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

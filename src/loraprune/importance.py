@@ -27,10 +27,18 @@ class LoraFactors:
     weight_grad: Tensor | None = None  # dL/dW0: (rows, in), only when the base weight requires grad
 
     @classmethod
-    def of(cls, module: nn.Module, rows: slice, adapter: str = "default", lora_grads: bool = True) -> "LoraFactors":
+    def of(
+        cls,
+        module: nn.Module,
+        rows: slice,
+        adapter: str = "default",
+        lora_grads: bool = True,
+        weight: Tensor | None = None,
+    ) -> "LoraFactors":
         """Read a peft LoRA layer's factors for output rows `rows`; gradients are None where absent
-        (an error if `lora_grads` asks for the LoRA ones)."""
-        A, B, W = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.base_layer.weight
+        (an error if `lora_grads` asks for the LoRA ones). `weight`: W0 already dequantized."""
+        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        W = module.base_layer.weight if weight is None else weight
         if lora_grads and (A.grad is None or B.grad is None):
             raise RuntimeError("LoRA factors have no gradient: call backward() before scoring")
 
@@ -65,9 +73,12 @@ def lora_guided(f: LoraFactors) -> Tensor:
     The first factor is the change one SGD step (lr 1) on A and B makes to B·A:
     B·A − (B − G_B)(A − G_A). It estimates dL/dW0 without ever forming it.
     """
-    grad_estimate = f.grad_B @ f.A + f.B @ f.grad_A - f.grad_B @ f.grad_A
-    merged = f.weight + f.scaling * (f.B @ f.A)
-    return (grad_estimate * merged).abs()
+    # G_B·A + B·G_A − G_B·G_A = [G_B, B − G_B]·[A; G_A]: one rank-2r product, and two (rows, in)
+    # tensors in all (the product and the merged weight), updated in place: 3.5x faster than the
+    # term-by-term form on SmolLM2's shapes (bench/overhead.py), and fewer transients
+    grad_estimate = torch.cat([f.grad_B, f.B - f.grad_B], dim=1) @ torch.cat([f.A, f.grad_A], dim=0)
+    merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling)  # a new tensor: W0 itself is never written
+    return grad_estimate.mul_(merged).abs_()
 
 
 @_reads(weight_grad=True)
@@ -84,7 +95,7 @@ def weight_gradient(f: LoraFactors) -> Tensor:
 @_reads()
 def magnitude(f: LoraFactors) -> Tensor:
     """|W0 + s·B·A|: needs no gradient at all."""
-    return (f.weight + f.scaling * (f.B @ f.A)).abs()
+    return torch.addmm(f.weight, f.B, f.A, alpha=f.scaling).abs_()
 
 
 class RandomScores:
@@ -122,12 +133,16 @@ def make_criterion(name: str, seed: int = 0) -> Criterion:
 def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
     """Sum a projection's element scores over its rows (dim=0: one score per input column) or
     over its columns (dim=1: one score per output row)."""
-    out_features = module.base_layer.weight.shape[0]
+    from .quant import dense_weight  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
+
+    weight = dense_weight(module.base_layer)
+    out_features = weight.shape[0]
     lora_grads = getattr(criterion, "needs_lora_grads", True)
     parts = []
     total = None
     for start in range(0, out_features, block_rows):
-        block = criterion(LoraFactors.of(module, slice(start, start + block_rows), lora_grads=lora_grads))
+        rows = slice(start, start + block_rows)
+        block = criterion(LoraFactors.of(module, rows, lora_grads=lora_grads, weight=weight))
         if dim == 1:
             parts.append(block.sum(dim=1))
         else:

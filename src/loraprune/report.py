@@ -28,7 +28,15 @@ def format_summary(report: dict) -> str:
         ("total parameters removed", "", f"{removed['total_parameters']:.1%}"),
     ]
     evaluation = report.get("evaluation")
-    if evaluation:
+    if evaluation and evaluation.get("task", "causal-lm") != "causal-lm":
+        from .tasks import metric_rows  # the task's own metrics (embedding, image-classification)
+
+        rows.append((f"{evaluation['data']} {evaluation['split']} ({evaluation['task']}):", "", ""))
+        rows += [
+            (f"  {label}", dense, pruned)
+            for label, dense, pruned in metric_rows(evaluation["task"], evaluation["dense"], evaluation["pruned"])
+        ]
+    elif evaluation:
         dense, pruned = evaluation["dense"], evaluation["pruned"]
         label = f"{evaluation['data']} {evaluation['split']} perplexity ({evaluation['seq_len']}-token windows)"
         rows.append((label, f"{dense['perplexity']:.2f}", f"{pruned['perplexity']:.2f}"))
@@ -46,6 +54,20 @@ def format_summary(report: dict) -> str:
 
 def format_eval(result: dict) -> str:
     """The table printed by `loraprune eval`."""
+    if result.get("task", "causal-lm") != "causal-lm":
+        from .tasks import metric_rows
+
+        rows = [("model", result["model"]), ("task, data", f"{result['task']}, {result['data']} {result['split']}")]
+        if result.get("reference"):
+            rows.append(("compared with (dense reference)", result["reference"]))
+        rows += [(label, value) for label, value, _ in metric_rows(result["task"], result, None)]
+        rows += [
+            ("parameters, total", _millions(result["parameters"])),
+            ("parameters, prunable", _millions(result["prunable_parameters"])),
+            ("seconds", f"{result['seconds']:.1f}"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
     rows = [
         ("model", result["model"]),
         (

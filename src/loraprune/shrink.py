@@ -8,9 +8,9 @@ of W0 + s·B·A. The model config is then rebuilt from the weights' real shapes.
 import torch
 from torch import Tensor, nn
 
-from .archs import Arch, get_path
+from .archs import Arch
 from .groups import LayerGroups
-from .modeling_pruned import LAYOUT_KEY, is_grouped_evenly, set_kv_layout
+from .modeling_pruned import LAYOUT_KEY, is_grouped_evenly, set_kv_layout, set_size_attributes
 
 
 def _keep(linear: nn.Linear, index: Tensor, dim: int) -> None:
@@ -48,7 +48,7 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
     groups = LayerGroups.from_config(model.config, arch)
     kv_of_head = groups.kv_of_head
     layout = []
-    for layer, heads, channels in zip(get_path(model, arch.layers), head_alive, channel_alive, strict=True):
+    for layer, heads, channels in zip(arch.layers_of(model), head_alive, channel_alive, strict=True):
         projections = arch.projections(layer)
         kept_heads = heads.nonzero().flatten()
         kept_kv = kv_of_head[kept_heads].unique()  # sorted
@@ -65,6 +65,7 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
             if role in projections:
                 keep_projection(projections[role], kept_channels, 0)
         keep_projection(projections["down"], kept_channels, 1)
+        set_size_attributes(layer, arch.size_attributes, len(kept_heads), groups.head_dim, len(kept_channels))
         layout.append(
             {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
         )
@@ -73,9 +74,13 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
 
 def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:
     """Why the family's own config class rejects these uniform sizes, or None if it accepts them."""
+    dense = LayerGroups.from_config(config, arch)
+    if arch.head_dim_key is None and heads != dense.heads:
+        return f"{type(config).__name__} derives the head size from hidden_size / {arch.heads_key}"
     values = config.to_dict()
     values.pop(LAYOUT_KEY, None)
-    values["head_dim"] = LayerGroups.from_config(config, arch).head_dim  # explicit: hidden/heads changes
+    if arch.head_dim_key:
+        values[arch.head_dim_key] = dense.head_dim  # explicit: hidden/heads changes
     values.update({arch.heads_key: heads, arch.kv_heads_key: kv_heads, arch.intermediate_key: channels})
     try:
         type(config)(**values)
@@ -90,8 +95,10 @@ def set_layout(config, arch: Arch, layout: list[dict]) -> None:
     first = layout[0]
     heads, kv_heads, channels = len(first["kv_index"]), first["kv_heads"], first["intermediate_size"]
     uniform = all(shape == first for shape in layout) and is_grouped_evenly(first["kv_index"], kv_heads)
+    head_dim = LayerGroups.from_config(config, arch).head_dim
     if uniform and stock_config_error(config, arch, heads, kv_heads, channels) is None:
-        config.head_dim = LayerGroups.from_config(config, arch).head_dim
+        if arch.head_dim_key:
+            setattr(config, arch.head_dim_key, head_dim)
         setattr(config, arch.heads_key, heads)
         setattr(config, arch.kv_heads_key, kv_heads)
         setattr(config, arch.intermediate_key, channels)
@@ -99,4 +106,7 @@ def set_layout(config, arch: Arch, layout: list[dict]) -> None:
             delattr(config, LAYOUT_KEY)
         return
     names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
-    setattr(config, LAYOUT_KEY, {"modules": {name: getattr(arch, name) for name in names}, "layers": layout})
+    modules = {name: getattr(arch, name) for name in names}
+    if arch.size_attributes:
+        modules["size_attributes"] = [list(entry) for entry in arch.size_attributes]
+    setattr(config, LAYOUT_KEY, {"modules": modules, "head_dim": head_dim, "layers": layout})

@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from .archs import arch_for, get_path
+from .archs import arch_for
 from .config import PruneConfig
 from .errors import LoraPruneError
 from .evaluate import count_parameters
 from .groups import LayerGroups
+from .tasks import auto_class_for
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class ParameterCounts:
     def of(cls, model_config, config: PruneConfig) -> "ParameterCounts":
         arch = arch_for(model_config)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
-        layers = get_path(model, arch.layers)
+            model = auto_class_for(model_config, config.task).from_config(model_config)
+        layers = arch.layers_of(model)
         p = arch.projections(layers[0])
 
         def row(module) -> int:  # a row-pruned projection loses its weights' row and its bias entry

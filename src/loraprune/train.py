@@ -1,14 +1,18 @@
 """The LoRAPrune loop: fine-tune LoRA, score from its gradients, prune on the schedule."""
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
+from .errors import LoraPruneError
 from .pruner import Pruner
 from .schedule import CubicSchedule
 
@@ -21,6 +25,7 @@ class History:
     head_sparsity: list[float] = field(default_factory=list)
     channel_sparsity: list[float] = field(default_factory=list)
     pruning_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # NaN/inf loss: no score update, no optimizer step
 
 
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -33,34 +38,89 @@ def train(
     batches: Iterator[Tensor],
     config: PruneConfig,
     progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    resume: Checkpoint | None = None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
 ) -> History:
-    """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled."""
+    """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled.
+
+    With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
+    `Interrupted`); with `resume`, training continues from that checkpoint's step.
+    `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default."""
     schedule = CubicSchedule(config.ratio, config.steps, config.warmup, config.cooldown, config.prune_freq)
     # by name, not requires_grad: the 'gradient' criterion gives base weights a .grad, never an update
     trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     history = History()
+    first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
+    nan_run = _trailing_run(history.skipped_steps, first - 1)
+    device = next(model.parameters()).device
     model.train()
-    bar = tqdm(range(1, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        loss = 0.0
-        for _ in range(config.grad_accum):
-            micro_loss = causal_lm_loss(model, next(batches)) / config.grad_accum
-            micro_loss.backward()
-            loss += micro_loss.item()
-        pruner.update_scores()  # from the accumulated gradients, before they are consumed
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if schedule.is_pruning_step(step):
-            pruner.prune_to(schedule.sparsity(step))
-            history.pruning_steps.append(step)
-
-        heads, channels = pruner.sparsity()
-        history.loss.append(loss)
-        history.head_sparsity.append(heads)
-        history.channel_sparsity.append(channels)
-        bar.set_postfix(
-            loss=f"{loss:.3f}" if math.isfinite(loss) else "nan", heads=f"{heads:.0%}", channels=f"{channels:.0%}"
-        )
+    bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
+    with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
+        for step in bar:
+            loss = _step(model, pruner, optimizer, batches, config, device, loss_fn)
+            nan_run = 0 if math.isfinite(loss) else nan_run + 1
+            if nan_run:
+                history.skipped_steps.append(step)
+            if nan_run >= config.max_nan_steps:
+                last = checkpointer.last if checkpointer is not None else None
+                kept = f"; the last good checkpoint is {last}" if last else ""
+                raise LoraPruneError(
+                    f"the loss was NaN or infinite for {nan_run} steps in a row (steps {step - nan_run + 1}-{step}): "
+                    f"stopped{kept}; lower --lr or use --dtype float32 and run again"
+                )
+            _after_step(step, loss, schedule, pruner, history, bar)
+            if checkpointer is not None and checkpointer.due(step, config.steps):
+                checkpointer.save(step, model, optimizer, pruner, batches, history)
+                if checkpointer.interrupted:
+                    raise checkpointer.interrupted_error(step, config.steps)
     model.eval()
     return history
+
+
+def _trailing_run(steps: list[int], last: int) -> int:
+    """How many of the steps up to `last` at the end of `steps` are consecutive."""
+    run = 0
+    while run < len(steps) and steps[-1 - run] == last - run:
+        run += 1
+    return run
+
+
+def _to_device(batch, device):
+    """A batch tensor, or a dict of them (encoder tasks), on `device`."""
+    if isinstance(batch, dict):
+        return {name: tensor.to(device) for name, tensor in batch.items()}
+    return batch.to(device)
+
+
+def _step(
+    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, device, loss_fn=causal_lm_loss
+) -> float:
+    """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
+    loss = 0.0
+    for _ in range(config.grad_accum):
+        micro_loss = loss_fn(model, _to_device(next(batches), device)) / config.grad_accum
+        micro_loss.backward()
+        loss += micro_loss.item()
+    if math.isfinite(loss):
+        pruner.update_scores()  # from the accumulated gradients, before they are consumed
+        optimizer.step()
+    else:
+        pruner.clear_weight_grads()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _after_step(step: int, loss: float, schedule: CubicSchedule, pruner: Pruner, history: History, bar) -> None:
+    """Prune on schedule (a skipped step too: the scores are the earlier averages) and record."""
+    if schedule.is_pruning_step(step):
+        pruner.prune_to(schedule.sparsity(step))
+        history.pruning_steps.append(step)
+    heads, channels = pruner.sparsity()
+    history.loss.append(loss)
+    history.head_sparsity.append(heads)
+    history.channel_sparsity.append(channels)
+    bar.set_postfix(
+        loss=f"{loss:.3f}" if math.isfinite(loss) else "nan", heads=f"{heads:.0%}", channels=f"{channels:.0%}"
+    )

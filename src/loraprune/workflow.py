@@ -1,21 +1,26 @@
 """The command-line jobs as functions: load → prune → evaluate → save → reload, and eval."""
 
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from .api import check_compatible, prune
+from .checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .config import PruneConfig
 from .data import load_text, tokenize, windows
+from .errors import LoraPruneError
 from .evaluate import count_parameters, count_prunable, greedy_generate, perplexity
 from .export import check_output, save_pruned
-from .load import load_model
+from .load import load_config, load_model
 from .modeling_pruned import LAYOUT_KEY
 from .report import format_summary
 
 PROMPT = "the company said it expects"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def prune_and_save(
@@ -28,15 +33,50 @@ def prune_and_save(
     eval_batch_size: int = 8,
     eval_windows: int | None = None,
     progress: bool = True,
+    dtype: str = "float32",
+    quantize_bits: int | None = None,
+    checkpoint_every: int | None = None,
+    run: dict | None = None,
+    resume: Checkpoint | None = None,
 ) -> dict:
     """Prune `model` on `data`'s train split, compare perplexity on its test split, save to `output`,
-    then reload the folder with stock transformers and print a greedy sample from it."""
+    then reload the folder with stock transformers and print a greedy sample from it.
+
+    Checkpoints go to OUT.checkpoints every `checkpoint_every` steps and on Ctrl-C (checkpoint.py),
+    recording `run` (the settings `--resume` restores); `resume` continues from one. The folder is
+    removed once the output is saved."""
     started = time.perf_counter()
     check_output(output, overwrite)  # every check that needs no model comes first
+    task = model_task(model, config.task)
+    if task.name != "causal-lm":  # encoders: their own data, loss and metrics (tasks.py)
+        from .task_workflow import prune_and_save_task
+
+        if dtype not in DTYPES:
+            raise LoraPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+        return prune_and_save_task(
+            task,
+            model,
+            data,
+            output,
+            config,
+            overwrite,
+            evaluate,
+            eval_batch_size,
+            eval_windows,
+            progress,
+            DTYPES[dtype],
+        )
+    checkpoints = checkpoint_dir(output)
+    if resume is None:
+        check_no_checkpoints(checkpoints, overwrite)
     train_text = load_text(data, "train")
     eval_text = load_text(data, "test") if evaluate else None
-    dense_model, tokenizer = load_model(model)
+    if dtype not in DTYPES:
+        raise LoraPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    dense_model, tokenizer = load_model(model, DTYPES[dtype], quantize_bits)
     check_compatible(dense_model.config, config)
+    run = run if run is not None else {"model": model, "data": data, "output": str(output), **asdict(config)}
+    checkpointer = Checkpointer(checkpoints, run, every=checkpoint_every, replace=resume is None)
 
     evaluation = None
     if evaluate:
@@ -44,12 +84,17 @@ def prune_and_save(
         evaluation = {"data": data, "split": "test", "seq_len": config.seq_len}
         evaluation["dense"] = perplexity(dense_model, eval_set, eval_batch_size, progress=progress)
 
-    pruned, report = prune(dense_model, tokenizer, train_text, config, progress=progress)
+    pruned, report = prune(
+        dense_model, tokenizer, train_text, config, progress=progress, checkpointer=checkpointer, resume=resume
+    )
     if evaluate:
         evaluation["pruned"] = perplexity(pruned, eval_set, eval_batch_size, progress=progress)
     report.update(model=model, data=data, evaluation=evaluation)
     report["wall_seconds"] = time.perf_counter() - started
+    if resume is not None:
+        report["resumed_from_step"] = resume.step
     save_pruned(pruned, tokenizer, output, report, overwrite=overwrite)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: nothing left to resume
 
     # Prove the folder stands alone: stock transformers, remote code only for per-layer shapes.
     per_layer = hasattr(pruned.config, LAYOUT_KEY)
@@ -68,8 +113,33 @@ def prune_and_save(
     return report
 
 
-def evaluate_model(model: str, data: str, seq_len: int, batch_size: int = 8, max_windows: int | None = None) -> dict:
-    """Perplexity on `data`'s test split and parameter counts of a model."""
+def model_task(model: str, task: str | None = None):
+    """The task to run on a model spec: `task` if given, else its model type's (config only)."""
+    from .tasks import TASKS, task_for
+
+    if task is not None:
+        return TASKS[task]
+    if model == "smollm2" or model.endswith(".gguf"):
+        return TASKS["causal-lm"]
+    return task_for(load_config(model))
+
+
+def evaluate_model(
+    model: str,
+    data: str,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    task: str | None = None,
+    reference: str | None = None,
+) -> dict:
+    """Perplexity on `data`'s test split and parameter counts of a model (an encoder: its task's
+    metrics, task_workflow.evaluate_task_model)."""
+    found = model_task(model, task)
+    if found.name != "causal-lm":
+        from .task_workflow import evaluate_task_model
+
+        return evaluate_task_model(found, model, data, seq_len, max(batch_size, 1), max_windows, reference)
     text = load_text(data, "test")
     loaded, tokenizer = load_model(model)
     result = perplexity(loaded, windows(tokenize(tokenizer, text), seq_len)[:max_windows], batch_size, progress=True)

@@ -1,0 +1,199 @@
+"""Shared helpers of the benchmark scripts: arguments, machine info, JSON results, and
+BENCHMARKS.md sections (between markers, so a rerun replaces only its own section).
+
+Timing rule on a shared machine: compared variants are measured side by side, alternated, in
+one process; we report medians and ratios, never a lone absolute number as a claim.
+"""
+
+import argparse
+import copy
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MARKDOWN = ROOT / "BENCHMARKS.md"
+HEADER = """# Benchmarks
+
+Measured claims of LoRAPrune (arXiv 2305.18403) on this implementation: SmolLM2-135M-Instruct
+(float32) + Penn Treebank, equal fine-tuning budget for every row. Each section below is written
+by one script in `bench/` (`make bench-quick` / `make bench`, or `python -m bench.<name> --help`);
+its raw numbers are in `bench/results/<name>-<label>.json`. Timings on a shared 2-core machine are
+noisy: compared variants are measured alternated in one process and given as medians and ratios.
+"""
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="model spec for loraprune.load_model")
+    p.add_argument("--data", default="ptb", help="'ptb' or a .txt/.jsonl file (used for every split)")
+    p.add_argument("--label", default="custom", help="configuration name (quick, full, ...) in the outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
+    p.add_argument("--markdown", default=str(MARKDOWN), help="BENCHMARKS.md to update ('' to skip)")
+    return p
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    """'1x128,8x128' -> [(1, 128), (8, 128)]"""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def load(args, model=None, tokenizer=None):
+    """(model, tokenizer): the ones given (run_all loads once) or freshly loaded from args.model."""
+    if model is None:
+        from loraprune import load_model
+
+        model, tokenizer = load_model(args.model)
+    return model, tokenizer
+
+
+def fresh(model):
+    """An independent copy of the base model (cheaper than reloading the GGUF)."""
+    return copy.deepcopy(model)
+
+
+def token_windows(tokenizer, data: str, split: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    from loraprune.data import load_text, tokenize, windows
+
+    w = windows(tokenize(tokenizer, load_text(data, split)), seq_len)
+    return w if not limit else w[:limit]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "loraprune"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def command(argv: list[str] | None, module: str) -> str:
+    """The command that reproduces this run."""
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join([".venv/bin/python", "-m", module, *map(shlex.quote, argv)])
+
+
+def write_json(args, name: str, payload: dict) -> Path:
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{args.label}.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(info: dict, cmd: str) -> str:
+    v = info["versions"]
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (
+        f"_{info['date']}; {info['cores']} cores ({info['cpu']}), torch threads {info['torch_threads']}{gpu}; "
+        f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
+        f"loraprune {v['loraprune']}._  \n_Command:_ `{cmd}`"
+    )
+
+
+def update_markdown(args, name: str, title: str, body: str) -> None:
+    """Replace (or append) the section `name` of the markdown file."""
+    if not args.markdown:
+        return
+    path = Path(args.markdown)
+    text = path.read_text() if path.exists() else HEADER
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+class Timer:
+    """Collect wall-clock samples per name; medians and ratios."""
+
+    def __init__(self):
+        self.samples: dict[str, list[float]] = {}
+
+    def time(self, name: str, fn, *a, **kw):
+        start = time.perf_counter()
+        out = fn(*a, **kw)
+        self.samples.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+
+def alternated(names: list[str], rounds: int):
+    """Yield (round, name) with the order reversed every other round (ABBA...), so a slow
+    drift of the machine's load hits every variant alike."""
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            yield r, name

@@ -1,0 +1,213 @@
+"""Memory: peak memory of LoRAPrune training steps (forward, backward, importance update,
+optimizer step) with the `lora` criterion vs the vanilla `gradient` criterion (true dL/dW0).
+
+Each (criterion, batch) runs in a fresh subprocess. On CPU the peak is the process's peak RSS
+(VmHWM, reset via /proc/self/clear_refs after loading, so loading's transients do not count);
+on CUDA it is torch.cuda.max_memory_allocated. The breakdown is computed from shapes: base
+weights, LoRA factors, their gradients, AdamW state, the base-weight gradients the `gradient`
+criterion needs, and the tensors autograd saves for backward (counted once per storage by a
+saved-tensors hook on one extra forward).
+"""
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+
+import torch
+
+from . import common
+
+NAME = "memory"
+MiB = 2**20
+
+
+def arguments():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--criteria", default="lora,gradient")
+    p.add_argument("--batches", type=common.shapes, default=[(1, 128), (4, 128)], help="BxS list")
+    p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--child", default="", help="internal: criterion,B,S of one child run")
+    return p
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _release():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def child(args) -> dict:
+    from loraprune import PruneConfig, load_model
+    from loraprune.archs import arch_for
+    from loraprune.lora import attach_lora
+    from loraprune.pruner import Pruner
+    from loraprune.train import causal_lm_loss
+
+    criterion, b, s = args.child.split(",")
+    b, s = int(b), int(s)
+    cuda = args.device.startswith("cuda")
+    runtime_kib = _rss_kib("VmRSS")
+    model, tokenizer = load_model(args.model)
+    model.to(args.device)
+    batch = common.token_windows(tokenizer, args.data, "train", s, b)
+    if len(batch) < b:
+        batch = batch.repeat((b + len(batch) - 1) // len(batch), 1)[:b]
+    batch = batch.to(args.device)
+    config = PruneConfig(criterion=criterion, batch_size=b, seq_len=s, seed=args.seed)
+    arch = arch_for(model.config)
+    peft_model = attach_lora(model, arch, config)
+    pruner = Pruner(peft_model.get_base_model(), arch, config)
+    lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
+    peft_model.train()
+    _release()
+    loaded_kib = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        loaded_cuda = torch.cuda.memory_allocated()
+    for _ in range(args.steps):  # the body of loraprune.train.train, one optimizer step
+        causal_lm_loss(peft_model, batch).backward()
+        pruner.update_scores()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak_kib = _rss_kib("VmHWM")
+    out = {"criterion": criterion, "batch": b, "seq_len": s, "device": args.device}
+    out["measured"] = {
+        "runtime_rss_MiB": runtime_kib / 1024,
+        "loaded_rss_MiB": loaded_kib / 1024,
+        "peak_rss_MiB": peak_kib / 1024,
+        "peak_above_runtime_MiB": (peak_kib - runtime_kib) / 1024,
+    }
+    if cuda:
+        torch.cuda.synchronize()
+        out["measured"]["cuda_loaded_MiB"] = loaded_cuda / MiB
+        out["measured"]["cuda_peak_MiB"] = torch.cuda.max_memory_allocated() / MiB
+
+    # breakdown from shapes
+    def size(ps):
+        return sum(p.numel() * p.element_size() for p in ps)
+
+    base = [p for n, p in peft_model.named_parameters() if "lora_" not in n]
+    saved = {}
+    # weights reach the hook as views (e.g. W.t()): count only storages that are not parameters'
+    weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
+            st = t.untyped_storage()
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = causal_lm_loss(peft_model, batch)
+    del loss
+    weight_grads = size(pruner.scored_weights)
+    logits = b * s * model.config.vocab_size * 4
+    out["breakdown_MiB"] = {
+        "base weights": size(base) / MiB,
+        "LoRA factors": size(lora) / MiB,
+        "LoRA gradients": size(lora) / MiB,
+        "AdamW state": 2 * size(lora) / MiB,
+        "base-weight gradients (dL/dW0)": weight_grads / MiB,
+        "saved activations": sum(saved.values()) / MiB,
+        "logits gradient (transient)": logits / MiB,
+    }
+    out["breakdown_total_MiB"] = sum(out["breakdown_MiB"].values())
+    out["parameters"] = {"base": sum(p.numel() for p in base), "lora": sum(p.numel() for p in lora)}
+    return out
+
+
+def main(argv=None, model=None, tokenizer=None) -> dict:
+    args = arguments().parse_args(argv)
+    common.setup(args)
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return {}
+    criteria = [c for c in args.criteria.split(",") if c]
+    runs = []
+    for b, s in args.batches:
+        for _, criterion in common.alternated(criteria, 1):
+            cmd = [sys.executable, "-m", "bench.memory", "--model", args.model, "--data", args.data]
+            cmd += ["--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]
+            cmd += ["--threads", str(args.threads), "--child", f"{criterion},{b},{s}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                raise RuntimeError(f"memory child {criterion} {b}x{s} failed:\n{done.stderr[-3000:]}")
+            run = json.loads(lines[-1][len("RESULT ") :])
+            runs.append(run)
+            print(f"[memory] {criterion} {b}x{s}: {run['measured']}", flush=True)
+
+    key = "cuda_peak_MiB" if args.device.startswith("cuda") else "peak_rss_MiB"
+    ratios = []
+    for b, s in args.batches:
+        at = {r["criterion"]: r for r in runs if (r["batch"], r["seq_len"]) == (b, s)}
+        if "lora" in at and "gradient" in at:
+            lo, gr = at["lora"]["measured"], at["gradient"]["measured"]
+            ratios.append(
+                {
+                    "batch": f"{b}x{s}",
+                    "peak_ratio": lo[key] / gr[key],
+                    "peak_above_runtime_ratio": lo["peak_above_runtime_MiB"] / gr["peak_above_runtime_MiB"],
+                    "met": lo[key] / gr[key] <= 0.5,
+                }
+            )
+    info = common.machine()
+    cmd = common.command(argv, "bench.memory")
+    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
+    payload.update(runs=runs, ratios=ratios)
+    common.write_json(args, NAME, payload)
+
+    parts = list(runs[0]["breakdown_MiB"])
+    rows = []
+    for r in runs:
+        m = r["measured"]
+        rows.append(
+            [
+                r["criterion"],
+                f"{r['batch']}x{r['seq_len']}",
+                m.get("cuda_peak_MiB", m["peak_rss_MiB"]),
+                m["peak_above_runtime_MiB"],
+                *[r["breakdown_MiB"][k] for k in parts],
+                r["breakdown_total_MiB"],
+            ]
+        )
+    peak = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS"
+    body = (
+        f"{common.provenance(info, cmd)}\n\n"
+        f"Configuration **{args.label}**: {args.steps} training steps per fresh process (forward, backward, "
+        f"importance update, AdamW step), LoRA r=8 on all 7 projections, float32, device {args.device}. "
+        f"MiB. 'above runtime' = peak RSS minus the RSS of the bare Python+torch process before loading; "
+        f"'predicted' = the analytic breakdown's sum, to compare with it.\n\n"
+        + common.table(["criterion", "batch", peak, "above runtime", *parts, "predicted"], rows)
+        + "\n\n"
+        + common.table(
+            ["batch", "peak(lora)/peak(gradient)", "same, above runtime", "target <= 0.5"],
+            [
+                [r["batch"], r["peak_ratio"], r["peak_above_runtime_ratio"], "yes" if r["met"] else "**no**"]
+                for r in ratios
+            ],
+        )
+    )
+    common.update_markdown(args, NAME, "2. Memory: lora vs gradient criterion", body)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

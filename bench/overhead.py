@@ -1,0 +1,109 @@
+"""Overhead: median time of one LoRAPrune training step vs one plain peft LoRA step, same batch.
+
+LoRAPrune step = forward + backward (mask hooks on), importance update (`Pruner.update_scores`),
+AdamW step, zero_grad: the body of `loraprune.train.train`. Plain step = the same without the
+Pruner (no masks, no scoring). Both models are independent copies, stepped alternately
+(ABBA order) in one process on the same batch; medians and their ratio are reported, and the
+scoring time of the LoRAPrune step is timed on its own as well.
+"""
+
+import torch
+
+from loraprune import PruneConfig
+from loraprune.archs import arch_for
+from loraprune.lora import attach_lora
+from loraprune.pruner import Pruner
+from loraprune.train import causal_lm_loss
+
+from . import common
+
+NAME = "overhead"
+
+
+def arguments():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--criteria", default="lora", help="LoRAPrune criteria to time against plain LoRA")
+    p.add_argument("--batch", type=common.shapes, default=[(4, 128)], help="BxS")
+    p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    return p
+
+
+class Variant:
+    def __init__(self, base, criterion: str | None, seed: int):
+        config = PruneConfig(criterion=criterion or "lora", seed=seed)
+        arch = arch_for(base.config)
+        self.model = attach_lora(common.fresh(base), arch, config)
+        self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
+        lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        self.optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
+        self.model.train()
+
+    def backward(self, batch):
+        causal_lm_loss(self.model, batch).backward()
+
+    def finish(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def main(argv=None, model=None, tokenizer=None) -> dict:
+    args = arguments().parse_args(argv)
+    common.setup(args)
+    base, tokenizer = common.load(args, model, tokenizer)
+    criteria = [c for c in args.criteria.split(",") if c]
+    results = []
+    for b, s in args.batch:
+        batch = common.token_windows(tokenizer, args.data, "train", s, b)
+        torch.manual_seed(args.seed)
+        variants = {"plain LoRA": Variant(base, None, args.seed)}
+        variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
+        timer = common.Timer()
+        for r, name in common.alternated(list(variants), args.warmup + args.rounds):
+            v, tag = variants[name], name if r >= args.warmup else "warmup"
+
+            def step(v=v, tag=tag, batch=batch, timer=timer):
+                v.backward(batch)
+                if v.pruner is not None:
+                    timer.time(f"{tag} / scoring", v.pruner.update_scores)
+                v.finish()
+
+            timer.time(tag, step)
+        plain = timer.median("plain LoRA")
+        for name in variants:
+            row = {"batch": f"{b}x{s}", "variant": name, "median_s": timer.median(name), "samples": timer.samples[name]}
+            row["ratio_vs_plain"] = row["median_s"] / plain
+            if f"{name} / scoring" in timer.samples:
+                row["scoring_median_s"] = timer.median(f"{name} / scoring")
+            results.append(row)
+            print(f"[overhead] {b}x{s} {name}: {row['median_s']:.3f} s, x{row['ratio_vs_plain']:.3f}", flush=True)
+        del variants
+
+    info = common.machine()
+    cmd = common.command(argv, "bench.overhead")
+    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
+    payload["rows"] = results
+    common.write_json(args, NAME, payload)
+    rows = [
+        [
+            r["batch"],
+            r["variant"],
+            r["median_s"],
+            r.get("scoring_median_s"),
+            r["ratio_vs_plain"],
+            "" if r["variant"] == "plain LoRA" else ("yes" if r["ratio_vs_plain"] <= 1.10 else "**no**"),
+        ]
+        for r in results
+    ]
+    body = (
+        f"{common.provenance(info, cmd)}\n\n"
+        f"Configuration **{args.label}**: {args.rounds} timed steps per variant after {args.warmup} warmup, "
+        "alternated ABBA in one process, same batch; seconds are medians (noisy machine: read the ratio).\n\n"
+        + common.table(["batch", "variant", "median step s", "of which scoring s", "ratio", "target <= 1.10"], rows)
+    )
+    common.update_markdown(args, NAME, "3. Overhead: LoRAPrune step vs plain LoRA step", body)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""lm-eval task definitions of loraprune's offline perplexity tasks (YAML files + local_docs.py)."""

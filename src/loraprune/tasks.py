@@ -1,0 +1,281 @@
+"""Tasks: what a model is fine-tuned on while it is pruned, and how it is measured. One entry each.
+
+A task is data + four functions: how a dataset split is read, how training examples are made
+(from the *dense* model, before LoRA is attached: the embedding task's teacher targets come
+from it), the loss of one batch, and the evaluation. The architecture table says each
+family's default task (`Arch.task`); `--task` overrides it.
+
+- causal-lm: next-token loss on token windows; perplexity.
+- embedding (BERT sentence encoders): loss 1 − cos(pruned mean-pooled embedding, dense
+  embedding of the same sentence), teacher embeddings computed once up front; evaluated by the
+  cosine to the dense model's embeddings and nearest-neighbour agreement on held-out sentences.
+- image-classification (ViT): cross-entropy on labels; accuracy.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .archs import arch_for
+from .config import TASK_NAMES
+from .data import load_images, load_sentences, load_text, pad_sentences, tokenize, trim_padding, windows
+from .errors import LoraPruneError
+from .evaluate import count_parameters, perplexity
+from .train import causal_lm_loss
+
+SPEED_REPEATS = 3  # throughput is the median of this many timed passes
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str  # the transformers Auto class that loads such a model
+    load: Callable[[str, str], Any]  # (data spec, split) -> raw data (text, sentences, images)
+    examples: Callable[..., Tensor | dict]  # (dense model, tokenizer, raw, config) -> training examples
+    loss: Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar loss
+    eval_set: Callable[..., Any]  # (dense model, tokenizer, raw, seq_len, limit) -> what evaluate reads
+    evaluate: Callable[..., dict]  # (model, eval set, batch size, progress) -> metrics
+    # metrics shown in summary tables: (key, label, format)
+    metrics: tuple[tuple[str, str, str], ...] = ()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+# ---- causal LM ----
+
+
+def _lm_examples(model, tokenizer, text: str, config) -> Tensor:
+    return windows(tokenize(tokenizer, text), config.seq_len)
+
+
+def _lm_eval_set(model, tokenizer, text: str, seq_len: int, limit: int | None) -> Tensor:
+    return windows(tokenize(tokenizer, text), seq_len)[:limit]
+
+
+def _lm_evaluate(model, eval_set: Tensor, batch_size: int = 8, progress: bool = False) -> dict:
+    return perplexity(model, eval_set, batch_size, progress=progress)
+
+
+# ---- sentence embeddings ----
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the token vectors a sentence's attention mask keeps (sentence-transformers' pooling)."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def embed(model: nn.Module, batch: dict) -> Tensor:
+    """Mean-pooled last hidden states of a batch of padded sentences (float32)."""
+    batch = _to(trim_padding({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}), _device(model))
+    hidden = model(**batch).last_hidden_state
+    return mean_pool(hidden.float(), batch["attention_mask"])
+
+
+@torch.inference_mode()
+def encode(model: nn.Module, inputs: dict, batch_size: int = 64) -> Tensor:
+    """Embeddings [n, hidden] of padded sentences, in batches (on the CPU)."""
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(inputs["input_ids"])
+        parts = [
+            embed(model, {k: v[i : i + batch_size] for k, v in inputs.items()}).cpu() for i in range(0, n, batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def embedding_loss(model: nn.Module, batch: dict) -> Tensor:
+    """1 − cosine between the model's embedding and the dense teacher's ("target") per sentence."""
+    embeddings = embed(model, batch)
+    return 1 - F.cosine_similarity(embeddings, batch["target"].to(embeddings.device), dim=-1).mean()
+
+
+def _embedding_examples(model, tokenizer, sentences: list[str], config) -> dict:
+    """The sentences training will see, with their dense teacher embeddings (computed once, here).
+    Training draws steps × batch size × grad accum sentences: when the data has more, a sample
+    of that many (seeded by --seed) is encoded, not all of it (PTB train has 42k sentences)."""
+    needed = config.steps * config.batch_size * config.grad_accum
+    if len(sentences) > needed:
+        picked = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(config.seed))[:needed]
+        sentences = [sentences[i] for i in picked.sort().values.tolist()]
+    inputs = pad_sentences(tokenizer, sentences, config.seq_len)
+    return {**inputs, "target": encode(model, inputs)}  # the dense teacher, computed once up front
+
+
+def _embedding_eval_set(model, tokenizer, sentences: list[str], seq_len: int, limit: int | None) -> dict:
+    inputs = pad_sentences(tokenizer, sentences[:limit], seq_len)
+    return {**inputs, "teacher": encode(model, inputs)}
+
+
+def neighbours(embeddings: Tensor, k: int) -> Tensor:
+    """Indices [n, k] of each row's k nearest other rows by cosine similarity."""
+    normed = F.normalize(embeddings.float(), dim=-1)
+    similarity = normed @ normed.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(k, dim=1).indices
+
+
+def neighbour_agreement(embeddings: Tensor, reference: Tensor, k: int) -> float:
+    """Mean fraction of each sentence's top-k neighbours (among the set) that the reference shares."""
+    k = min(k, len(embeddings) - 1)
+    if k < 1:
+        raise LoraPruneError("neighbour agreement needs at least two sentences")
+    mine, theirs = neighbours(embeddings, k), neighbours(reference, k)
+    shared = (mine[:, :, None] == theirs[:, None, :]).any(-1).sum(1)
+    return (shared.float() / k).mean().item()
+
+
+def throughput(run: Callable[[], Any], items: int) -> float:
+    """Items per second: median over SPEED_REPEATS timed runs."""
+    rates = []
+    for _ in range(SPEED_REPEATS):
+        started = time.perf_counter()
+        run()
+        rates.append(items / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def _embedding_evaluate(model, eval_set: dict, batch_size: int = 64, progress: bool = False) -> dict:
+    inputs = {k: eval_set[k] for k in ("input_ids", "attention_mask")}
+    embeddings = encode(model, inputs, batch_size)
+    n = len(embeddings)
+    result = {"sentences": n, "parameters": count_parameters(model)}
+    result["sentences_per_second"] = throughput(lambda: encode(model, inputs, batch_size), n)
+    teacher = eval_set.get("teacher")
+    if teacher is not None:
+        result["cosine_to_dense"] = F.cosine_similarity(embeddings, teacher, dim=-1).mean().item()
+        result["top1_agreement"] = neighbour_agreement(embeddings, teacher, 1)
+        result["top5_agreement"] = neighbour_agreement(embeddings, teacher, 5)
+    return result
+
+
+# ---- image classification ----
+
+
+def classification_loss(model: nn.Module, batch: dict) -> Tensor:
+    return model(**_to(batch, _device(model))).loss
+
+
+def _image_examples(model, processor, images: tuple[Tensor, Tensor], config) -> dict:
+    pixel_values, labels = images
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def _image_eval_set(model, processor, images: tuple[Tensor, Tensor], seq_len: int, limit: int | None) -> dict:
+    pixel_values, labels = images
+    return {"pixel_values": pixel_values[:limit], "labels": labels[:limit]}
+
+
+@torch.inference_mode()
+def _predict(model, pixel_values: Tensor, batch_size: int) -> Tensor:
+    device = _device(model)
+    return torch.cat(
+        [
+            model(pixel_values=pixel_values[i : i + batch_size].to(device)).logits.argmax(-1).cpu()
+            for i in range(0, len(pixel_values), batch_size)
+        ]
+    )
+
+
+def _image_evaluate(model, eval_set: dict, batch_size: int = 64, progress: bool = False) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        pixel_values, labels = eval_set["pixel_values"], eval_set["labels"]
+        predictions = _predict(model, pixel_values, batch_size)
+        rate = throughput(lambda: _predict(model, pixel_values, batch_size), len(labels))
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": (predictions == labels).float().mean().item(),
+        "images": len(labels),
+        "images_per_second": rate,
+        "parameters": count_parameters(model),
+    }
+
+
+TASKS: dict[str, Task] = {
+    "causal-lm": Task(
+        "causal-lm",
+        "AutoModelForCausalLM",
+        load_text,
+        _lm_examples,
+        causal_lm_loss,
+        _lm_eval_set,
+        _lm_evaluate,
+        metrics=(("perplexity", "perplexity", ".2f"),),
+    ),
+    "embedding": Task(
+        "embedding",
+        "AutoModel",
+        load_sentences,
+        _embedding_examples,
+        embedding_loss,
+        _embedding_eval_set,
+        _embedding_evaluate,
+        metrics=(
+            ("cosine_to_dense", "mean cosine to the dense embedding", ".4f"),
+            ("top1_agreement", "top-1 neighbour agreement with dense", ".3f"),
+            ("top5_agreement", "top-5 neighbour agreement with dense", ".3f"),
+            ("sentences_per_second", "encode speed, sentences/s", ".0f"),
+            ("sentences", "held-out sentences", "d"),
+        ),
+    ),
+    "image-classification": Task(
+        "image-classification",
+        "AutoModelForImageClassification",
+        load_images,
+        _image_examples,
+        classification_loss,
+        _image_eval_set,
+        _image_evaluate,
+        metrics=(
+            ("accuracy", "test accuracy", ".4f"),
+            ("images_per_second", "speed, images/s", ".0f"),
+            ("images", "test images", "d"),
+        ),
+    ),
+}
+
+
+assert tuple(TASKS) == TASK_NAMES  # the names config validates --task against
+
+
+def task_for(model_config, name: str | None = None) -> Task:
+    """The task called `name`, or the default of the model's family."""
+    name = name or arch_for(model_config).task
+    if name not in TASKS:
+        raise LoraPruneError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def auto_class_for(model_config, name: str | None = None):
+    """The transformers Auto class that builds/loads a model of this config for its task."""
+    import transformers
+
+    return getattr(transformers, task_for(model_config, name).auto_class)
+
+
+def metric_rows(task_name: str, dense: dict | None, pruned: dict | None) -> list[tuple[str, str, str]]:
+    """(label, dense value, pruned value) for each of the task's metrics present in either result."""
+    rows = []
+    for key, label, fmt in TASKS[task_name].metrics:
+        values = [format(result[key], fmt) if result and key in result else "" for result in (dense, pruned)]
+        if any(values):
+            rows.append((label, *values))
+    return rows

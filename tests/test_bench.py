@@ -1,0 +1,82 @@
+"""Smoke test of the benchmark scripts (bench/) at tiny size, so they cannot rot: the real code
+paths (prune, perplexity, subprocess memory runs, timing, markdown sections) on a tiny llama."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts next to src/, not an installed package
+
+from bench import common, masks, memory, overhead, quality, speed  # noqa: E402
+
+TRAIN = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
+RUNS = {
+    quality: [*TRAIN, "--ratios", "0.5", "--criteria", "lora,magnitude", "--eval-windows", "4", "--eval-seq", "16"]
+    + ["--long-seq", "32"],
+    memory: ["--batches", "2x16", "--steps", "1"],
+    overhead: ["--batch", "2x16", "--rounds", "2", "--warmup", "1"],
+    speed: ["--ratios", "0.5", "--shapes", "1x16", "--rounds", "2", "--new-tokens", "3", "--gen-rounds", "1"]
+    + ["--prune-steps", "2"],
+    masks: [*TRAIN, "--ratios", "0.5"],
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    corpus = out / "corpus.txt"
+    words = "the cat sat on a mat dog ran to park and it was big small red blue".split()
+    corpus.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)))
+    base = ["--model", str(tiny_folder), "--data", str(corpus), "--label", "smoke", "--threads", "1"]
+    base += ["--results", str(out / "results"), "--markdown", str(out / "BENCH.md")]
+    payloads = {module.NAME: module.main([*base, *args]) for module, args in RUNS.items()}
+    return out, payloads, base
+
+
+def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
+    out, payloads, _ = outputs
+    text = (out / "BENCH.md").read_text()
+    for name in ("quality", "memory", "overhead", "speed", "masks"):
+        data = json.loads((out / "results" / f"{name}-smoke.json").read_text())
+        assert data["machine"]["cores"] >= 1 and data["command"].startswith(".venv/bin/python -m bench.")
+        assert text.count(f"<!-- bench:{name} -->") == 1 and text.count(f"<!-- /bench:{name} -->") == 1
+    quality_rows = {r["name"]: r for r in payloads["quality"]["rows"]}
+    assert set(quality_rows) == {"dense, as shipped", "dense+lora", "lora 0.5", "magnitude 0.5"}
+    assert quality_rows["lora 0.5"]["parameters"]["total"] < quality_rows["dense+lora"]["parameters"]["total"]
+    assert "test@32" in quality_rows["lora 0.5"]["perplexity"]
+    assert {r["criterion"] for r in payloads["memory"]["runs"]} == {"lora", "gradient"}
+    grads = {r["criterion"]: r["breakdown_MiB"]["base-weight gradients (dL/dW0)"] for r in payloads["memory"]["runs"]}
+    assert grads["lora"] == 0 < grads["gradient"]
+    assert {r["variant"] for r in payloads["overhead"]["rows"]} == {"plain LoRA", "LoRAPrune (lora)"}
+    limits = [r["mac_limit"] for r in payloads["speed"]["rows"] if r["variant"] != "dense" and "mac_limit" in r]
+    assert limits and all(limit > 1 for limit in limits)
+    (row,) = payloads["masks"]["rows"]
+    assert 0 <= row["all_iou"] <= 1
+
+
+def test_a_rerun_replaces_only_its_own_section(outputs):
+    out, _, base = outputs
+    before = (out / "BENCH.md").read_text()
+    masks.main([*base, *RUNS[masks]])
+    after = (out / "BENCH.md").read_text()
+    assert after.count("<!-- bench:masks -->") == 1
+    assert after.split("<!-- bench:masks -->")[0] == before.split("<!-- bench:masks -->")[0]
+
+
+def test_table_and_markers(tmp_path):
+    class Args:
+        markdown = str(tmp_path / "B.md")
+
+    common.update_markdown(Args, "x", "X", "first body")
+    common.update_markdown(Args, "y", "Y", "second body")
+    common.update_markdown(Args, "x", "X", common.table(["a", "b"], [[1, 0.5]]))
+    text = (tmp_path / "B.md").read_text()
+    assert (
+        "first body" not in text
+        and "second body" in text
+        and "| 1 | 0.5 |" in text
+        and text.index("bench:x") < text.index("bench:y")
+    )
