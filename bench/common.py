@@ -72,6 +72,23 @@ def load(args, model=None, tokenizer=None):
     return model, tokenizer
 
 
+def budget(args, ratio: float, criterion: str = "lora", **overrides):
+    """The fine-tuning budget every row of a benchmark shares; only ratio and criterion vary."""
+    from loraprune import PruneConfig
+
+    return PruneConfig(
+        ratio=ratio,
+        criterion=criterion,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        prune_freq=args.prune_freq,
+        seed=args.seed,
+        **overrides,
+    )
+
+
 def fresh(model):
     """An independent copy of the base model (cheaper than reloading the GGUF)."""
     return copy.deepcopy(model)

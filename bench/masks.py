@@ -8,7 +8,7 @@ of p / (2 - p): the chance level, given for reference.
 
 import torch
 
-from loraprune import PruneConfig, prune
+from loraprune import prune
 from loraprune.data import load_text
 
 from . import common
@@ -43,16 +43,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     for ratio in args.ratios:
         pruned = {}
         for criterion in (first, second):
-            config = PruneConfig(
-                ratio=ratio,
-                criterion=criterion,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                seq_len=args.seq_len,
-                lr=args.lr,
-                prune_freq=args.prune_freq,
-                seed=args.seed,
-            )
+            config = common.budget(args, ratio, criterion)
             _, report = prune(common.fresh(base), tokenizer, train_text, config, progress=False)
             layers = [layer["index"] for layer in report["layers"] if layer["pruned"]]
             s = report["scores"]

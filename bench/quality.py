@@ -9,7 +9,7 @@ and the dense rows), and the valid split at 128.
 
 import time
 
-from loraprune import PruneConfig, prune
+from loraprune import prune
 from loraprune.archs import arch_for
 from loraprune.data import load_text
 from loraprune.evaluate import count_parameters, count_prunable, perplexity
@@ -66,16 +66,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         model = common.fresh(base)
         report = None
         if ratio is not None:
-            config = PruneConfig(
-                ratio=ratio,
-                criterion=criterion,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                seq_len=args.seq_len,
-                lr=args.lr,
-                prune_freq=args.prune_freq,
-                seed=args.seed,
-            )
+            config = common.budget(args, ratio, criterion)
             model, report = prune(model, tokenizer, train_text, config, progress=False)
         pruned_s = time.perf_counter() - started
         long_ok = ratio is None or ratio == 0 or ratio >= args.long_from

@@ -10,6 +10,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from . import distributed
 from .archs import arch_for
 from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
@@ -67,6 +68,8 @@ def prune(
     `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py)."""
     started = time.perf_counter()
     config = check_compatible(model.config, config)
+    distributed.init()  # under torchrun / accelerate launch: DDP over the LoRA factors (distributed.py)
+    progress = progress and distributed.is_main()
     target = None
     if config.target_params is not None:
         target = {"requested": config.target_params, "predicted": removed_fraction(model.config, config)}
@@ -81,11 +84,14 @@ def prune(
     if config.gradient_checkpointing:
         # non-reentrant: the embeddings' output needs no requires_grad for LoRA's gradients to flow
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if distributed.device() is not None:  # several processes on GPUs: each rank its own
+        model.to(distributed.device())
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
 
-    torch.manual_seed(config.seed)  # LoRA dropout
-    batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed))
+    torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
+    rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
+    batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed, rank=rank, world_size=world))
     history = train(
         peft_model,
         pruner,
@@ -137,6 +143,7 @@ def prune(
         "skipped_score_updates": pruner.skipped_updates,
         "task": task.name,
         "train_windows": num_examples(train_windows),  # windows, sentences or images
+        "processes": world,  # data-parallel ranks; the global batch is config.batch_size x processes
         "history": asdict(history),
         "seconds": time.perf_counter() - started,
     }

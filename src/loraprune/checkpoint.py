@@ -92,10 +92,15 @@ class Checkpointer:
     def due(self, step: int, last_step: int) -> bool:
         return self.interrupted or (self.every is not None and (step % self.every == 0 or step == last_step))
 
-    def save(self, step: int, model: nn.Module, optimizer, pruner, sampler, history) -> Path:
-        """Write the state after `step` as one more complete checkpoint; keep the `keep` newest."""
+    def save(self, step: int, model: nn.Module, optimizer, pruner, sampler, history, extra=None) -> Path:
+        """Write the state after `step` as one more complete checkpoint; keep the `keep` newest.
+        `extra`: more tensors to save (several processes: the other ranks' RNG states)."""
+        from . import distributed
+
         tensors, state = _collect(model, optimizer, pruner, sampler)
+        tensors.update({key: t.detach().cpu().contiguous() for key, t in (extra or {}).items()})
         state.update(format=FORMAT, step=step, run=self.run, history=asdict(history))
+        state["world_size"] = distributed.world_size()  # the data sharding and the global batch depend on it
         final = self.directory / f"step-{step:06d}"
         staging = None
         try:
@@ -214,6 +219,14 @@ class Checkpoint:
 
     def restore(self, model: nn.Module, optimizer, pruner, sampler, history) -> int:
         """Load LoRA factors, optimizer, pruner, data position, history and RNG states; return the step."""
+        from . import distributed
+
+        saved_world, world = self.state.get("world_size", 1), distributed.world_size()
+        if saved_world != world:
+            raise LoraPruneError(
+                f"checkpoint {self.path} was written by a run of {saved_world} process(es) and this one has {world}: "
+                f"resume it with the same number of processes (--batch-size is per process)"
+            )
         params = dict(model.named_parameters())
         names = [name for name in params if "lora_" in name]
         if names != self.state["lora_names"]:
@@ -241,6 +254,7 @@ class Checkpoint:
         cuda = [self.tensors[key] for key in sorted(self.tensors) if key.startswith("rng/cuda/")]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+        distributed.restore_rng(self.tensors)  # ranks other than 0: their own dropout RNG
         return self.step
 
 

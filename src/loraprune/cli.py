@@ -59,6 +59,12 @@ def resumed_settings(resume: str, given: dict) -> dict:
 
     checkpoint = latest(resume)
     run = checkpoint.run
+    saved_world, world = checkpoint.state.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
+    if saved_world != world:  # the global batch and each rank's data slice depend on it
+        raise LoraPruneError(
+            f"--resume {resume}: the run was checkpointed by {saved_world} process(es), this one has {world}; "
+            f"resume it with the same number (torchrun --nproc_per_node {saved_world}, or one process for 1)"
+        )
     differ = [
         f"--{key.replace('_', '-')} {given[key]!r} (checkpoint: {run[key]!r})"
         for key in sorted(given)
@@ -250,6 +256,9 @@ def run_prune(args: argparse.Namespace) -> None:
         run=run,
         resume=settings.get("resume_from"),
     )
+    from . import distributed
+
+    distributed.finish()  # several processes: the others wait here until rank 0 has written the output
 
 
 def run_estimate(args: argparse.Namespace) -> None:

@@ -100,12 +100,19 @@ class BatchSampler:
 
     Each epoch is a fresh permutation drawn from (seed, epoch), so the position is just
     (epoch, pos): state_dict() / load_state_dict() resume exactly where a run stopped.
+
+    Several processes (distributed.py): every rank draws the same global batch of
+    batch_size x world_size examples and keeps rows rank, rank + world_size, ... of it, so the
+    ranks' slices are disjoint and together are the batch one process with that batch size draws.
     """
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise LoraPruneError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise LoraPruneError(f"rank {rank} outside a world of {world_size} processes")
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
         self._order, self._order_epoch = None, None
 
@@ -119,7 +126,7 @@ class BatchSampler:
         return self
 
     def __next__(self) -> torch.LongTensor:
-        picked, need = [], self.batch_size
+        picked, need = [], self.batch_size * self.world_size
         while need:
             order = self._permutation()
             take = order[self.pos : self.pos + need]
@@ -128,7 +135,7 @@ class BatchSampler:
             self.pos += len(take)
             if self.pos == len(order):  # epoch done: continue in the next epoch's permutation
                 self.epoch, self.pos = self.epoch + 1, 0
-        index = torch.cat(picked)
+        index = torch.cat(picked)[self.rank :: self.world_size]
         if isinstance(self.windows, dict):  # examples of several tensors (e.g. inputs and targets)
             return {name: tensor[index] for name, tensor in self.windows.items()}
         return self.windows[index]

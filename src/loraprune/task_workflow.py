@@ -16,7 +16,7 @@ from .export import auto_class_name, check_output, save_pruned
 from .load import load_model
 from .modeling_pruned import LAYOUT_KEY
 from .report import REPORT_FILE, format_summary
-from .tasks import Task
+from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, paired_speeds
 
 
 def model_output(model, batch: dict) -> torch.Tensor:
@@ -61,6 +61,16 @@ def prune_and_save_task(
     pruned, report = prune(dense_model, tokenizer, train_data, config, progress=progress)
     if evaluate:
         evaluation["pruned"] = task.evaluate(pruned, eval_set, eval_batch_size, progress)
+        # speeds again, dense (reloaded: it was pruned in place) and pruned timed in alternation
+        dense_again = load_model(model, dtype, task=task.name)[0]
+        speeds = paired_speeds(task, [dense_again, pruned], eval_set, eval_batch_size)
+        for result, speed in zip((evaluation["dense"], evaluation["pruned"]), speeds, strict=True):
+            result[task.speed_key] = speed
+        evaluation["speed"] = (
+            f"median of {SPEED_REPEATS} timings (each >= {MIN_TIMING_SECONDS} s of whole passes), "
+            "dense and pruned alternating"
+        )
+        del dense_again
     report.update(model=model, data=data, evaluation=evaluation)
     report["wall_seconds"] = time.perf_counter() - started
     save_pruned(pruned, tokenizer, output, report, overwrite=overwrite)

@@ -24,12 +24,13 @@ from torch import Tensor, nn
 
 from .archs import arch_for
 from .config import TASK_NAMES
-from .data import load_images, load_sentences, load_text, pad_sentences, tokenize, trim_padding, windows
+from .data import load_images, load_sentences, load_text, num_examples, pad_sentences, tokenize, trim_padding, windows
 from .errors import LoraPruneError
 from .evaluate import count_parameters, perplexity
 from .train import causal_lm_loss
 
-SPEED_REPEATS = 3  # throughput is the median of this many timed passes
+SPEED_REPEATS = 3  # throughput is the median of this many timings
+MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Task:
     evaluate: Callable[..., dict]  # (model, eval set, batch size, progress) -> metrics
     # metrics shown in summary tables: (key, label, format)
     metrics: tuple[tuple[str, str, str], ...] = ()
+    # speed: one timed pass over the eval set, and the metric key it is reported under
+    timed_pass: Callable[..., Any] | None = None  # (model, eval set, batch size) -> anything
+    speed_key: str | None = None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -142,12 +146,36 @@ def neighbour_agreement(embeddings: Tensor, reference: Tensor, k: int) -> float:
 
 def throughput(run: Callable[[], Any], items: int) -> float:
     """Items per second: median over SPEED_REPEATS timed runs."""
-    rates = []
-    for _ in range(SPEED_REPEATS):
-        started = time.perf_counter()
+    return statistics.median(_rate(run, items) for _ in range(SPEED_REPEATS))
+
+
+def _rate(run: Callable[[], Any], items: int) -> float:
+    """Items per second of whole passes repeated for at least MIN_TIMING_SECONDS (tiny models
+    take milliseconds a pass: one pass alone would time mostly noise)."""
+    passes, started = 0, time.perf_counter()
+    while True:
         run()
-        rates.append(items / (time.perf_counter() - started))
-    return statistics.median(rates)
+        passes += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= MIN_TIMING_SECONDS:
+            return passes * items / elapsed
+
+
+def _embedding_pass(model, eval_set: dict, batch_size: int = 64) -> Tensor:
+    return encode(model, {k: eval_set[k] for k in ("input_ids", "attention_mask")}, batch_size)
+
+
+def paired_speeds(task: Task, models: list[nn.Module], eval_set, batch_size: int = 64) -> list[float]:
+    """Examples per second of each model, timed in alternation (A, B, A, B, ...) and each the median
+    of SPEED_REPEATS passes, so that load from other processes on a shared machine hits all alike."""
+    items = num_examples(eval_set)
+    rates: list[list[float]] = [[] for _ in models]
+    for model in models:
+        task.timed_pass(model, eval_set, batch_size)  # warm-up
+    for _ in range(SPEED_REPEATS):
+        for model, model_rates in zip(models, rates, strict=True):
+            model_rates.append(_rate(lambda model=model: task.timed_pass(model, eval_set, batch_size), items))
+    return [statistics.median(model_rates) for model_rates in rates]
 
 
 def _embedding_evaluate(model, eval_set: dict, batch_size: int = 64, progress: bool = False) -> dict:
@@ -190,6 +218,11 @@ def _predict(model, pixel_values: Tensor, batch_size: int) -> Tensor:
             for i in range(0, len(pixel_values), batch_size)
         ]
     )
+
+
+def _image_pass(model, eval_set: dict, batch_size: int = 64) -> Tensor:
+    model.eval()
+    return _predict(model, eval_set["pixel_values"], batch_size)
 
 
 def _image_evaluate(model, eval_set: dict, batch_size: int = 64, progress: bool = False) -> dict:
@@ -235,6 +268,8 @@ TASKS: dict[str, Task] = {
             ("sentences_per_second", "encode speed, sentences/s", ".0f"),
             ("sentences", "held-out sentences", "d"),
         ),
+        timed_pass=_embedding_pass,
+        speed_key="sentences_per_second",
     ),
     "image-classification": Task(
         "image-classification",
@@ -249,6 +284,8 @@ TASKS: dict[str, Task] = {
             ("images_per_second", "speed, images/s", ".0f"),
             ("images", "test images", "d"),
         ),
+        timed_pass=_image_pass,
+        speed_key="images_per_second",
     ),
 }
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
 from .errors import LoraPruneError
@@ -56,10 +57,11 @@ def train(
     nan_run = _trailing_run(history.skipped_steps, first - 1)
     device = next(model.parameters()).device
     model.train()
+    ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss = _step(model, pruner, optimizer, batches, config, device, loss_fn)
+            loss = _step(ddp_model, pruner, optimizer, batches, config, device, loss_fn)
             nan_run = 0 if math.isfinite(loss) else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -71,8 +73,14 @@ def train(
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
+            if schedule.is_pruning_step(step) or step == config.steps:
+                distributed.check_identical(pruner.state_dict(), step)  # same masks and scores on every rank
+            if checkpointer is not None:
+                checkpointer.interrupted = distributed.any_rank(checkpointer.interrupted)  # all stop together
             if checkpointer is not None and checkpointer.due(step, config.steps):
-                checkpointer.save(step, model, optimizer, pruner, batches, history)
+                rank_rng = distributed.rng_states()  # the other ranks' dropout RNGs (a collective)
+                if distributed.is_main():  # rank 0 alone writes
+                    checkpointer.save(step, model, optimizer, pruner, batches, history, extra=rank_rng)
                 if checkpointer.interrupted:
                     raise checkpointer.interrupted_error(step, config.steps)
     model.eval()
@@ -99,10 +107,14 @@ def _step(
 ) -> float:
     """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
     loss = 0.0
-    for _ in range(config.grad_accum):
-        micro_loss = loss_fn(model, _to_device(next(batches), device)) / config.grad_accum
-        micro_loss.backward()
+    for micro in range(config.grad_accum):
+        # DDP: gradients are all-reduced once, in the last micro-batch's backward
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            micro_loss = loss_fn(model, _to_device(next(batches), device)) / config.grad_accum
+            micro_loss.backward()
         loss += micro_loss.item()
+    loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all
     if math.isfinite(loss):
         pruner.update_scores()  # from the accumulated gradients, before they are consumed
         optimizer.step()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from . import distributed
 from .api import check_compatible, prune
 from .checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .config import PruneConfig
@@ -48,6 +49,16 @@ def prune_and_save(
     started = time.perf_counter()
     check_output(output, overwrite)  # every check that needs no model comes first
     task = model_task(model, config.task)
+    # torchrun / accelerate launch: every rank trains (DDP), rank 0 alone evaluates, prints and writes
+    main = not distributed.init() or distributed.is_main()
+    if not main:
+        evaluate = progress = False
+    if distributed.active() and (task.name != "causal-lm" or quantize_bits is not None):
+        what = f"--load-in-{quantize_bits}bit" if quantize_bits is not None else f"the {task.name} task"
+        raise LoraPruneError(
+            f"several processes (WORLD_SIZE={distributed.world_size()}) support causal LMs without 8-/4-bit "
+            f"loading so far, not {what}: run it in one process"
+        )
     if task.name != "causal-lm":  # encoders: their own data, loss and metrics (tasks.py)
         from .task_workflow import prune_and_save_task
 
@@ -74,6 +85,8 @@ def prune_and_save(
     if dtype not in DTYPES:
         raise LoraPruneError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     dense_model, tokenizer = load_model(model, DTYPES[dtype], quantize_bits)
+    if distributed.device() is not None:  # several processes on GPUs: each rank on its own
+        dense_model.to(distributed.device())
     check_compatible(dense_model.config, config)
     run = run if run is not None else {"model": model, "data": data, "output": str(output), **asdict(config)}
     checkpointer = Checkpointer(checkpoints, run, every=checkpoint_every, replace=resume is None)
@@ -93,6 +106,8 @@ def prune_and_save(
     report["wall_seconds"] = time.perf_counter() - started
     if resume is not None:
         report["resumed_from_step"] = resume.step
+    if not main:
+        return report  # the other ranks are done: rank 0 saves (cli.run_prune waits for it)
     save_pruned(pruned, tokenizer, output, report, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: nothing left to resume
 

@@ -1,0 +1,161 @@
+"""Several processes (torchrun, gloo on CPU): 2 ranks x --batch-size 2 prune like 1 process x 4,
+resume under 2 processes is bit-identical, and diverged ranks are caught."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraprune import distributed
+from loraprune.cli import main
+from loraprune.errors import LoraPruneError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # this process is no rank
+    ENV.pop(name, None)
+RUN = ["--seq-len", "16", "--prune-freq", "2", "--quiet", "--no-eval"]
+# all-reduce averaging sums the two halves of the batch in another order than one process does
+WEIGHT_ATOL, SCORE_ATOL = 1e-5, 1e-5
+
+
+def command(processes: int, *argv) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [*(launcher if processes > 1 else [sys.executable]), "-m", "loraprune", "prune", *map(str, argv)]
+
+
+def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(processes, *argv), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_folder, text_file):
+    started = time.monotonic()
+    common = ["--model", tiny_folder, "--data", text_file, "--steps", 20, "--lora-dropout", 0, "--grad-accum", 2, *RUN]
+    run(1, *common, "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
+    two = run(2, *common, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)
+    a, b = tmp_path / "one", tmp_path / "two"
+
+    scores_a, scores_b = (load_file(str(p / "loraprune_scores.safetensors")) for p in (a, b))
+    for mask in ("head_alive", "channel_alive"):  # the same groups pruned
+        assert scores_a[mask].equal(scores_b[mask]), mask
+    assert 0 < (~scores_a["head_alive"]).sum() and 0 < (~scores_a["channel_alive"]).sum()
+    for score in ("head_score", "channel_score"):
+        torch.testing.assert_close(scores_a[score], scores_b[score], rtol=0, atol=SCORE_ATOL)
+    weights_a, weights_b = (load_file(str(p / "model.safetensors")) for p in (a, b))
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=WEIGHT_ATOL, msg=key)
+    report_a, report_b = (json.loads((p / "loraprune.json").read_text()) for p in (a, b))
+    assert (report_a["processes"], report_b["processes"]) == (1, 2)
+    assert report_a["layers"] == report_b["layers"]
+    assert report_a["history"]["pruning_steps"] == report_b["history"]["pruning_steps"]
+    assert report_a["history"]["loss"] == pytest.approx(report_b["history"]["loss"], abs=1e-5)  # the global loss
+    # rank 0 alone prints the summary and writes; nothing else was left beside the outputs
+    assert two.stdout.count("greedy sample") == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("corpus")) == ["one", "two"]
+    print(f"1 process + 2 processes: {time.monotonic() - started:.1f} s")
+
+
+def test_resume_under_two_processes_is_bit_identical(tmp_path, tiny_folder, text_file, capsys):
+    """SIGTERM to torchrun after the first checkpoint (it stops both ranks), resume with 2 processes:
+    the model of an uninterrupted 2-process run, LoRA dropout included (each rank's RNG is saved)."""
+    started = time.monotonic()
+    common = ["--model", tiny_folder, "--data", text_file, "--steps", 40, "--batch-size", 2, *RUN]
+    reference = subprocess.Popen(
+        command(2, *common, "--output", tmp_path / "reference"), cwd=tmp_path, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reference.communicate(timeout=120)
+    assert reference.returncode == 0
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    process = subprocess.Popen(
+        command(2, *common, "--output", out, "--checkpoint-every", 2), cwd=tmp_path, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(checkpoints.glob("step-*/COMPLETE")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # torchrun stops its workers
+    process.communicate(timeout=60)
+    assert not out.exists()
+    state = json.loads((max(checkpoints.glob("step-*/COMPLETE")).parent / "state.json").read_text())
+    assert state["world_size"] == 2
+
+    assert main(["prune", "--resume", str(checkpoints)]) == 2  # this process: one, without WORLD_SIZE
+    assert "checkpointed by 2 process(es), this one has 1" in capsys.readouterr().err
+
+    run(2, "--resume", checkpoints, cwd=tmp_path)
+    assert not checkpoints.exists()
+    for name in ("model.safetensors", "loraprune_scores.safetensors"):
+        x, y = load_file(str(out / name)), load_file(str(tmp_path / "reference" / name))
+        assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x), name
+    ha, hb = (json.loads((p / "loraprune.json").read_text())["history"] for p in (out, tmp_path / "reference"))
+    assert ha == hb
+    print(f"2-process kill + resume: {time.monotonic() - started:.1f} s")
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "head_alive": torch.rand(3, 6, generator=g) > 0.3,
+        "channel_alive": torch.rand(3, 40, generator=g) > 0.3,
+        "head_score": torch.rand(3, 6, generator=g),
+        "channel_score": torch.rand(3, 40, generator=g),
+    }
+
+
+def test_checksum_tells_states_apart():
+    base = _state()
+    same = distributed.checksum({k: v.clone() for k, v in base.items()})
+    assert distributed.differences(same, distributed.checksum(base)) == []
+    flipped = {k: v.clone() for k, v in base.items()}
+    flipped["channel_alive"][1, 7] ^= True
+    nudged = {k: v.clone() for k, v in base.items()}
+    nudged["head_score"][2, 1] = torch.nextafter(nudged["head_score"][2, 1], torch.tensor(2.0))  # one ulp
+    swapped = {k: v.clone() for k, v in base.items()}
+    swapped["channel_score"][0, [3, 4]] = swapped["channel_score"][0, [4, 3]]  # same sum, other order
+    for other, name in ((flipped, "channel_alive"), (nudged, "head_score"), (swapped, "channel_score")):
+        a, b = distributed.checksum(base), distributed.checksum(other)
+        differ = distributed.differences(torch.minimum(a, b), torch.maximum(a, b))
+        assert len(differ) == 1 and differ[0].startswith(name), differ
+
+
+def _diverging_rank(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    assert distributed.init() and distributed.rank() == rank
+    state = _state()
+    distributed.check_identical(state, 3)  # identical: passes
+    if rank == 1:
+        state["head_alive"][2, 4] ^= True
+    try:
+        distributed.check_identical(state, 7)
+        message = "no error"
+    except LoraPruneError as error:
+        message = str(error)
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    distributed.finish()
+
+
+def test_diverged_ranks_fail_with_a_clear_error(tmp_path):
+    """A real 2-process gloo group, rank 1's mask changed: both ranks raise the same error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_diverging_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("ranks diverged at step 7: head_alive (checksums"), message
+        assert "between the 2 processes" in message
