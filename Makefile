@@ -31,8 +31,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 
 # benchmarks (bench/, results in bench/results/ and BENCHMARKS.md): reduced set ~10 min, full ~90 min on 2 cores
 bench-quick: $(STAMP)
