@@ -41,14 +41,6 @@ class Arch:
     size_attributes: tuple[tuple[str, str, str], ...] = ()
     task: str = "causal-lm"  # default task (tasks.TASKS), overridable with --task
 
-    @property
-    def row_pruned_attention(self) -> tuple[str, ...]:
-        return (self.q, self.k, self.v)
-
-    @property
-    def row_pruned_mlp(self) -> tuple[str, ...]:
-        return tuple(name for name in (self.gate, self.up) if name)
-
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return get_path(layer, self.attention)
 
