@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,11 +37,14 @@ def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_folder, text_file):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_folder, text_file, sharding):
+    """DDP (whole model on each rank) or FSDP (weights and LoRA factors split, each rank scoring its rows)."""
     started = time.monotonic()
     common = ["--model", tiny_folder, "--data", text_file, "--steps", 20, "--lora-dropout", 0, "--grad-accum", 2, *RUN]
     run(1, *common, "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
-    two = run(2, *common, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)
+    flags = ["--fsdp"] if sharding == "fsdp" else []
+    two = run(2, *common, *flags, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)
     a, b = tmp_path / "one", tmp_path / "two"
 
     scores_a, scores_b = (load_file(str(p / "loraprune_scores.safetensors")) for p in (a, b))
@@ -55,6 +59,7 @@ def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_fo
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=WEIGHT_ATOL, msg=key)
     report_a, report_b = (json.loads((p / "loraprune.json").read_text()) for p in (a, b))
     assert (report_a["processes"], report_b["processes"]) == (1, 2)
+    assert (report_a["fsdp"], report_b["fsdp"]) == (False, sharding == "fsdp")
     assert report_a["layers"] == report_b["layers"]
     assert report_a["history"]["pruning_steps"] == report_b["history"]["pruning_steps"]
     assert report_a["history"]["loss"] == pytest.approx(report_b["history"]["loss"], abs=1e-5)  # the global loss
@@ -62,6 +67,30 @@ def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_fo
     assert two.stdout.count("greedy sample") == 1
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("corpus")) == ["one", "two"]
     print(f"1 process + 2 processes: {time.monotonic() - started:.1f} s")
+
+
+def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, tiny_folder, text_file):
+    """examples/fsdp.yaml as a user runs it (2 processes; gloo here, no CUDA): FSDP is on, same groups."""
+    common = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--lora-dropout", 0, *RUN]
+    run(1, *common, "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
+    config = Path(__file__).parents[1] / "examples" / "fsdp.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    argv = [*launcher, "-m", "loraprune", "prune", *map(str, common), "--batch-size", "2", "--output", "two"]
+    done = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "loraprune.json").read_text())
+    assert (report["processes"], report["fsdp"]) == (2, True)
+    masks_a, masks_b = (load_file(str(tmp_path / p / "loraprune_scores.safetensors")) for p in ("one", "two"))
+    assert all(masks_a[m].equal(masks_b[m]) for m in ("head_alive", "channel_alive"))
+
+
+def test_fsdp_refuses_what_it_cannot_do(tmp_path, tiny_folder, text_file, capsys):
+    common = [*map(str, ["prune", "--model", tiny_folder, "--data", text_file, "--steps", 4, "--fsdp", *RUN])]
+    assert main([*common, "--output", str(tmp_path / "a")]) == 2  # no launcher
+    assert "--fsdp needs a launcher: `torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert main([*common, "--output", str(tmp_path / "b"), "--checkpoint-every", "2"]) == 2
+    assert "--fsdp runs cannot checkpoint or resume yet" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("corpus")] == []  # nothing written
 
 
 def test_resume_under_two_processes_is_bit_identical(tmp_path, tiny_folder, text_file, capsys):

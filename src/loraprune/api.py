@@ -10,7 +10,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fsdp
 from .archs import arch_for
 from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
@@ -68,7 +68,11 @@ def prune(
     `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py)."""
     started = time.perf_counter()
     config = check_compatible(model.config, config)
-    distributed.init()  # under torchrun / accelerate launch: DDP over the LoRA factors (distributed.py)
+    sharded = fsdp.requested(config.fsdp)
+    if sharded and (resume is not None or (checkpointer is not None and checkpointer.every)):
+        raise LoraPruneError("--fsdp runs cannot checkpoint or resume yet: drop --checkpoint-every and --resume")
+    # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
+    distributed.init(always=sharded)
     progress = progress and distributed.is_main()
     target = None
     if config.target_params is not None:
@@ -88,6 +92,8 @@ def prune(
         model.to(distributed.device())
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
+    if sharded:
+        fsdp.shard(peft_model, pruner.layers)
 
     torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
     rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
@@ -98,13 +104,19 @@ def prune(
         batches,
         config,
         progress=progress,
-        checkpointer=checkpointer,
+        checkpointer=None if sharded else checkpointer,
         resume=resume,
         loss_fn=task.loss,
     )
     pruner.close()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    if sharded:  # the whole model on rank 0 from here on; the other ranks are done
+        peft_model = fsdp.gather(peft_model, lambda: attach_lora(type(model)(model.config), arch, config))
+        if peft_model is None:
+            return None, {}
+        peft_model.get_base_model().generation_config = model.generation_config
+        peft_model.get_base_model().tie_weights()
     dequantize_base_layers(peft_model)  # 8-/4-bit base weights: shrink and merge need plain ones
     shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
     model = peft_model.merge_and_unload()
@@ -144,6 +156,7 @@ def prune(
         "task": task.name,
         "train_windows": num_examples(train_windows),  # windows, sentences or images
         "processes": world,  # data-parallel ranks; the global batch is config.batch_size x processes
+        "fsdp": sharded,  # base weights and LoRA factors sharded over the processes while training
         "history": asdict(history),
         "seconds": time.perf_counter() - started,
     }

@@ -58,6 +58,11 @@ class PruneConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
     )
+    fsdp: bool = _opt(
+        False,
+        "shard base weights and LoRA factors over the processes with FSDP2 (under torchrun; accelerate launch "
+        "with an FSDP config turns it on itself); no checkpoints yet",
+    )
 
     def __post_init__(self):
         def require(ok: bool, name: str, what: str):

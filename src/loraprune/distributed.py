@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import fsdp
 from .errors import LoraPruneError
 
 # rank 0 evaluates the dense model before training and saves + reloads after it while the others
@@ -31,9 +32,10 @@ def _env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init() -> bool:
-    """Join the process group the launcher describes (once); True when running in several processes."""
-    if _env_world_size() <= 1 or not dist.is_available():
+def init(always: bool = False) -> bool:
+    """Join the process group the launcher describes (once; with `always` also a group of one, which
+    FSDP needs); True when running in several processes."""
+    if not dist.is_available() or (_env_world_size() <= 1 and not (always and "RANK" in os.environ)):
         return False
     if dist.is_initialized():
         return dist.get_world_size() > 1
@@ -84,7 +86,7 @@ def wrap(model: nn.Module) -> nn.Module:
     Only parameters that require grad (the LoRA factors; the base weights the 'gradient'
     criterion scores) are all-reduced. Frozen weights and buffers are neither broadcast nor
     synchronised: every rank loaded the same ones."""
-    if not active():
+    if not active() or any(fsdp.is_sharded(p) for p in model.parameters()):  # FSDP syncs its own gradients
         return model
     from torch.nn.parallel import DistributedDataParallel
 

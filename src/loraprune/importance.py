@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fsdp
+
 
 @dataclass
 class LoraFactors:
@@ -35,8 +37,9 @@ class LoraFactors:
         lora_grads: bool = True,
         weight: Tensor | None = None,
     ) -> "LoraFactors":
-        """Read a peft LoRA layer's factors for output rows `rows`; gradients are None where absent
-        (an error if `lora_grads` asks for the LoRA ones). `weight`: W0 already dequantized."""
+        """Read a peft LoRA layer's factors for output rows `rows` of this rank's rows (all of them
+        unless FSDP shards the module); gradients are None where absent (an error if `lora_grads`
+        asks for the LoRA ones). `weight`: W0 already dequantized."""
         A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         W = module.base_layer.weight if weight is None else weight
         if lora_grads and (A.grad is None or B.grad is None):
@@ -45,14 +48,17 @@ class LoraFactors:
         def f32(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().float()
 
+        def row_block(t: Tensor | None) -> Tensor | None:  # B's rows are sharded like W0's
+            return None if t is None else fsdp.local(t)[rows]
+
         return cls(
-            weight=f32(W[rows]),
-            A=f32(A),
-            B=f32(B[rows]),
-            grad_A=f32(A.grad),
-            grad_B=f32(B.grad[rows]) if B.grad is not None else None,
+            weight=f32(row_block(W)),
+            A=f32(fsdp.whole(A)),
+            B=f32(row_block(B)),
+            grad_A=f32(fsdp.whole(A.grad)),
+            grad_B=f32(row_block(B.grad)),
             scaling=module.scaling[adapter],
-            weight_grad=f32(W.grad[rows]) if W.grad is not None else None,
+            weight_grad=f32(row_block(W.grad)),
         )
 
 
@@ -132,15 +138,16 @@ def make_criterion(name: str, seed: int = 0) -> Criterion:
 
 def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
     """Sum a projection's element scores over its rows (dim=0: one score per input column) or
-    over its columns (dim=1: one score per output row)."""
+    over its columns (dim=1: one score per output row). Under FSDP each rank scores its own rows
+    and the ranks' sums are added up (fsdp.py)."""
     from .quant import dense_weight  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
 
     weight = dense_weight(module.base_layer)
-    out_features = weight.shape[0]
+    local_rows = fsdp.local(weight).shape[0]
     lora_grads = getattr(criterion, "needs_lora_grads", True)
     parts = []
     total = None
-    for start in range(0, out_features, block_rows):
+    for start in range(0, local_rows, block_rows):
         rows = slice(start, start + block_rows)
         block = criterion(LoraFactors.of(module, rows, lora_grads=lora_grads, weight=weight))
         if dim == 1:
@@ -148,4 +155,12 @@ def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_r
         else:
             total = block.sum(dim=0) if total is None else total + block.sum(dim=0)
         del block  # free the transient before the next block
-    return torch.cat(parts) if dim == 1 else total
+    if not fsdp.is_sharded(weight):
+        return torch.cat(parts) if dim == 1 else total
+    if dim == 1:  # this rank's rows in place, zeros elsewhere
+        scores = torch.zeros(weight.shape[0], device=fsdp.local(weight).device)
+        offset = fsdp.row_offset(weight)
+        scores[offset : offset + local_rows] = torch.cat(parts) if parts else 0
+    else:
+        scores = total if total is not None else torch.zeros(weight.shape[1], device=fsdp.local(weight).device)
+    return fsdp.sum_over_shards(scores, weight)

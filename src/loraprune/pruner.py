@@ -56,11 +56,16 @@ class Pruner:
 
         # the 'gradient' criterion reads the true dL/dW0: the base weights it scores get a .grad
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
-        self.scored_weights = []
-        if getattr(self.criterion, "needs_weight_grad", False):
-            self.scored_weights = [m.base_layer.weight for i in self.prunable for m in self.projections(i).values()]
-            for weight in self.scored_weights:
-                weight.requires_grad_(True)
+        for weight in self.scored_weights:
+            weight.requires_grad_(True)
+
+    @property
+    def scored_weights(self) -> list[nn.Parameter]:
+        """The base weights whose true gradient the criterion reads (none for most criteria); looked
+        up each time because FSDP replaces the parameter objects when it shards them."""
+        if not getattr(self.criterion, "needs_weight_grad", False):
+            return []
+        return [m.base_layer.weight for i in self.prunable for m in self.projections(i).values()]
 
     def projections(self, i: int) -> dict[str, nn.Module]:
         return self.arch.projections(self.layers[i])

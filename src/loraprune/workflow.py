@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from . import distributed
+from . import distributed, fsdp
 from .api import check_compatible, prune
 from .checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .config import PruneConfig
@@ -53,11 +53,11 @@ def prune_and_save(
     main = not distributed.init() or distributed.is_main()
     if not main:
         evaluate = progress = False
-    if distributed.active() and (task.name != "causal-lm" or quantize_bits is not None):
+    if (distributed.active() or fsdp.requested(config.fsdp)) and (task.name != "causal-lm" or quantize_bits):
         what = f"--load-in-{quantize_bits}bit" if quantize_bits is not None else f"the {task.name} task"
         raise LoraPruneError(
-            f"several processes (WORLD_SIZE={distributed.world_size()}) support causal LMs without 8-/4-bit "
-            f"loading so far, not {what}: run it in one process"
+            f"several processes and FSDP support causal LMs without 8-/4-bit loading so far, not {what}: "
+            "run it in one process without --fsdp"
         )
     if task.name != "causal-lm":  # encoders: their own data, loss and metrics (tasks.py)
         from .task_workflow import prune_and_save_task
