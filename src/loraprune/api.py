@@ -22,7 +22,7 @@ from .load import context_length
 from .lora import attach_lora
 from .pruner import Pruner
 from .quant import dequantize_base_layers
-from .schedule import CubicSchedule
+from .schedule import SparsitySchedule
 from .shrink import shrink, stock_config_error
 from .target import removed_fraction, resolve_ratio
 from .tasks import task_for
@@ -37,7 +37,7 @@ def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
     context = context_length(model_config)
     if config.seq_len > context:
         raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
-    CubicSchedule(config.ratio, config.steps, config.warmup, config.cooldown, config.prune_freq)
+    SparsitySchedule.of(config)  # fails here if the steps leave no pruning window
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .errors import LoraPruneError
 from .importance import CRITERIA
+from .schedule import SHAPES as SCHEDULE_SHAPES
 
 TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS, one entry each
 
@@ -43,6 +44,11 @@ class PruneConfig:
     warmup: float = _opt(0.1, "fraction of steps fine-tuned before pruning starts")
     cooldown: float = _opt(0.1, "fraction of steps fine-tuned after the target is reached")
     ema: float = _opt(0.9, "moving-average factor lambda of the group scores")
+    schedule: str = _opt(
+        "cubic",
+        "how sparsity rises from warmup to cooldown: cubic (the paper's), linear, exponential (the same "
+        "fraction of the remaining groups each time) or oneshot (all at the first pruning step, then recover)",
+    )
     skip_layers: str = _opt("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
     uniform: bool = _opt(False, "same shape in every layer (none skipped) so stock transformers loads the result")
     seed: int = _opt(0, "seed of LoRA init, data order, dropout and the random criterion")
@@ -81,6 +87,7 @@ class PruneConfig:
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        require(self.schedule in SCHEDULE_SHAPES, "schedule", f"must be one of {', '.join(SCHEDULE_SHAPES)}")
         require(self.task is None or self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")

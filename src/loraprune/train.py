@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
 from .errors import LoraPruneError
 from .pruner import Pruner
-from .schedule import CubicSchedule
+from .schedule import SparsitySchedule
 
 
 @dataclass
@@ -48,7 +48,7 @@ def train(
     With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
     `Interrupted`); with `resume`, training continues from that checkpoint's step.
     `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default."""
-    schedule = CubicSchedule(config.ratio, config.steps, config.warmup, config.cooldown, config.prune_freq)
+    schedule = SparsitySchedule.of(config)
     # by name, not requires_grad: the 'gradient' criterion gives base weights a .grad, never an update
     trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
@@ -124,7 +124,7 @@ def _step(
     return loss
 
 
-def _after_step(step: int, loss: float, schedule: CubicSchedule, pruner: Pruner, history: History, bar) -> None:
+def _after_step(step: int, loss: float, schedule: SparsitySchedule, pruner: Pruner, history: History, bar) -> None:
     """Prune on schedule (a skipped step too: the scores are the earlier averages) and record."""
     if schedule.is_pruning_step(step):
         pruner.prune_to(schedule.sparsity(step))
