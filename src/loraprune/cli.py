@@ -189,6 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")
     estimate.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
 
+    diagnose = commands.add_parser(
+        "diagnose", help="how well the LoRA gradient estimate matches the true gradient, as LoRA trains"
+    )
+    diagnose.add_argument("--model", required=True, help="'smollm2', a .gguf file or a local causal-LM folder")
+    diagnose.add_argument("--data", required=True, help="'ptb', a .txt or a .jsonl file (its train split)")
+    diagnose.add_argument("--output", required=True, help="folder for diagnose.json, diagnose.md, diagnose.png")
+    diagnose.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    diagnose.add_argument(
+        "--at-steps", default="0,10,50", help="LoRA fine-tuning steps at which to measure (default: 0,10,50)"
+    )
+    diagnose.add_argument("--probe-batches", type=int, default=2, help="fixed batches measured each time (default: 2)")
+    diagnose.add_argument(
+        "--layers-per-pass", type=int, default=1,
+        help="layers whose true dL/dW0 one backward pass computes (memory vs time; default: 1)",
+    )  # fmt: skip
+    for name in ("batch_size", "seq_len", "lr", "lora_r", "lora_alpha", "seed"):
+        f = next(f for f in fields(PruneConfig) if f.name == name)
+        diagnose.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
+                              help=f"{f.metadata['help']} (default: {f.default})")  # fmt: skip
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
+
     inspect = commands.add_parser("inspect", help="a model's prunable structure and what each --ratio removes")
     inspect.add_argument("model", help="'smollm2', a .gguf file or a local model folder (only its config is read)")
     inspect.add_argument("--skip-layers", default="first10pct,last", help="as for prune (default: first10pct,last)")
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             run_inspect(args)
         elif args.command == "estimate":
             run_estimate(args)
+        elif args.command == "diagnose":
+            run_diagnose(args)
         else:
             from .report import write_report
 
@@ -259,6 +282,45 @@ def run_prune(args: argparse.Namespace) -> None:
     from . import distributed
 
     distributed.finish()  # several processes: the others wait here until rank 0 has written the output
+
+
+def run_diagnose(args: argparse.Namespace) -> None:
+    from .data import load_text, tokenize, windows
+    from .diagnose import diagnose, format_diagnosis
+    from .export import check_output, staged_folder
+    from .load import load_model
+    from .plots import plot_diagnosis
+    from .workflow import model_task
+
+    try:
+        at_steps = sorted({int(step) for step in args.at_steps.split(",") if step.strip()})
+    except ValueError:
+        raise LoraPruneError(f"--at-steps must be step numbers separated by commas (got {args.at_steps!r})") from None
+    if not at_steps or at_steps[0] < 0:
+        raise LoraPruneError(f"--at-steps must be step numbers >= 0 (got {args.at_steps!r})")
+    for name in ("probe_batches", "layers_per_pass"):
+        if getattr(args, name) < 1:
+            raise LoraPruneError(f"--{name.replace('_', '-')} must be a positive integer (got {getattr(args, name)})")
+    output = Path(args.output)
+    check_output(output, args.overwrite)
+    if model_task(args.model).name != "causal-lm":
+        raise LoraPruneError(f"diagnose measures causal LMs so far; {args.model} is not one")
+    config = PruneConfig(ratio=0.0, steps=max(at_steps[-1], 1), batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed)  # fmt: skip
+    text = load_text(args.data, "train")
+    model, tokenizer = load_model(args.model)
+    train_windows = windows(tokenize(tokenizer, text), config.seq_len)
+    result = diagnose(model, train_windows, config, at_steps, args.probe_batches, args.layers_per_pass,
+                      progress=not args.quiet)  # fmt: skip
+    result.update(model=args.model, data=args.data)
+    tables = format_diagnosis(result)
+    with staged_folder(output, args.overwrite, "saving the diagnosis") as staging:
+        (staging / "diagnose.json").write_text(json.dumps(result, indent=2))
+        plot_diagnosis(result, staging / "diagnose.png")
+        title = f"# LoRA gradient estimate: {args.model} on {args.data}\n\n"
+        (staging / "diagnose.md").write_text(title + tables + "\n![per-layer agreement](diagnose.png)\n")
+    print(tables)
+    print(f"wrote {output / 'diagnose.md'}, diagnose.json and diagnose.png")
 
 
 def run_estimate(args: argparse.Namespace) -> None:

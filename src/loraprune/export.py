@@ -5,10 +5,12 @@ Per-layer shapes: config.json also carries the layout and an auto_map to modelin
 (a copy of modeling_pruned.py), loaded with `trust_remote_code=True` or `loraprune.load_model`.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -55,11 +57,7 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
     """Write weights (safetensors), config, tokenizer and loraprune.json to `output`, plus the final
     scores and report.md with plots when `report` comes from `prune()`. Everything goes to a
     temporary folder beside it first, renamed into place only when complete."""
-    output = Path(output)
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_folder(Path(output), overwrite, "saving the pruned model") as staging:
         if hasattr(model.config, LAYOUT_KEY):
             model.config.auto_map = {auto_class_name(model): f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
             shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
@@ -75,15 +73,26 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
             (staging / SETTINGS_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
         if "history" in report:
             write_report(staging)
+    return Path(output)
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, overwrite: bool, what: str) -> Iterator[Path]:
+    """A temporary folder beside `output` to write into; renamed to `output` when the block
+    completes, removed (and `output` untouched) when it fails. `what` names the job in errors."""
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
         _replace(staging, output)
     except OSError as error:  # disk full, quota, permissions: say so in one line
         shutil.rmtree(staging, ignore_errors=True)
         kept = f"the previous {output} is intact" if output.exists() else f"nothing was written to {output}"
-        raise write_error(error, f"saving the pruned model to {output}", kept) from error
+        raise write_error(error, f"{what} to {output}", kept) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output
 
 
 def _replace(staging: Path, output: Path) -> None:

@@ -68,6 +68,38 @@ def plot_scores(scores: dict[str, Tensor], prunable: list[int], path: Path) -> N
     _save(fig, path)
 
 
+def plot_diagnosis(result: dict, path: Path) -> None:
+    """Per layer, one line per measured step: the estimate's mean cosine to the true gradient,
+    and the Spearman correlation of lora and gradient head and channel scores."""
+    def mean_cosine(row: dict) -> float:
+        return _mean(m["cosine"] for m in row["modules"].values())
+
+    panels = (
+        ("cosine(estimate, dL/dW0)\nmean over modules", mean_cosine),
+        ("Spearman, heads", lambda row: row["heads"]["spearman"]),
+        ("Spearman, channels", lambda row: row["channels"]["spearman"]),
+    )
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 7.5), sharex=True)
+    colors = plt.cm.viridis([i / max(len(result["points"]) - 1, 1) for i in range(len(result["points"]))])
+    for axis, (label, value) in zip(axes, panels, strict=True):
+        for point, color in zip(result["points"], colors, strict=True):
+            layers = point["layers"]
+            axis.plot([r["layer"] for r in layers], [value(r) for r in layers], marker=".", color=color,
+                      label=f"step {point['step']}")  # fmt: skip
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_ylabel(label)
+        axis.set_ylim(-1, 1)
+    axes[0].legend(fontsize=8, ncol=len(result["points"]))
+    axes[-1].set_xlabel("layer")
+    axes[0].set_title("How well the LoRA-guided estimate matches the true gradient, per layer")
+    _save(fig, path)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

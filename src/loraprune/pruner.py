@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .archs import Arch
 from .config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
-from .importance import make_criterion, projection_scores
+from .importance import Criterion, make_criterion, projection_scores
 
 
 def _mask_input(mask: Tensor):
@@ -22,6 +22,24 @@ def _mask_input(mask: Tensor):
         return (args[0] * mask.to(args[0].dtype), *args[1:])
 
     return hook
+
+
+@torch.no_grad()
+def group_scores(
+    projections: dict[str, nn.Module], groups: LayerGroups, criterion: Criterion, head_alive: Tensor, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """One layer's (head, channel) scores: each projection's element scores summed per group
+    (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module if `normalize`."""
+
+    def score(role: str, dim: int, units: int) -> Tensor:
+        s = per_unit(projection_scores(projections[role], criterion, dim), units)
+        return F.normalize(s, dim=0) if normalize else s
+
+    q, o = score("q", 1, groups.heads), score("o", 0, groups.heads)
+    k, v = score("k", 1, groups.kv_heads), score("v", 1, groups.kv_heads)
+    heads = head_scores(q, k, v, o, groups, head_alive)
+    channels = sum(score(role, 1, groups.channels) for role in ("gate", "up") if role in projections)
+    return heads, channels + score("down", 0, groups.channels)
 
 
 class Pruner:
@@ -70,20 +88,9 @@ class Pruner:
     def projections(self, i: int) -> dict[str, nn.Module]:
         return self.arch.projections(self.layers[i])
 
-    @torch.no_grad()
     def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
         """This step's (head, channel) scores of layer i, by the configured criterion."""
-        g, projections = self.groups, self.projections(i)
-
-        def score(role: str, dim: int, units: int) -> Tensor:
-            s = per_unit(projection_scores(projections[role], self.criterion, dim), units)
-            return F.normalize(s, dim=0) if self.config.normalize else s
-
-        q, o = score("q", 1, g.heads), score("o", 0, g.heads)
-        k, v = score("k", 1, g.kv_heads), score("v", 1, g.kv_heads)
-        heads = head_scores(q, k, v, o, g, self.head_alive[i])
-        channels = sum(score(role, 1, g.channels) for role in ("gate", "up") if role in projections)
-        return heads, channels + score("down", 0, g.channels)
+        return group_scores(self.projections(i), self.groups, self.criterion, self.head_alive[i], self.config.normalize)
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""

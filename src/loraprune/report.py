@@ -10,6 +10,19 @@ REPORT_FILE = "loraprune.json"
 SCORES_FILE = "loraprune_scores.safetensors"
 
 
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; floats to 3 significant digits, None as an empty cell."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
