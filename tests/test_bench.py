@@ -80,3 +80,17 @@ def test_table_and_markers(tmp_path):
         and "| 1 | 0.5 |" in text
         and text.index("bench:x") < text.index("bench:y")
     )
+
+
+def test_the_gpu_scale_script_runs_at_tiny_size_on_cpu(tmp_path):
+    """bench/gpu_scale.py waits for a lent GPU; its code paths run here on a toy of the same family."""
+    from bench import gpu_scale
+
+    argv = ["--shape", "tiny", "--device", "cpu", "--batch", "1x32", "--latency-batch", "1x32", "--steps", "1"]
+    argv += ["--rounds", "2", "--checkpointing", "off", "--label", "smoke", "--threads", "1"]
+    payload = gpu_scale.main([*argv, "--results", str(tmp_path), "--markdown", str(tmp_path / "B.md")])
+    assert [r["criterion"] for r in payload["steps"]] == ["lora", "gradient"]
+    assert all(r["peak_GB"] > r["weights_GB"] > 0 for r in payload["steps"])
+    forwards = {r["model"]: r for r in payload["forwards"]}
+    assert forwards["50% pruned"]["parameters"] < forwards["dense"]["parameters"]
+    assert "<!-- bench:gpu_scale-smoke -->" in (tmp_path / "B.md").read_text()

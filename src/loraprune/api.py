@@ -69,8 +69,6 @@ def prune(
     started = time.perf_counter()
     config = check_compatible(model.config, config)
     sharded = fsdp.requested(config.fsdp)
-    if sharded and (resume is not None or (checkpointer is not None and checkpointer.every)):
-        raise LoraPruneError("--fsdp runs cannot checkpoint or resume yet: drop --checkpoint-every and --resume")
     # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()
@@ -104,7 +102,7 @@ def prune(
         batches,
         config,
         progress=progress,
-        checkpointer=None if sharded else checkpointer,
+        checkpointer=checkpointer,
         resume=resume,
         loss_fn=task.loss,
     )

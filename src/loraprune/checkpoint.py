@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import fsdp
 from .errors import LoraPruneError, write_error
 
 SUFFIX = ".checkpoints"
@@ -92,12 +93,15 @@ class Checkpointer:
     def due(self, step: int, last_step: int) -> bool:
         return self.interrupted or (self.every is not None and (step % self.every == 0 or step == last_step))
 
-    def save(self, step: int, model: nn.Module, optimizer, pruner, sampler, history, extra=None) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer, pruner, sampler, history, extra=None) -> Path | None:
         """Write the state after `step` as one more complete checkpoint; keep the `keep` newest.
-        `extra`: more tensors to save (several processes: the other ranks' RNG states)."""
+        `extra`: more tensors to save (several processes: the other ranks' RNG states).
+        Every rank calls it (FSDP gathers the shards); rank 0 alone writes, and returns the folder."""
         from . import distributed
 
         tensors, state = _collect(model, optimizer, pruner, sampler)
+        if not distributed.is_main():
+            return None
         tensors.update({key: t.detach().cpu().contiguous() for key, t in (extra or {}).items()})
         state.update(format=FORMAT, step=step, run=self.run, history=asdict(history))
         state["world_size"] = distributed.world_size()  # the data sharding and the global batch depend on it
@@ -172,13 +176,14 @@ def _collect(model: nn.Module, optimizer, pruner, sampler) -> tuple[dict[str, Te
     """Split the training state into tensors (for safetensors) and JSON values."""
     if not hasattr(sampler, "state_dict"):
         raise TypeError("checkpointing needs a batch source with state_dict() (a data.BatchSampler)")
-    tensors = {f"lora/{name}": p for name, p in model.named_parameters() if "lora_" in name}
+    # whole tensors (FSDP: gathered from the ranks, a collective), so any run can resume them
+    tensors = {f"lora/{name}": fsdp.whole(p) for name, p in model.named_parameters() if "lora_" in name}
     optim = optimizer.state_dict()
     json_optim = {}
     for index, values in optim["state"].items():
         for key, value in values.items():
             if isinstance(value, Tensor):
-                tensors[f"optimizer/{index}/{key}"] = value
+                tensors[f"optimizer/{index}/{key}"] = fsdp.whole(value)
             else:
                 json_optim[f"{index}/{key}"] = value
     json_pruner = {}
@@ -232,8 +237,8 @@ class Checkpoint:
         if names != self.state["lora_names"]:
             raise LoraPruneError(f"checkpoint {self.path} was made with other LoRA layers than this model has")
         with torch.no_grad():
-            for name in names:
-                params[name].copy_(self.tensors[f"lora/{name}"])
+            for name in names:  # FSDP: this rank's rows into its shard
+                fsdp.local(params[name]).copy_(fsdp.rows_held(self.tensors[f"lora/{name}"], params[name]))
         optim_state: dict[int, dict] = {}
         for key, value in self.tensors.items():
             if key.startswith("optimizer/"):
@@ -242,6 +247,11 @@ class Checkpoint:
         for key, value in self.state["optimizer"]["values"].items():
             index, name = key.split("/", 1)
             optim_state.setdefault(int(index), {})[name] = value
+        ordered = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's indices
+        for index, values in optim_state.items():  # FSDP: moments split like their parameter
+            for name, value in values.items():
+                if isinstance(value, Tensor) and value.shape == ordered[index].shape:
+                    values[name] = fsdp.shard_like(value, ordered[index])
         groups = self.state["optimizer"]["param_groups"]
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]  # JSON made it a list
         optimizer.load_state_dict({"state": optim_state, "param_groups": groups})

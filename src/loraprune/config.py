@@ -67,7 +67,7 @@ class PruneConfig:
     fsdp: bool = _opt(
         False,
         "shard base weights and LoRA factors over the processes with FSDP2 (under torchrun; accelerate launch "
-        "with an FSDP config turns it on itself); no checkpoints yet",
+        "with an FSDP config turns it on itself)",
     )
 
     def __post_init__(self):

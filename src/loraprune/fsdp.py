@@ -10,7 +10,8 @@ its B rows live on the same rank. A projection's scores are computed there, from
 the small A (r x in, gathered whole), and summed over the ranks (`sum_over_shards`): every rank
 ends with the same scores and masks, as under DDP, and no rank ever holds a whole W0.
 After training, `gather` collects the whole state on rank 0's CPU and rebuilds a plain model
-from it, which shrink and merge then treat like any other.
+from it, which shrink and merge then treat like any other. Checkpoints hold whole tensors
+(`whole`), so a sharded run resumes from them like any other (`rows_held`, `shard_like`).
 """
 
 import os
@@ -70,6 +71,22 @@ def row_offset(t: Tensor) -> int:
     mesh = t.device_mesh
     chunk = -(-t.shape[0] // mesh.size())
     return min(mesh.get_local_rank() * chunk, t.shape[0])
+
+
+def rows_held(full: Tensor, like: Tensor) -> Tensor:
+    """The rows of `full` (a whole tensor shaped like `like`) that this rank holds of `like`."""
+    if not isinstance(like, DTensor):
+        return full
+    offset = row_offset(like)
+    return full[offset : offset + like.to_local().shape[0]]
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` split as `like` is (a DTensor of this rank's rows), or `full` when `like` is whole."""
+    if not isinstance(like, DTensor):
+        return full
+    local = rows_held(full, like).to(like.to_local().device).clone()
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
 def sum_over_shards(partial: Tensor, like: Tensor) -> Tensor:

@@ -79,8 +79,7 @@ def train(
                 checkpointer.interrupted = distributed.any_rank(checkpointer.interrupted)  # all stop together
             if checkpointer is not None and checkpointer.due(step, config.steps):
                 rank_rng = distributed.rng_states()  # the other ranks' dropout RNGs (a collective)
-                if distributed.is_main():  # rank 0 alone writes
-                    checkpointer.save(step, model, optimizer, pruner, batches, history, extra=rank_rng)
+                checkpointer.save(step, model, optimizer, pruner, batches, history, extra=rank_rng)  # rank 0 writes
                 if checkpointer.interrupted:
                     raise checkpointer.interrupted_error(step, config.steps)
     model.eval()
