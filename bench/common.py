@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark scripts: arguments, machine info, JSON results, and
-BENCHMARKS.md sections (between markers, so a rerun replaces only its own section).
+"""Shared helpers of the benchmark scripts: arguments and the shared fine-tuning budget, a prune
+loop that shows each pruning step, machine info, JSON results, PNG figures, and BENCHMARKS.md
+sections (between markers, so a rerun replaces only its own section).
 
 Timing rule on a shared machine: compared variants are measured side by side, alternated, in
 one process; we report medians and ratios, never a lone absolute number as a claim.
@@ -45,6 +46,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# flag -> (type, default) of the fine-tuning budget `budget()` reads
+BUDGET_FLAGS = {
+    "--steps": (int, 120),
+    "--batch-size": (int, 4),
+    "--seq-len": (int, 128),
+    "--lr": (float, 5e-4),
+    "--prune-freq": (int, 10),
+}
+
+
+def budget_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the budget flags and the perplexity flags (--eval-windows, --eval-seq) to `p`."""
+    for flag, (kind, default) in BUDGET_FLAGS.items():
+        p.add_argument(flag, type=kind, default=default)
+    p.add_argument("--eval-windows", type=int, default=0, help="first N --eval-seq windows per split (0: all)")
+    p.add_argument("--eval-seq", type=int, default=128, help="window length of the perplexity")
+    return p
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
@@ -72,6 +92,14 @@ def load(args, model=None, tokenizer=None):
     return model, tokenizer
 
 
+def prepare(parser: argparse.ArgumentParser, argv, model=None, tokenizer=None):
+    """(args, model, tokenizer) of a script's main(): parsed arguments, torch threads set, and the
+    model given or loaded."""
+    args = parser.parse_args(argv)
+    setup(args)
+    return (args, *load(args, model, tokenizer))
+
+
 def budget(args, ratio: float, criterion: str = "lora", **overrides):
     """The fine-tuning budget every row of a benchmark shares; only ratio and criterion vary."""
     from loraprune import PruneConfig
@@ -89,6 +117,16 @@ def budget(args, ratio: float, criterion: str = "lora", **overrides):
     )
 
 
+def budget_text(args) -> str:
+    """The markdown sentence stating the shared budget (flags of `budget_arguments`)."""
+    return (
+        f"Configuration **{args.label}**: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, "
+        f"lr {args.lr:g}, LoRA r=8 alpha=16 dropout 0.05, prune every {args.prune_freq} steps, seed {args.seed}; "
+        f"perplexity over {f'the first {args.eval_windows}' if args.eval_windows else 'all'} "
+        f"{args.eval_seq}-token windows of each split."
+    )
+
+
 def fresh(model):
     """An independent copy of the base model (cheaper than reloading the GGUF)."""
     return copy.deepcopy(model)
@@ -99,6 +137,26 @@ def token_windows(tokenizer, data: str, split: str, seq_len: int, limit: int | N
 
     w = windows(tokenize(tokenizer, load_text(data, split)), seq_len)
     return w if not limit else w[:limit]
+
+
+def eval_sets(args, tokenizer, splits: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{'test@128': windows, ...}: the first --eval-windows --eval-seq windows of each split."""
+    return {
+        f"{split}@{args.eval_seq}": token_windows(tokenizer, args.data, split, args.eval_seq, args.eval_windows)
+        for split in splits
+    }
+
+
+def perplexities(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
+    from loraprune.evaluate import perplexity
+
+    return {name: perplexity(model, w)["perplexity"] for name, w in sets.items()}
+
+
+def lora_optimizer(model, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the LoRA factors only, as loraprune.train builds it."""
+    trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
 
 def machine() -> dict:
@@ -156,14 +214,9 @@ def _jsonable(x):
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.4g}"
-        return "" if v is None else str(v)
+    from loraprune.report import markdown_table
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(headers, rows)
 
 
 def provenance(info: dict, cmd: str) -> str:
@@ -190,6 +243,39 @@ def update_markdown(args, name: str, title: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish(args, argv, name: str, title: str, results: dict, body: str) -> dict:
+    """Write a run's JSON (args, machine, command and `results`) and its markdown section
+    (the provenance line, then `body`); returns the JSON payload."""
+    info = machine()
+    cmd = command(argv, f"bench.{name}")
+    payload = {"benchmark": name, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
+    payload.update(results)
+    write_json(args, name, payload)
+    update_markdown(args, name, title, f"{provenance(info, cmd)}\n\n{body}")
+    return payload
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported by the scripts that plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(args, name: str, fig, caption: str) -> tuple[Path, str]:
+    """Save `fig` as <results>/<name>-<label>.png; returns the path and the markdown line showing it."""
+    path = Path(args.results) / f"{name}-{args.label}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    where = Path(args.markdown).resolve().parent if args.markdown else ROOT
+    return path, f"![{caption}]({Path(os.path.relpath(path.resolve(), where)).as_posix()})"
 
 
 class Timer:

@@ -23,6 +23,22 @@ def test_prune_returns_a_smaller_model_and_an_honest_report(tiny_tokenizer):
     assert len(report["history"]["loss"]) == 8
 
 
+def test_on_pruning_step_sees_each_pruning_step(tiny_tokenizer):
+    seen = []
+
+    def watch(step, pruner):
+        seen.append((step, pruner.sparsity(), pruner.head_alive.clone()))
+
+    config = PruneConfig(ratio=0.5, steps=10, prune_freq=2, seq_len=16, batch_size=2, schedule="linear")
+    _, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False, on_pruning_step=watch)
+    history = report["history"]
+    assert [step for step, _, _ in seen] == history["pruning_steps"] == [3, 5, 7, 9]
+    assert [sparsity for _, sparsity, _ in seen] == [
+        (history["head_sparsity"][step - 1], history["channel_sparsity"][step - 1]) for step in history["pruning_steps"]
+    ]
+    assert torch.equal(seen[-1][2], report["scores"]["head_alive"])
+
+
 def test_pruned_model_accepts_a_fresh_lora_and_trains(tiny_tokenizer):
     """The paper's 'LoRA compatibility after pruning': a pruned model is an ordinary model."""
     config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2)

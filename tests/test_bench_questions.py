@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks of the paper's open questions (bench/ema.py, schedules.py,
-recovery.py) at tiny size, and of the pieces they add: common.prune_with_trace (the same run as
-loraprune.prune()), the removal sets of ema.py, recovery on a reloaded per-layer model."""
+recovery.py) at tiny size, and of the pieces they add: the removal sets of ema.py, recovery on a
+reloaded per-layer model."""
 
 import json
 import math
@@ -42,22 +42,6 @@ def written(out: Path, name: str, title: str) -> dict:
     text = (out / "BENCH.md").read_text()
     assert text.count(f"<!-- bench:{name} -->") == 1 and f"## {title}" in text
     return json.loads((out / "results" / f"{name}-smoke.json").read_text())
-
-
-def test_prune_with_trace_is_the_run_prune_makes(base):
-    model, tokenizer = load_model(base.model)
-    text = load_text(base.corpus, "train")
-    config = PruneConfig(ratio=0.5, steps=4, batch_size=2, seq_len=16, prune_freq=1, lr=5e-3)
-    expected, report = prune(common.fresh(model), tokenizer, text, config, progress=False)
-    seen = []
-    traced, history = common.prune_with_trace(
-        model, tokenizer, text, config, lambda step, pruner: seen.append((step, pruner.head_alive.clone()))
-    )
-    assert history == report["history"] and [step for step, _ in seen] == history["pruning_steps"]
-    assert torch.equal(seen[-1][1], report["scores"]["head_alive"])
-    tokens = torch.randint(19, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(traced(input_ids=tokens).logits, expected(input_ids=tokens).logits)
 
 
 def test_removal_set_ranks_live_and_dead_groups_at_the_final_ratio():

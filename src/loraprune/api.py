@@ -59,13 +59,15 @@ def prune(
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
+    on_pruning_step=None,
 ) -> tuple[nn.Module, dict]:
     """Prune `model` (modified in place) by LoRAPrune, fine-tuning on `text`: for a causal LM a text,
     for a BERT embedding model a list of sentences (or a text, one per line), for a ViT classifier
     (pixel_values, labels) -- whatever the task's `load` returns (tasks.py; the task is
     `config.task` or the model type's default). Returns the physically smaller model, LoRA merged,
     and a report dict.
-    `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py)."""
+    `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py).
+    `on_pruning_step(step, pruner)` is called after each pruning step (train.train)."""
     started = time.perf_counter()
     config = check_compatible(model.config, config)
     sharded = fsdp.requested(config.fsdp)
@@ -105,6 +107,7 @@ def prune(
         checkpointer=checkpointer,
         resume=resume,
         loss_fn=task.loss,
+        on_pruning_step=on_pruning_step,
     )
     pruner.close()
     if config.gradient_checkpointing:

@@ -71,6 +71,7 @@ def plot_scores(scores: dict[str, Tensor], prunable: list[int], path: Path) -> N
 def plot_diagnosis(result: dict, path: Path) -> None:
     """Per layer, one line per measured step: the estimate's mean cosine to the true gradient,
     and the Spearman correlation of lora and gradient head and channel scores."""
+
     def mean_cosine(row: dict) -> float:
         return _mean(m["cosine"] for m in row["modules"].values())
 

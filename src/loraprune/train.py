@@ -42,12 +42,15 @@ def train(
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
     loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
+    on_pruning_step: Callable[[int, Pruner], None] | None = None,
 ) -> History:
     """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled.
 
     With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
     `Interrupted`); with `resume`, training continues from that checkpoint's step.
-    `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default."""
+    `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default.
+    `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
+    and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
     # by name, not requires_grad: the 'gradient' criterion gives base weights a .grad, never an update
     trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
@@ -73,6 +76,8 @@ def train(
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
+            if schedule.is_pruning_step(step) and on_pruning_step is not None:
+                on_pruning_step(step, pruner)
             if schedule.is_pruning_step(step) or step == config.steps:
                 distributed.check_identical(pruner.state_dict(), step)  # same masks and scores on every rank
             if checkpointer is not None:
