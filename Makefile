@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint bench-quick bench
+.PHONY: install demo test test-fast lint bench-quick bench bench-questions
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -40,3 +40,13 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --full
+
+# the paper's open questions (issue 6) at the medium budget, ~70 min on 2 cores: the LoRA gradient
+# estimate as LoRA trains, moving-average factor, schedules, recovery after pruning
+QUESTIONS := --steps 60 --batch-size 2 --prune-freq 5 --eval-windows 150 --label medium
+bench-questions: $(STAMP)
+	$(VENV)/bin/loraprune diagnose --model smollm2 --data ptb --at-steps 0,12,30,60,120 --lr 5e-4 \
+		--layers-per-pass 30 --output runs/diagnose-smollm2 --overwrite
+	$(PY) -m bench.ema $(QUESTIONS)
+	$(PY) -m bench.schedules $(QUESTIONS)
+	$(PY) -m bench.recovery $(QUESTIONS) --recovery-steps 60
