@@ -7,11 +7,14 @@ probe batches (dropout off):
   true gradient G, which is computed for comparison only, a few layers per backward pass so
   that it fits (`layers_per_pass`);
 - per layer: Spearman rank correlation of the group scores of the `lora` and the `gradient`
-  criteria (heads, channels), and the overlap of their bottom-k groups at 10%, 25%, 50%.
+  criteria (heads, channels), and the overlap of their bottom-k groups at 10%, 25%, 50%; and,
+  as the baseline the estimate must beat, the Spearman correlation of `magnitude` (|W0 + s·B·A|,
+  no gradient at all) with `gradient`.
 
 At step 0, B = 0, so G_A = s·Bᵀ·G = 0 and the estimate is G_B·A = s·G·AᵀA: the true gradient
-seen through the r directions of A's random rows, and the merged weight is W0. The scores are
-then a random projection of the gradient score; they become informative as B grows.
+seen through the r directions of A's random rows (cosine about sqrt(r / in) for a gradient with
+no preferred direction), and the merged weight is W0. Later the estimate is s·(G·AᵀA + B·Bᵀ·G)
+less a small cross term: still G seen through 2r directions, which training turns towards G's.
 """
 
 import torch
@@ -21,7 +24,7 @@ from .archs import Arch, arch_for
 from .config import PruneConfig
 from .data import BatchSampler
 from .groups import LayerGroups
-from .importance import LoraFactors, lora_gradient_estimate, lora_guided, weight_gradient
+from .importance import LoraFactors, lora_gradient_estimate, lora_guided, magnitude, weight_gradient
 from .lora import attach_lora
 from .pruner import group_scores
 from .schedule import round_half_up
@@ -89,10 +92,14 @@ def measure(
             all_heads = torch.ones(groups.heads, dtype=torch.bool)
             lora_heads, lora_channels = group_scores(projections, groups, lora_guided, all_heads, normalize)
             true_heads, true_channels = group_scores(projections, groups, weight_gradient, all_heads, normalize)
+            size_heads, size_channels = group_scores(projections, groups, magnitude, all_heads, normalize)
             row = {"layer": i, "modules": {role: estimate_error(m) for role, m in projections.items()}}
-            for kind, a, b in (("heads", lora_heads, true_heads), ("channels", lora_channels, true_channels)):
-                row[kind] = {"spearman": spearman(a, b)}
-                row[kind].update({f"bottom_{f:g}": bottom_overlap(a, b, f) for f in BOTTOM_FRACTIONS})
+            for kind, lora, true, size in (
+                ("heads", lora_heads, true_heads, size_heads),
+                ("channels", lora_channels, true_channels, size_channels),
+            ):
+                row[kind] = {"spearman": spearman(lora, true), "magnitude_spearman": spearman(size, true)}
+                row[kind].update({f"bottom_{f:g}": bottom_overlap(lora, true, f) for f in BOTTOM_FRACTIONS})
             results.append(row)
         for weight in weights:
             weight.grad = None
@@ -190,11 +197,15 @@ def format_diagnosis(result: dict) -> str:
     )  # fmt: skip
     overlaps = [f"bottom_{f:g}" for f in BOTTOM_FRACTIONS]
     ranking = markdown_table(
-        ["step", "Spearman heads", "Spearman channels"]
+        ["step", "Spearman heads (magnitude)", "Spearman channels (magnitude)"]
         + [f"heads bottom {f:.0%}" for f in BOTTOM_FRACTIONS]
         + [f"channels bottom {f:.0%}" for f in BOTTOM_FRACTIONS],
         [
-            [p["step"], p["summary"]["heads/spearman"], p["summary"]["channels/spearman"]]
+            [p["step"]]
+            + [
+                f"{p['summary'][f'{kind}/spearman']:.3g} ({p['summary'][f'{kind}/magnitude_spearman']:.3g})"
+                for kind in ("heads", "channels")
+            ]  # fmt: skip
             + [p["summary"][f"heads/{key}"] for key in overlaps]
             + [p["summary"][f"channels/{key}"] for key in overlaps]
             for p in points
@@ -202,6 +213,7 @@ def format_diagnosis(result: dict) -> str:
     )
     return (
         "Estimate G_B·A + B·G_A − G_B·G_A vs the true dL/dW0 (means over layers):\n\n"
-        f"{estimate}\n\nGroup scores, lora vs gradient criterion (means over layers; bottom k%: overlap of the "
-        f"k% lowest-scored groups of each layer):\n\n{ranking}\n"
+        f"{estimate}\n\nGroup scores, lora vs gradient criterion (means over layers; in brackets the same for "
+        "magnitude vs gradient, the baseline without any gradient; bottom k%: overlap of the k% lowest-scored "
+        f"groups of each layer, lora vs gradient):\n\n{ranking}\n"
     )

@@ -77,8 +77,8 @@ def plot_diagnosis(result: dict, path: Path) -> None:
 
     panels = (
         ("cosine(estimate, dL/dW0)\nmean over modules", mean_cosine),
-        ("Spearman, heads", lambda row: row["heads"]["spearman"]),
-        ("Spearman, channels", lambda row: row["channels"]["spearman"]),
+        ("Spearman lora vs gradient,\nheads", lambda row: row["heads"]["spearman"]),
+        ("Spearman lora vs gradient,\nchannels", lambda row: row["channels"]["spearman"]),
     )
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 7.5), sharex=True)
     colors = plt.cm.viridis([i / max(len(result["points"]) - 1, 1) for i in range(len(result["points"]))])
