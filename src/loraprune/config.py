@@ -37,7 +37,8 @@ class PruneConfig:
     criterion: str = _opt(
         "lora",
         "importance criterion: lora (LoRA-guided, the method), gradient (true |dL/dW0 * W0|, stores full "
-        "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed)",
+        "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed), sketch (the true "
+        "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0)",
     )
     normalize: bool = _opt(True, "L2-normalise each module's group scores before summing a group")
     prune_freq: int = _opt(10, "prune every this many optimizer steps inside the pruning window")

@@ -106,6 +106,15 @@ def mean(value: float) -> float:
     return t.item() / world_size()
 
 
+def average(t: Tensor) -> Tensor:
+    """The mean of `t` over the ranks (`t` itself in one process)."""
+    if not active():
+        return t
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t.div_(world_size())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one."""
     if not active():

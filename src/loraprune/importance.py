@@ -4,7 +4,9 @@ A criterion maps `LoraFactors` (a block of rows of one projection) to |score| pe
 (rows, in). `projection_scores` runs it block by block and sums rows or columns, so the
 out x in transient never exists for more than one block of one module at a time.
 A criterion says what it reads through two attributes: `needs_lora_grads` (default True) and
-`needs_weight_grad` (the true dL/dW0, which the Pruner then enables on the base weights).
+`needs_weight_grad` (the true dL/dW0, which the Pruner then enables on the base weights). A
+criterion that collects its own statistics (sketch.py) also has `attach(modules)`,
+`synchronize()` (before scoring), `next_step()` (after it) and `detach()`, which the Pruner calls.
 """
 
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fsdp
+from .sketch import SKETCH_ATTRIBUTE, SketchScores
 
 
 @dataclass
@@ -27,6 +30,8 @@ class LoraFactors:
     grad_B: Tensor | None  # dL/dB: (rows, r)
     scaling: float  # s = alpha / r
     weight_grad: Tensor | None = None  # dL/dW0: (rows, in), only when the base weight requires grad
+    sketch_basis: Tensor | None = None  # R: (k, in), only under the sketch criterion
+    sketch_product: Tensor | None = None  # dL/dW0·Rᵀ: (rows, k)
 
     @classmethod
     def of(
@@ -48,9 +53,12 @@ class LoraFactors:
         def f32(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().float()
 
-        def row_block(t: Tensor | None) -> Tensor | None:  # B's rows are sharded like W0's
-            return None if t is None else fsdp.local(t)[rows]
+        def row_block(t: Tensor | None, whole: bool = False) -> Tensor | None:  # B's rows are sharded like W0's
+            if t is None:
+                return None
+            return (fsdp.rows_held(t, W) if whole else fsdp.local(t))[rows]  # whole: a tensor of all rows
 
+        sketch = getattr(module, SKETCH_ATTRIBUTE, None)
         return cls(
             weight=f32(row_block(W)),
             A=f32(fsdp.whole(A)),
@@ -59,6 +67,8 @@ class LoraFactors:
             grad_B=f32(row_block(B.grad)),
             scaling=module.scaling[adapter],
             weight_grad=f32(row_block(W.grad)),
+            sketch_basis=None if sketch is None else f32(sketch.basis),
+            sketch_product=None if sketch is None else f32(row_block(sketch.product, whole=True)),
         )
 
 
@@ -128,12 +138,15 @@ CRITERIA: dict[str, Criterion | type] = {
     "gradient": weight_gradient,
     "magnitude": magnitude,
     "random": RandomScores,
+    "sketch": SketchScores,
 }
 
 
-def make_criterion(name: str, seed: int = 0) -> Criterion:
-    """The criterion called `name`, a stateful one seeded by `seed`."""
+def make_criterion(name: str, seed: int = 0, rank: int = 8) -> Criterion:
+    """The criterion called `name`, a stateful one seeded by `seed` (the sketch: of `rank` directions)."""
     criterion = CRITERIA[name]
+    if criterion is SketchScores:
+        return SketchScores(seed, rank)
     return criterion(seed) if isinstance(criterion, type) else criterion
 
 

@@ -49,7 +49,7 @@ class Pruner:
         self.arch, self.config = arch, config
         self.layers = arch.layers_of(model)
         self.groups = LayerGroups.from_config(model.config, arch)
-        self.criterion = make_criterion(config.criterion, config.seed)
+        self.criterion = make_criterion(config.criterion, config.seed, config.lora_r)
         skipped = config.skipped_layers(len(self.layers))
         self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
         self.head_pools = self.groups.head_pools(config.uniform)
@@ -76,6 +76,8 @@ class Pruner:
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         for weight in self.scored_weights:
             weight.requires_grad_(True)
+        if hasattr(self.criterion, "attach"):  # a criterion that collects its own statistics (sketch.py)
+            self.criterion.attach([m for i in self.prunable for m in self.projections(i).values()])
 
     @property
     def scored_weights(self) -> list[nn.Parameter]:
@@ -94,10 +96,12 @@ class Pruner:
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
+        if hasattr(self.criterion, "synchronize"):  # several processes: average its own statistics
+            self.criterion.synchronize()
         try:
             new = [self.layer_scores(i) for i in self.prunable]
         finally:
-            self.clear_weight_grads()  # so the next step's dL/dW0 does not accumulate onto this one
+            self.clear_step_gradients()  # so that the next step's do not add onto this one's
         if not all(torch.isfinite(h).all() and torch.isfinite(c).all() for h, c in new):
             self.skipped_updates += 1
             return False
@@ -144,9 +148,12 @@ class Pruner:
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
 
-    def clear_weight_grads(self) -> None:
+    def clear_step_gradients(self) -> None:
+        """Drop what this step's backward left for scoring: dL/dW0, the criterion's own statistics."""
         for weight in self.scored_weights:
             weight.grad = None
+        if hasattr(self.criterion, "next_step"):
+            self.criterion.next_step()
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -154,9 +161,11 @@ class Pruner:
         self.hooks = []
 
     def close(self) -> None:
-        """Remove the masks' hooks and freeze the base weights again (after training)."""
+        """Remove the masks' (and the criterion's) hooks and freeze the base weights again (after training)."""
         self.remove_hooks()
-        self.clear_weight_grads()
+        self.clear_step_gradients()
+        if hasattr(self.criterion, "detach"):
+            self.criterion.detach()
         for weight in self.scored_weights:
             weight.requires_grad_(False)
 

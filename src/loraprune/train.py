@@ -123,7 +123,7 @@ def _step(
         pruner.update_scores()  # from the accumulated gradients, before they are consumed
         optimizer.step()
     else:
-        pruner.clear_weight_grads()
+        pruner.clear_step_gradients()
     optimizer.zero_grad(set_to_none=True)
     return loss
 
