@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from loraprune import PruneConfig, prune
 from loraprune.archs import arch_for
@@ -10,6 +9,7 @@ from loraprune.importance import LoraFactors, projection_scores
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
 from loraprune.train import causal_lm_loss
+from tiny import tiny_model
 
 
 def _setup(checkpointing: bool = False, seed: int = 0):
