@@ -9,7 +9,7 @@ probe batches (dropout off):
 - per layer: Spearman rank correlation of the group scores of the `lora` and the `gradient`
   criteria (heads, channels), and the overlap of their bottom-k groups at 10%, 25%, 50%; and,
   as the baseline the estimate must beat, the Spearman correlation of `magnitude` (|W0 + s·B·A|,
-  no gradient at all) with `gradient`.
+  no gradient at all) with `gradient`, and for comparison that of one draw of `sketch` (sketch.py).
 
 At step 0, B = 0, so G_A = s·Bᵀ·G = 0 and the estimate is G_B·A = s·G·AᵀA: the true gradient
 seen through the r directions of A's random rows (cosine about sqrt(r / in) for a gradient with
@@ -28,9 +28,11 @@ from .importance import LoraFactors, lora_gradient_estimate, lora_guided, magnit
 from .lora import attach_lora
 from .pruner import group_scores
 from .schedule import round_half_up
+from .sketch import SketchScores
 from .train import causal_lm_loss
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
+SPEARMANS = ("spearman", "magnitude_spearman", "sketch_spearman")  # lora, magnitude, sketch vs gradient
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
@@ -81,29 +83,33 @@ def measure(
     results = []
     for first in range(0, len(layers), layers_per_pass):
         chunk = range(first, min(first + layers_per_pass, len(layers)))
-        weights = [m.base_layer.weight for i in chunk for m in arch.projections(layers[i]).values()]
-        for weight in weights:
-            weight.requires_grad_(True)
+        modules = [m for i in chunk for m in arch.projections(layers[i]).values()]
+        for m in modules:
+            m.base_layer.weight.requires_grad_(True)
+        sketch = SketchScores(seed=first, rank=modules[0].lora_A["default"].weight.shape[0])
+        sketch.attach(modules)  # one draw of the sketch criterion's directions, on the same passes
         model.zero_grad(set_to_none=True)
         for batch in probe:
             causal_lm_loss(model, batch).backward()
+        all_heads = torch.ones(groups.heads, dtype=torch.bool)
         for i in chunk:
             projections = arch.projections(layers[i])
-            all_heads = torch.ones(groups.heads, dtype=torch.bool)
-            lora_heads, lora_channels = group_scores(projections, groups, lora_guided, all_heads, normalize)
-            true_heads, true_channels = group_scores(projections, groups, weight_gradient, all_heads, normalize)
-            size_heads, size_channels = group_scores(projections, groups, magnitude, all_heads, normalize)
+            true = group_scores(projections, groups, weight_gradient, all_heads, normalize)
+            others = {
+                name: group_scores(projections, groups, criterion, all_heads, normalize)
+                for name, criterion in (("lora", lora_guided), ("magnitude", magnitude), ("sketch", sketch))
+            }
             row = {"layer": i, "modules": {role: estimate_error(m) for role, m in projections.items()}}
-            for kind, lora, true, size in (
-                ("heads", lora_heads, true_heads, size_heads),
-                ("channels", lora_channels, true_channels, size_channels),
-            ):
-                row[kind] = {"spearman": spearman(lora, true), "magnitude_spearman": spearman(size, true)}
-                row[kind].update({f"bottom_{f:g}": bottom_overlap(lora, true, f) for f in BOTTOM_FRACTIONS})
+            for k, kind in enumerate(("heads", "channels")):
+                lora = others["lora"][k]
+                row[kind] = {f"{name}_spearman": spearman(others[name][k], true[k]) for name in ("magnitude", "sketch")}
+                row[kind]["spearman"] = spearman(lora, true[k])
+                row[kind].update({f"bottom_{f:g}": bottom_overlap(lora, true[k], f) for f in BOTTOM_FRACTIONS})
             results.append(row)
-        for weight in weights:
-            weight.grad = None
-            weight.requires_grad_(False)
+        sketch.detach()
+        for m in modules:
+            m.base_layer.weight.grad = None
+            m.base_layer.weight.requires_grad_(False)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return results
@@ -196,16 +202,16 @@ def format_diagnosis(result: dict) -> str:
         ],
     )  # fmt: skip
     overlaps = [f"bottom_{f:g}" for f in BOTTOM_FRACTIONS]
+
+    def spearmans(summary: dict, kind: str) -> str:
+        return " / ".join(f"{summary[f'{kind}/{name}']:.3g}" for name in SPEARMANS)
+
     ranking = markdown_table(
-        ["step", "Spearman heads (magnitude)", "Spearman channels (magnitude)"]
+        ["step", "Spearman heads", "Spearman channels"]
         + [f"heads bottom {f:.0%}" for f in BOTTOM_FRACTIONS]
         + [f"channels bottom {f:.0%}" for f in BOTTOM_FRACTIONS],
         [
-            [p["step"]]
-            + [
-                f"{p['summary'][f'{kind}/spearman']:.3g} ({p['summary'][f'{kind}/magnitude_spearman']:.3g})"
-                for kind in ("heads", "channels")
-            ]  # fmt: skip
+            [p["step"], spearmans(p["summary"], "heads"), spearmans(p["summary"], "channels")]
             + [p["summary"][f"heads/{key}"] for key in overlaps]
             + [p["summary"][f"channels/{key}"] for key in overlaps]
             for p in points
@@ -213,7 +219,7 @@ def format_diagnosis(result: dict) -> str:
     )
     return (
         "Estimate G_B·A + B·G_A − G_B·G_A vs the true dL/dW0 (means over layers):\n\n"
-        f"{estimate}\n\nGroup scores, lora vs gradient criterion (means over layers; in brackets the same for "
-        "magnitude vs gradient, the baseline without any gradient; bottom k%: overlap of the k% lowest-scored "
-        f"groups of each layer, lora vs gradient):\n\n{ranking}\n"
+        f"{estimate}\n\nGroup scores vs the gradient criterion's (means over layers). Spearman: lora / magnitude "
+        "(no gradient at all) / sketch (one draw of its random directions; training averages many); bottom k%: "
+        f"overlap of the k% lowest-scored groups of each layer, lora vs gradient:\n\n{ranking}\n"
     )
