@@ -3,8 +3,8 @@
 The paper reports 18.3 GB (LoRA-guided) vs 38.6 GB (true gradient) for a LoRAPrune step of
 LLaMA-7B at micro-batch 1 x 2048. Random weights are enough: this measures memory and time,
 not quality. In one process, each variant built fresh on the device, in bf16:
-1. a LoRAPrune training step (forward, backward, importance update, AdamW) with the `lora` and
-   the `gradient` criterion, with and without gradient checkpointing: peak
+1. a LoRAPrune training step (forward, backward, importance update, AdamW) with the `lora`, the
+   `gradient` and the `sketch` criterion, with and without gradient checkpointing: peak
    `torch.cuda.max_memory_allocated` (reset after the model is built) and the median step time;
 2. forward latency at 1 x 2048 of the dense model and of the same model with 50% of the heads
    and MLP channels of every layer removed (physically: loraprune's shrink).
@@ -47,7 +47,7 @@ def arguments():
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--batch", type=common.shapes, default=[(1, 2048)], help="BxS of the training step")
     p.add_argument("--latency-batch", type=common.shapes, default=[(1, 2048)], help="BxS of the forward timing")
-    p.add_argument("--criteria", default="lora,gradient")
+    p.add_argument("--criteria", default="lora,gradient,sketch")
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to measure")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per variant (after one warmup)")
     p.add_argument("--rounds", type=int, default=10, help="timed forwards per model")

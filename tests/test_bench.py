@@ -89,7 +89,7 @@ def test_the_gpu_scale_script_runs_at_tiny_size_on_cpu(tmp_path):
     argv = ["--shape", "tiny", "--device", "cpu", "--batch", "1x32", "--latency-batch", "1x32", "--steps", "1"]
     argv += ["--rounds", "2", "--checkpointing", "off", "--label", "smoke", "--threads", "1"]
     payload = gpu_scale.main([*argv, "--results", str(tmp_path), "--markdown", str(tmp_path / "B.md")])
-    assert [r["criterion"] for r in payload["steps"]] == ["lora", "gradient"]
+    assert [r["criterion"] for r in payload["steps"]] == ["lora", "gradient", "sketch"]
     assert all(r["peak_GB"] > r["weights_GB"] > 0 for r in payload["steps"])
     forwards = {r["model"]: r for r in payload["forwards"]}
     assert forwards["50% pruned"]["parameters"] < forwards["dense"]["parameters"]
