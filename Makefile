@@ -46,7 +46,7 @@ bench: $(STAMP)
 QUESTIONS := --steps 60 --batch-size 2 --prune-freq 5 --eval-windows 150 --label medium
 bench-questions: $(STAMP)
 	$(VENV)/bin/loraprune diagnose --model smollm2 --data ptb --at-steps 0,12,30,60,120 --lr 5e-4 \
-		--layers-per-pass 30 --output runs/diagnose-smollm2 --overwrite
+		--layers-per-pass 30 --output bench/results/diagnose-smollm2 --overwrite
 	$(PY) -m bench.ema $(QUESTIONS)
 	$(PY) -m bench.schedules $(QUESTIONS)
 	$(PY) -m bench.recovery $(QUESTIONS) --recovery-steps 60
