@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/ruff format --check src tests bench scripts
 
-# benchmarks (bench/, results in bench/results/ and BENCHMARKS.md): reduced set ~10 min, full ~90 min on 2 cores
+# benchmarks (bench/, results in bench/results/ and BENCHMARKS.md): reduced set ~10 min, full ~2.5 h on 2 cores
 bench-quick: $(STAMP)
 	$(PY) -m bench.run_all --quick
 
