@@ -25,7 +25,7 @@ MiB = 2**20
 
 def arguments():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--criteria", default="lora,gradient")
+    p.add_argument("--criteria", default="lora,gradient,sketch")
     p.add_argument("--batches", type=common.shapes, default=[(1, 128), (4, 128)], help="BxS list")
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

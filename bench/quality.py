@@ -27,7 +27,7 @@ TARGETS = [  # (ratio, criterion, other, max ratio of perplexities), from the is
 def arguments():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--ratios", type=common.floats, default=[0.2, 0.5])
-    p.add_argument("--criteria", default="lora,gradient,magnitude,random")
+    p.add_argument("--criteria", default="lora,gradient,magnitude,random,sketch")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)

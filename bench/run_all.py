@@ -21,7 +21,7 @@ PRESETS = {
     "full": {
         quality: "--steps 120 --batch-size 4 --prune-freq 10",
         memory: "--batches 1x128,4x128 --steps 3",
-        overhead: "--batch 1x128,4x128 --rounds 12 --warmup 2 --criteria lora,gradient",
+        overhead: "--batch 1x128,4x128 --rounds 12 --warmup 2 --criteria lora,gradient,sketch",
         speed: "--shapes 1x128,1x512,8x128 --rounds 9 --new-tokens 64 --gen-rounds 3 --prune-steps 10",
         masks: "--steps 120 --batch-size 4 --prune-freq 10",
     },

@@ -47,9 +47,9 @@ def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
     assert set(quality_rows) == {"dense, as shipped", "dense+lora", "lora 0.5", "magnitude 0.5"}
     assert quality_rows["lora 0.5"]["parameters"]["total"] < quality_rows["dense+lora"]["parameters"]["total"]
     assert "test@32" in quality_rows["lora 0.5"]["perplexity"]
-    assert {r["criterion"] for r in payloads["memory"]["runs"]} == {"lora", "gradient"}
+    assert {r["criterion"] for r in payloads["memory"]["runs"]} == {"lora", "gradient", "sketch"}
     grads = {r["criterion"]: r["breakdown_MiB"]["base-weight gradients (dL/dW0)"] for r in payloads["memory"]["runs"]}
-    assert grads["lora"] == 0 < grads["gradient"]
+    assert grads["lora"] == grads["sketch"] == 0 < grads["gradient"]
     assert {r["variant"] for r in payloads["overhead"]["rows"]} == {"plain LoRA", "LoRAPrune (lora)"}
     limits = [r["mac_limit"] for r in payloads["speed"]["rows"] if r["variant"] != "dense" and "mac_limit" in r]
     assert limits and all(limit > 1 for limit in limits)
