@@ -153,12 +153,6 @@ def perplexities(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, w)["perplexity"] for name, w in sets.items()}
 
 
-def lora_optimizer(model, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the LoRA factors only, as loraprune.train builds it."""
-    trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-
-
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

@@ -27,7 +27,7 @@ from loraprune.groups import LayerGroups
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
 from loraprune.shrink import shrink
-from loraprune.train import causal_lm_loss
+from loraprune.train import causal_lm_loss, lora_optimizer
 
 from . import common
 
@@ -91,7 +91,7 @@ def training_step(args, criterion: str, checkpointing: bool, batch: torch.Tensor
     arch = arch_for(model.config)
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
-    optimizer = common.lora_optimizer(peft_model, lr=1e-4)
+    optimizer = lora_optimizer(peft_model, lr=1e-4)
     peft_model.train()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -13,7 +13,7 @@ from loraprune import PruneConfig
 from loraprune.archs import arch_for
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
-from loraprune.train import causal_lm_loss
+from loraprune.train import causal_lm_loss, lora_optimizer
 
 from . import common
 
@@ -35,8 +35,7 @@ class Variant:
         arch = arch_for(base.config)
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
-        lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
-        self.optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
+        self.optimizer = lora_optimizer(self.model, lr=1e-4)
         self.model.train()
 
     def backward(self, batch):

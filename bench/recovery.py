@@ -19,7 +19,7 @@ from loraprune.archs import arch_for
 from loraprune.data import BatchSampler, load_text
 from loraprune.evaluate import count_parameters
 from loraprune.lora import attach_lora
-from loraprune.train import causal_lm_loss
+from loraprune.train import causal_lm_loss, lora_optimizer
 
 from . import common
 
@@ -37,7 +37,7 @@ def recover(model: nn.Module, train_windows: torch.Tensor, args) -> tuple[nn.Mod
     """Fine-tune `model` (pruned and merged) with a fresh LoRA; returns it merged, and the losses."""
     config = common.budget(args, 0.0)
     peft_model = attach_lora(model, arch_for(model.config), config)
-    optimizer = common.lora_optimizer(peft_model, config.lr)
+    optimizer = lora_optimizer(peft_model, config.lr)
     torch.manual_seed(config.seed)  # LoRA dropout
     batches = BatchSampler(train_windows, config.batch_size, seed=config.seed)
     for _ in range(args.steps):  # prune() drew these batches from the same sampler: continue after them

@@ -29,7 +29,7 @@ from .lora import attach_lora
 from .pruner import group_scores
 from .schedule import round_half_up
 from .sketch import SketchScores
-from .train import causal_lm_loss
+from .train import causal_lm_loss, lora_optimizer
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
 SPEARMANS = ("spearman", "magnitude_spearman", "sketch_spearman")  # lora, magnitude, sketch vs gradient
@@ -155,8 +155,7 @@ def diagnose(
     probe_sampler = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed + 1))
     probe = [next(probe_sampler) for _ in range(probe_batches)]
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed))
-    trainable = [p for name, p in peft_model.named_parameters() if p.requires_grad and "lora_" in name]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    optimizer = lora_optimizer(peft_model, config.lr)
 
     points, step = [], 0
     steps = sorted(set(at_steps))

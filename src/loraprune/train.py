@@ -33,6 +33,13 @@ def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
     return model(input_ids=batch, labels=batch).loss
 
 
+def lora_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the LoRA factors alone. By name, not requires_grad: the 'gradient' criterion
+    gives base weights a .grad for scoring, never an update."""
+    trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+
+
 def train(
     model: nn.Module,
     pruner: Pruner,
@@ -52,9 +59,7 @@ def train(
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
-    # by name, not requires_grad: the 'gradient' criterion gives base weights a .grad, never an update
-    trainable = [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    optimizer = lora_optimizer(model, config.lr)
     history = History()
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
     nan_run = _trailing_run(history.skipped_steps, first - 1)
