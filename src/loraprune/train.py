@@ -81,9 +81,10 @@ def train(
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
-            if schedule.is_pruning_step(step) and on_pruning_step is not None:
+            pruned = schedule.is_pruning_step(step)
+            if pruned and on_pruning_step is not None:
                 on_pruning_step(step, pruner)
-            if schedule.is_pruning_step(step) or step == config.steps:
+            if pruned or step == config.steps:
                 distributed.check_identical(pruner.state_dict(), step)  # same masks and scores on every rank
             if checkpointer is not None:
                 checkpointer.interrupted = distributed.any_rank(checkpointer.interrupted)  # all stop together
