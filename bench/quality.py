@@ -122,12 +122,13 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             for r in rows
         ],
     )
+    span = "all windows" if not n else f"the first {n} {short}-token windows"
     tokens = ", ".join(f"{k}: {v} tokens" for k, v in rows[0]["tokens"].items())
     body = (
         f"{common.provenance(info, cmd)}\n\n"
         f"Configuration **{args.label}**: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, "
         f"lr {args.lr:g}, LoRA r=8 alpha=16 dropout 0.05, prune every {args.prune_freq} steps, seed {args.seed}; "
-        f"perplexity over {'all windows of each' if not n else f'the first {n} {short}-token windows of each'} split ({tokens}).\n\n"
+        f"perplexity over {span} of each split ({tokens}).\n\n"
         f"{table}\n\n"
         + common.table(
             ["target", "measured", "met"],
