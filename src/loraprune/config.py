@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .errors import LoraPruneError
 from .importance import CRITERIA
 from .schedule import SHAPES as SCHEDULE_SHAPES
+from .schedule import round_half_up
 
 TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS, one entry each
 
@@ -101,7 +102,7 @@ class PruneConfig:
             if part == "none":
                 continue
             elif part == "first10pct":
-                skipped.update(range(round(0.1 * num_layers)))
+                skipped.update(range(round_half_up(0.1 * num_layers)))
             elif part == "last":
                 skipped.add(num_layers - 1)
             elif part.lstrip("-").isdigit() and -num_layers <= int(part) < num_layers:
