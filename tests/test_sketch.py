@@ -8,14 +8,14 @@ from loraprune.archs import arch_for
 from loraprune.importance import LoraFactors, projection_scores
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
-from loraprune.train import causal_lm_loss
+from loraprune.train import causal_lm_loss, set_activation_checkpointing
 from tiny import tiny_model
 
 
 def _setup(checkpointing: bool = False, seed: int = 0):
     model = tiny_model("llama-gqa", seed=3)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     arch = arch_for(model.config)
     config = PruneConfig(criterion="sketch", lora_r=4, lora_dropout=0.1, skip_layers="none", seed=seed)
     peft_model = attach_lora(model, arch, config)

@@ -26,7 +26,7 @@ from .schedule import SparsitySchedule
 from .shrink import shrink, stock_config_error
 from .target import removed_fraction, resolve_ratio
 from .tasks import task_for
-from .train import train
+from .train import set_activation_checkpointing, train
 
 
 def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
@@ -86,8 +86,7 @@ def prune(
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
 
     if config.gradient_checkpointing:
-        # non-reentrant: the embeddings' output needs no requires_grad for LoRA's gradients to flow
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     if distributed.device() is not None:  # several processes on GPUs: each rank its own
         model.to(distributed.device())
     peft_model = attach_lora(model, arch, config)
@@ -111,7 +110,7 @@ def prune(
     )
     pruner.close()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     if sharded:  # the whole model on rank 0 from here on; the other ranks are done
         peft_model = fsdp.gather(peft_model, lambda: attach_lora(type(model)(model.config), arch, config))
         if peft_model is None:

@@ -33,6 +33,29 @@ def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
     return model(input_ids=batch, labels=batch).loss
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: the embeddings' output needs no
+    requires_grad for LoRA's gradients to flow), or stop. transformers 5.24 renamed
+    gradient_checkpointing_enable/_disable to activation_checkpointing_* and deprecated the old names;
+    earlier 5.x releases have only the old ones."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    """Whether `model` recomputes activations in backward (by the name its transformers version has)."""
+    current = hasattr(type(model), "is_activation_checkpointing")
+    return getattr(model, "is_activation_checkpointing" if current else "is_gradient_checkpointing")
+
+
 def lora_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """AdamW over the LoRA factors alone. By name, not requires_grad: the 'gradient' criterion
     gives base weights a .grad for scoring, never an update."""
