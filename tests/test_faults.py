@@ -1,6 +1,7 @@
 """Faults: NaN losses, a full disk, quantized loading without CUDA, and the lean-memory options."""
 
 import errno
+import math
 import warnings
 
 import pytest
@@ -34,6 +35,31 @@ def test_a_single_nan_step_is_skipped(tiny_tokenizer):
     assert report["history"]["skipped_steps"] == [3]
     assert report["score_updates"] == 7  # no score update and no optimizer step at step 3
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
+
+
+def nan_gradient_on_calls(model, calls: set[int]):
+    """On the given forward calls (1-based), make the gradient reaching layer 1's output NaN while the
+    loss stays finite: the LoRA factors of layers 0 and 1 get NaN gradients."""
+    count = [0]
+
+    def hook(module, args, output):
+        count[0] += 1
+        hidden = output[0] if isinstance(output, tuple) else output
+        if count[0] in calls:
+            hidden.register_hook(lambda grad: grad * float("nan"))
+
+    model.model.layers[1].register_forward_hook(hook)
+
+
+def test_a_nan_gradient_under_a_finite_loss_skips_the_whole_step(tiny_tokenizer):
+    model = tiny_model("llama-gqa")
+    nan_gradient_on_calls(model, {3})
+    pruned, report = prune(model, tiny_tokenizer, CORPUS, PruneConfig(**FAST), progress=False)
+    history = report["history"]
+    assert all(math.isfinite(loss) for loss in history["loss"])  # step 3's loss too: only its gradient was NaN
+    assert history["skipped_steps"] == [3]
+    assert report["score_updates"] == 7 and report["skipped_score_updates"] == 0
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())  # no optimizer step took the NaN
 
 
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tiny_tokenizer, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
 from .errors import LoraPruneError
@@ -26,7 +26,8 @@ class History:
     head_sparsity: list[float] = field(default_factory=list)
     channel_sparsity: list[float] = field(default_factory=list)
     pruning_steps: list[int] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)  # NaN/inf loss: no score update, no optimizer step
+    # NaN/inf loss or LoRA gradient: no score update, no optimizer step
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -92,15 +93,16 @@ def train(
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss = _step(ddp_model, pruner, optimizer, batches, config, device, loss_fn)
-            nan_run = 0 if math.isfinite(loss) else nan_run + 1
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, device, loss_fn)
+            nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
             if nan_run >= config.max_nan_steps:
                 last = checkpointer.last if checkpointer is not None else None
                 kept = f"; the last good checkpoint is {last}" if last else ""
                 raise LoraPruneError(
-                    f"the loss was NaN or infinite for {nan_run} steps in a row (steps {step - nan_run + 1}-{step}): "
+                    f"the loss or a LoRA gradient was NaN or infinite for {nan_run} steps in a row "
+                    f"(steps {step - nan_run + 1}-{step}): "
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
@@ -137,8 +139,9 @@ def _to_device(batch, device):
 
 def _step(
     model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, device, loss_fn=causal_lm_loss
-) -> float:
-    """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
+) -> tuple[float, bool]:
+    """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
+    finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
     for micro in range(config.grad_accum):
         # DDP: gradients are all-reduced once, in the last micro-batch's backward
@@ -148,13 +151,21 @@ def _step(
             micro_loss.backward()
         loss += micro_loss.item()
     loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all
-    if math.isfinite(loss):
+    bad_gradient = distributed.any_rank(not _gradients_finite(optimizer))  # FSDP: each rank checks its shards
+    updated = math.isfinite(loss) and not bad_gradient
+    if updated:
         pruner.update_scores()  # from the accumulated gradients, before they are consumed
         optimizer.step()
     else:
         pruner.clear_step_gradients()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss, updated
+
+
+def _gradients_finite(optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters (this rank's rows under FSDP) is finite."""
+    grads = [fsdp.local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _after_step(step: int, loss: float, schedule: SparsitySchedule, pruner: Pruner, history: History, bar) -> None:
