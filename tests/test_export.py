@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 from loraprune.errors import LoraPruneError
 from loraprune.export import MODELING_FILE, save_pruned
 from loraprune.load import load_model
+from loraprune.modeling_pruned import LAYOUT_KEY
 from loraprune.report import REPORT_FILE
-from tiny import masked_then_pruned
+from tiny import FAMILIES, masked_then_pruned
 
 # Runs in a fresh interpreter where `import loraprune` fails, as on a machine without it.
 STOCK_LOAD = """
@@ -19,20 +20,27 @@ sys.modules["loraprune"] = None
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-folder, remote = sys.argv[1], sys.argv[2] == "remote"
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote)
-tokens = load_file(folder + "/../tokens.safetensors")["tokens"]
-with torch.no_grad():
-    save_file({"logits": model(input_ids=tokens).logits}, folder + "/../logits.safetensors")
+remote = sys.argv[1] == "remote"
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote)
+    tokens = load_file(folder + "/../tokens.safetensors")["tokens"]
+    with torch.no_grad():
+        save_file({"logits": model(input_ids=tokens).logits}, folder + "/../logits.safetensors")
 """
 
 
 def stock_logits(folder, tokens, remote: bool) -> torch.Tensor:
-    save_file({"tokens": tokens}, str(folder.parent / "tokens.safetensors"))
-    args = [sys.executable, "-c", STOCK_LOAD, str(folder), "remote" if remote else "stock"]
+    return stock_logits_of([folder], tokens, remote)[0]
+
+
+def stock_logits_of(folders, tokens, remote: bool) -> list[torch.Tensor]:
+    """Logits of each folder loaded by stock transformers, all in one fresh interpreter."""
+    for folder in folders:
+        save_file({"tokens": tokens}, str(folder.parent / "tokens.safetensors"))
+    args = [sys.executable, "-c", STOCK_LOAD, "remote" if remote else "stock", *map(str, folders)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(str(folder.parent / "logits.safetensors"))["logits"]
+    return [load_file(str(folder.parent / "logits.safetensors"))["logits"] for folder in folders]
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa"])
@@ -50,15 +58,24 @@ def test_per_layer_folder_loads_with_remote_code_only(tmp_path, tiny_tokenizer, 
         torch.testing.assert_close(reloaded(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_uniform_folder_loads_with_stock_transformers(tmp_path, tiny_tokenizer):
-    _, _, model, _ = masked_then_pruned("llama-gqa", ratio=0.5, uniform=True)
-    folder = save_pruned(model, tiny_tokenizer, tmp_path / "out", {})
-    assert not (folder / MODELING_FILE).exists()
-    assert "auto_map" not in json.loads((folder / "config.json").read_text())
+def test_uniform_folders_load_with_stock_transformers(tmp_path, tiny_tokenizer):
+    """Every family, with and without GQA (qwen2: q/k/v biases): the stock config, no remote code."""
     tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = model(input_ids=tokens).logits
-    torch.testing.assert_close(stock_logits(folder, tokens, remote=False), expected, atol=1e-5, rtol=1e-5)
+    folders, expected = [], []
+    for family in FAMILIES:
+        _, _, model, _ = masked_then_pruned(family, ratio=0.5, uniform=True)
+        folder = save_pruned(model, tiny_tokenizer, tmp_path / family / "out", {})
+        assert not (folder / MODELING_FILE).exists()
+        config = json.loads((folder / "config.json").read_text())
+        assert "auto_map" not in config and LAYOUT_KEY not in config
+        assert config["num_attention_heads"] < FAMILIES[family][1] and config["intermediate_size"] == 20
+        folders.append(folder)
+        with torch.no_grad():
+            expected.append(model(input_ids=tokens).logits)
+    for family, logits, reference in zip(
+        FAMILIES, stock_logits_of(folders, tokens, remote=False), expected, strict=True
+    ):
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5, msg=family)
 
 
 def test_generation_with_cache_matches_full_forward(tiny_tokenizer):
