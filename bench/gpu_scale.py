@@ -27,7 +27,8 @@ from loraprune.groups import LayerGroups
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
 from loraprune.shrink import shrink
-from loraprune.train import causal_lm_loss, lora_optimizer
+from loraprune.tasks import causal_lm_loss
+from loraprune.train import lora_optimizer
 
 from . import common
 

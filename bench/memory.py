@@ -54,7 +54,7 @@ def child(args) -> dict:
     from loraprune.archs import arch_for
     from loraprune.lora import attach_lora
     from loraprune.pruner import Pruner
-    from loraprune.train import causal_lm_loss
+    from loraprune.tasks import causal_lm_loss
 
     criterion, b, s = args.child.split(",")
     b, s = int(b), int(s)

@@ -13,7 +13,8 @@ from loraprune import PruneConfig
 from loraprune.archs import arch_for
 from loraprune.lora import attach_lora
 from loraprune.pruner import Pruner
-from loraprune.train import causal_lm_loss, lora_optimizer
+from loraprune.tasks import causal_lm_loss
+from loraprune.train import lora_optimizer
 
 from . import common
 

@@ -19,7 +19,8 @@ from loraprune.archs import arch_for
 from loraprune.data import BatchSampler, load_text
 from loraprune.evaluate import count_parameters
 from loraprune.lora import attach_lora
-from loraprune.train import causal_lm_loss, lora_optimizer
+from loraprune.tasks import causal_lm_loss
+from loraprune.train import lora_optimizer
 
 from . import common
 

@@ -3,8 +3,9 @@ import torch
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
 from loraprune.groups import LayerGroups, head_scores, per_unit
-from loraprune.importance import LoraFactors, lora_guided, projection_scores
+from loraprune.importance import lora_guided
 from loraprune.lora import attach_lora
+from loraprune.scoring import projection_scores, read_factors
 from tiny import randomize_lora, tiny_model
 
 
@@ -32,7 +33,7 @@ def test_lora_guided_matches_the_formula_elementwise():
     A, B = q.lora_A["default"].weight, q.lora_B["default"].weight
     s = q.scaling["default"]
     expected = ((B.grad @ A + B @ A.grad - B.grad @ A.grad) * (q.base_layer.weight + s * B @ A)).abs()
-    torch.testing.assert_close(lora_guided(LoraFactors.of(q, slice(None))), expected.detach())
+    torch.testing.assert_close(lora_guided(read_factors(q, slice(None))), expected.detach())
 
 
 def test_lora_gradients_are_projections_of_the_true_gradient():
@@ -53,7 +54,7 @@ def test_lora_gradients_are_projections_of_the_true_gradient():
 def test_blocked_row_and_column_sums_equal_the_full_matrix():
     model, _ = lora_model_with_grads()
     o = model.model.layers[2].self_attn.o_proj
-    full = lora_guided(LoraFactors.of(o, slice(None)))
+    full = lora_guided(read_factors(o, slice(None)))
     torch.testing.assert_close(projection_scores(o, lora_guided, dim=1, block_rows=5), full.sum(1))
     torch.testing.assert_close(projection_scores(o, lora_guided, dim=0, block_rows=5), full.sum(0))
 
@@ -62,7 +63,7 @@ def test_group_sums_equal_an_explicit_loop_over_members():
     model, arch = lora_model_with_grads()
     g = LayerGroups.from_config(model.config, arch)
     attention = model.model.layers[1].self_attn
-    element = {n: lora_guided(LoraFactors.of(getattr(attention, f"{n}_proj"), slice(None))) for n in "qkvo"}
+    element = {n: lora_guided(read_factors(getattr(attention, f"{n}_proj"), slice(None))) for n in "qkvo"}
     alive = torch.tensor([True, False, True, True, True, True])
     d = g.head_dim
     expected = []

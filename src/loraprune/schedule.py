@@ -12,9 +12,10 @@ window, 0..1):
 import math
 from dataclasses import dataclass
 
+from .config import SCHEDULE_NAMES
 from .errors import LoraPruneError
 
-SHAPES = ("cubic", "linear", "exponential", "oneshot")
+SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; config.py validates --schedule against them
 
 
 def round_half_up(x: float) -> int:

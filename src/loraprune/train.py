@@ -29,10 +29,6 @@ class History:
     skipped_steps: list[int] = field(default_factory=list)  # NaN/inf loss: no score update, no optimizer step
 
 
-def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    return model(input_ids=batch, labels=batch).loss
-
-
 def lora_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """AdamW over the LoRA factors alone. By name, not requires_grad: the 'gradient' criterion
     gives base weights a .grad for scoring, never an update."""
@@ -45,17 +41,17 @@ def train(
     pruner: Pruner,
     batches: Iterator[Tensor],
     config: PruneConfig,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
-    loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
     on_pruning_step: Callable[[int, Pruner], None] | None = None,
 ) -> History:
     """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled.
 
     With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
     `Interrupted`); with `resume`, training continues from that checkpoint's step.
-    `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default.
+    `loss_fn(model, batch)` is the task's loss (tasks.py); it moves the batch to the model's device.
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
@@ -63,13 +59,12 @@ def train(
     history = History()
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
     nan_run = _trailing_run(history.skipped_steps, first - 1)
-    device = next(model.parameters()).device
     model.train()
     ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss = _step(ddp_model, pruner, optimizer, batches, config, device, loss_fn)
+            loss = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
             nan_run = 0 if math.isfinite(loss) else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -105,23 +100,14 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _to_device(batch, device):
-    """A batch tensor, or a dict of them (encoder tasks), on `device`."""
-    if isinstance(batch, dict):
-        return {name: tensor.to(device) for name, tensor in batch.items()}
-    return batch.to(device)
-
-
-def _step(
-    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, device, loss_fn=causal_lm_loss
-) -> float:
+def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn) -> float:
     """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
     loss = 0.0
     for micro in range(config.grad_accum):
         # DDP: gradients are all-reduced once, in the last micro-batch's backward
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            micro_loss = loss_fn(model, _to_device(next(batches), device)) / config.grad_accum
+            micro_loss = loss_fn(model, next(batches)) / config.grad_accum
             micro_loss.backward()
         loss += micro_loss.item()
     loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all
