@@ -10,12 +10,12 @@ from loraprune import PruneConfig, prune
 from loraprune.api import check_compatible
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.scoring import CRITERIA, make_criterion, projection_scores, read_factors
-from loraprune.target import resolve_ratio
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.scoring import CRITERIA, make_criterion, projection_scores, read_factors
+from loraprune.pipeline.target import resolve_ratio
+from loraprune.pipeline.train import train
 from loraprune.tasks import causal_lm_loss
-from loraprune.train import train
 from tiny import randomize_lora, tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)

@@ -8,12 +8,12 @@ import torch
 from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.config import PruneConfig
-from loraprune.diagnose import bottom_overlap, estimate_error, measure, spearman, summarize
-from loraprune.groups import LayerGroups
-from loraprune.importance import lora_gradient_estimate
-from loraprune.lora import attach_lora
-from loraprune.scoring import read_factors
+from loraprune.pipeline.groups import LayerGroups
+from loraprune.pipeline.importance import lora_gradient_estimate
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.scoring import read_factors
 from loraprune.tasks import causal_lm_loss
+from loraprune.tools.diagnose import bottom_overlap, estimate_error, measure, spearman, summarize
 from tiny import tiny_model
 
 

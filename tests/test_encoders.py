@@ -13,10 +13,10 @@ from transformers import BertConfig, LlamaConfig, ViTConfig
 from loraprune.api import prune
 from loraprune.archs import ARCHS, arch_for
 from loraprune.config import PruneConfig
-from loraprune.data import BatchSampler, load_images, pad_sentences
 from loraprune.errors import LoraPruneError
-from loraprune.export import MODELING_FILE, save_pruned
-from loraprune.modeling_pruned import LAYOUT_KEY
+from loraprune.pipeline.data import BatchSampler, load_images, pad_sentences
+from loraprune.pipeline.export import MODELING_FILE, save_pruned
+from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
 from loraprune.tasks import TASKS, embedding_loss, encode, neighbour_agreement, task_for
 from tiny import ENCODERS, masked_then_pruned, model_output, tiny_encoder, tiny_inputs
 
@@ -170,7 +170,7 @@ def test_vit_digits_fixture(tmp_path):
     from sklearn.datasets import load_digits
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from loraprune.vit_digits import accuracy, train_vit_digits
+    from loraprune.tools.vit_digits import accuracy, train_vit_digits
 
     info = train_vit_digits(tmp_path / "vit")
     assert info["test_accuracy"] >= 0.95

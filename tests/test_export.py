@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraprune.errors import LoraPruneError
-from loraprune.export import MODELING_FILE, save_pruned
-from loraprune.load import load_model
-from loraprune.report import REPORT_FILE
+from loraprune.pipeline.export import MODELING_FILE, save_pruned
+from loraprune.pipeline.load import load_model
+from loraprune.tools.report import REPORT_FILE
 from tiny import masked_then_pruned
 
 # Runs in a fresh interpreter where `import loraprune` fails, as on a machine without it.

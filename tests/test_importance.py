@@ -2,10 +2,10 @@ import torch
 
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
-from loraprune.groups import LayerGroups, head_scores, per_unit
-from loraprune.importance import lora_guided
-from loraprune.lora import attach_lora
-from loraprune.scoring import projection_scores, read_factors
+from loraprune.pipeline.groups import LayerGroups, head_scores, per_unit
+from loraprune.pipeline.importance import lora_guided
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.scoring import projection_scores, read_factors
 from tiny import randomize_lora, tiny_model
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from loraprune.errors import LoraPruneError
-from loraprune.schedule import SHAPES, SparsitySchedule, round_half_up
+from loraprune.pipeline.schedule import SHAPES, SparsitySchedule, round_half_up
 
 
 def test_cubic_values_at_known_steps():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loraprune.modeling_pruned import LAYOUT_KEY
+from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
 from tiny import FAMILIES, masked_then_pruned
 
 

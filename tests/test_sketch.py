@@ -5,9 +5,9 @@ import torch
 
 from loraprune import PruneConfig, prune
 from loraprune.archs import arch_for
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.scoring import projection_scores, read_factors
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.scoring import projection_scores, read_factors
 from loraprune.tasks import causal_lm_loss
 from tiny import tiny_model
 

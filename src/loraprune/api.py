@@ -10,23 +10,23 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import distributed, fsdp
 from .archs import Arch, arch_for
-from .checkpoint import Checkpoint, Checkpointer
 from .config import PruneConfig
-from .data import BatchSampler, num_examples
 from .errors import LoraPruneError
-from .evaluate import count_parameters, count_prunable
-from .groups import LayerGroups
-from .load import context_length
-from .lora import attach_lora
-from .pruner import Pruner
-from .quant import dequantize_base_layers
-from .schedule import SparsitySchedule
-from .shrink import shrink, stock_config_error
-from .target import resolve_ratio
+from .pipeline.data import BatchSampler, num_examples
+from .pipeline.evaluate import count_parameters, count_prunable
+from .pipeline.groups import LayerGroups
+from .pipeline.load import context_length
+from .pipeline.lora import attach_lora
+from .pipeline.pruner import Pruner
+from .pipeline.schedule import SparsitySchedule
+from .pipeline.shrink import shrink, stock_config_error
+from .pipeline.target import resolve_ratio
+from .pipeline.train import train
+from .runtime import distributed, fsdp
+from .runtime.checkpoint import Checkpoint, Checkpointer
+from .runtime.quant import dequantize_base_layers
 from .tasks import Task, task_for
-from .train import train
 
 
 @dataclass(frozen=True)

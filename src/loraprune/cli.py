@@ -20,8 +20,8 @@ from .settings import DiagnoseSettings, EstimateSettings, EvalSettings, InspectS
 
 
 def prune_command(config: PruneConfig, run: RunSettings, resume) -> None:
-    from . import distributed
     from .job import prune_job
+    from .runtime import distributed
 
     if run.quiet:
         from transformers.utils import logging as hf_logging
@@ -32,9 +32,9 @@ def prune_command(config: PruneConfig, run: RunSettings, resume) -> None:
 
 
 def eval_command(settings: EvalSettings) -> None:
-    from .harness import format_harness, harness_eval
     from .job import evaluate_job
-    from .report import format_eval
+    from .tools.harness import format_harness, harness_eval
+    from .tools.report import format_eval
 
     started = time.perf_counter()
     if settings.tasks is not None:
@@ -48,16 +48,16 @@ def eval_command(settings: EvalSettings) -> None:
 
 
 def inspect_command(settings: InspectSettings) -> None:
-    from .inspect_model import describe, format_description
-    from .load import load_config
+    from .pipeline.load import load_config
+    from .tools.inspect_model import describe, format_description
 
     info = describe(load_config(settings.model), settings.skip_layers)
     print(json.dumps(info, indent=2) if settings.json else format_description(settings.model, info))
 
 
 def estimate_command(settings: EstimateSettings) -> None:
-    from .load import load_config
-    from .memory import BYTES, estimate, format_estimates
+    from .pipeline.load import load_config
+    from .tools.memory import BYTES, estimate, format_estimates
 
     s, config = settings, load_config(settings.model)
     estimates = [estimate(config, s.batch_size, s.seq_len, s.lora_r, dtype) for dtype in BYTES]
@@ -65,13 +65,13 @@ def estimate_command(settings: EstimateSettings) -> None:
 
 
 def diagnose_command(settings: DiagnoseSettings, training: PruneConfig) -> None:
-    from .diagnose import run_diagnose
+    from .tools.diagnose import run_diagnose
 
     run_diagnose(settings, training)
 
 
 def report_command(settings: ReportSettings) -> None:
-    from .report import write_report
+    from .tools.report import write_report
 
     print(f"wrote {write_report(Path(settings.run_dir))}")
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import distributed, fsdp
 from .api import check_compatible, prune
-from .checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .config import PruneConfig
 from .errors import LoraPruneError
-from .evaluate import count_parameters, count_prunable
-from .export import check_output, save_pruned
-from .load import load_config, load_model
-from .modeling_pruned import LAYOUT_KEY
-from .report import REPORT_FILE, format_summary
+from .pipeline.evaluate import count_parameters, count_prunable
+from .pipeline.export import check_output, save_pruned
+from .pipeline.load import load_config, load_model
+from .pipeline.modeling_pruned import LAYOUT_KEY
+from .runtime import distributed, fsdp
+from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .settings import EvalSettings, RunSettings, record
 from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
+from .tools.report import REPORT_FILE, format_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

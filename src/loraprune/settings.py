@@ -128,7 +128,7 @@ def resolve(given: dict, config_file: str | Path | None = None, resume: str | Pa
         given = read_settings_file(Path(config_file), known) | given
     checkpoint, values = None, {}
     if resume:
-        from .checkpoint import latest
+        from .runtime.checkpoint import latest
 
         checkpoint = latest(resume)
         values = {key: value for key, value in agreed_settings(checkpoint, resume, given).items() if key in known}

@@ -26,9 +26,18 @@ from torch import Tensor, nn
 
 from .archs import arch_for
 from .config import TASK_NAMES
-from .data import load_images, load_sentences, load_text, num_examples, pad_sentences, tokenize, trim_padding, windows
 from .errors import LoraPruneError
-from .evaluate import count_parameters, greedy_generate, perplexity
+from .pipeline.data import (
+    load_images,
+    load_sentences,
+    load_text,
+    num_examples,
+    pad_sentences,
+    tokenize,
+    trim_padding,
+    windows,
+)
+from .pipeline.evaluate import count_parameters, greedy_generate, perplexity
 
 SPEED_REPEATS = 3  # throughput is the median of this many timings
 MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .archs import Arch
-from .errors import LoraPruneError
+from ..archs import Arch
+from ..errors import LoraPruneError
 from .schedule import round_half_up
 
 

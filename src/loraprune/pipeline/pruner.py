@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .archs import Arch
-from .config import PruneConfig
+from ..archs import Arch
+from ..config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
 from .importance import Criterion
 from .scoring import make_criterion, projection_scores

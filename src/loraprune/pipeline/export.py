@@ -17,11 +17,11 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import LoraPruneError, write_error
+from ..tasks import task_for
+from ..tools.report import REPORT_FILE, SCORES_FILE, write_report
 from . import modeling_pruned
-from .errors import LoraPruneError, write_error
 from .modeling_pruned import LAYOUT_KEY
-from .report import REPORT_FILE, SCORES_FILE, write_report
-from .tasks import task_for
 
 MODELING_FILE = "modeling_loraprune.py"
 SETTINGS_FILE = "loraprune.yaml"

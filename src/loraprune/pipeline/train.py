@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpoint import Checkpoint, Checkpointer
-from .config import PruneConfig
-from .errors import LoraPruneError
+from ..config import PruneConfig
+from ..errors import LoraPruneError
+from ..runtime import distributed
+from ..runtime.checkpoint import Checkpoint, Checkpointer
 from .pruner import Pruner
 from .schedule import SparsitySchedule
 

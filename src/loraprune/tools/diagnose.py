@@ -22,17 +22,17 @@ import json
 import torch
 from torch import Tensor, nn
 
-from .archs import Arch, arch_for
-from .config import PruneConfig
-from .data import BatchSampler
-from .groups import LayerGroups
-from .importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
-from .lora import attach_lora
-from .pruner import group_scores
-from .schedule import round_half_up
-from .scoring import read_factors
-from .sketch import SketchScores
-from .train import lora_optimizer
+from ..archs import Arch, arch_for
+from ..config import PruneConfig
+from ..pipeline.data import BatchSampler
+from ..pipeline.groups import LayerGroups
+from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
+from ..pipeline.lora import attach_lora
+from ..pipeline.pruner import group_scores
+from ..pipeline.schedule import round_half_up
+from ..pipeline.scoring import read_factors
+from ..pipeline.sketch import SketchScores
+from ..pipeline.train import lora_optimizer
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
 SPEARMANS = ("spearman", "magnitude_spearman", "sketch_spearman")  # lora, magnitude, sketch vs gradient
@@ -199,10 +199,10 @@ def run_diagnose(settings, training: PruneConfig) -> dict:
     from dataclasses import replace
     from pathlib import Path
 
-    from .export import check_output, staged_folder
-    from .load import load_config, load_model
+    from ..pipeline.export import check_output, staged_folder
+    from ..pipeline.load import load_config, load_model
+    from ..tasks import task_for
     from .plots import plot_diagnosis
-    from .tasks import task_for
 
     output, at_steps = Path(settings.output), settings.steps
     check_output(output, settings.overwrite)

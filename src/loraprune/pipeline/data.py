@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .errors import LoraPruneError
+from ..errors import LoraPruneError
 
 SPLITS = ("train", "valid", "test")
 CHUNK_CHARS = 1 << 16  # ~64 KiB of text per tokenizer call

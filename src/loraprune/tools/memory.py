@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .archs import arch_for
+from ..archs import arch_for
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # activation elements kept for backward per token and layer, in units of hidden (h) and MLP (m)
@@ -41,7 +41,7 @@ class Estimate:
 
 def estimate(model_config, batch_size: int, seq_len: int, lora_r: int = 8, dtype: str = "float32") -> Estimate:
     """Expected peak bytes of a training step for this config (gradient checkpointing off)."""
-    from .tasks import meta_model
+    from ..tasks import meta_model
 
     model = meta_model(model_config)
     arch = arch_for(model.config)

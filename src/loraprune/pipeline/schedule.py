@@ -12,8 +12,8 @@ window, 0..1):
 import math
 from dataclasses import dataclass
 
-from .config import SCHEDULE_NAMES
-from .errors import LoraPruneError
+from ..config import SCHEDULE_NAMES
+from ..errors import LoraPruneError
 
 SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; config.py validates --schedule against them
 

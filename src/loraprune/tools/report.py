@@ -4,7 +4,7 @@ and report.md with plots in the run folder."""
 import json
 from pathlib import Path
 
-from .errors import LoraPruneError
+from ..errors import LoraPruneError
 
 REPORT_FILE = "loraprune.json"
 SCORES_FILE = "loraprune_scores.safetensors"
@@ -71,7 +71,7 @@ def format_eval(result: dict) -> str:
 
 def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:
     """The task's metric rows of `results`, under the task's heading if it has one (tasks.py)."""
-    from .tasks import TASKS, metric_rows
+    from ..tasks import TASKS, metric_rows
 
     task = TASKS[evaluation.get("task", "causal-lm")]  # runs saved before the task was recorded: causal LMs
     fields = {"task": task.name, "data": evaluation["data"], "split": evaluation["split"]}

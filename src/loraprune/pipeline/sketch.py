@@ -17,7 +17,7 @@ rank of a multi-process run draws the same R, and a checkpoint restores the gene
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from ..runtime import distributed
 from .importance import LoraFactors, Seeded
 
 SKETCH_ATTRIBUTE = "loraprune_gradient_sketch"  # where scoring.read_factors finds a module's sketch

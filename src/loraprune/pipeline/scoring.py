@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import fsdp
-from .config import CRITERION_NAMES
+from ..config import CRITERION_NAMES
+from ..runtime import fsdp
+from ..runtime.quant import dense_weight
 from .importance import Criterion, LoraFactors, RandomScores, lora_guided, magnitude, weight_gradient
-from .quant import dense_weight
 from .sketch import SKETCH_ATTRIBUTE, SketchScores
 
 # name -> a fresh criterion for one run, from (seed, rank): stateful ones are built anew
