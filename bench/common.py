@@ -133,7 +133,7 @@ def fresh(model):
 
 
 def token_windows(tokenizer, data: str, split: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    from loraprune.data import load_text, tokenize, windows
+    from loraprune.pipeline.data import load_text, tokenize, windows
 
     w = windows(tokenize(tokenizer, load_text(data, split)), seq_len)
     return w if not limit else w[:limit]
@@ -148,7 +148,7 @@ def eval_sets(args, tokenizer, splits: tuple[str, ...]) -> dict[str, torch.Tenso
 
 
 def perplexities(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
-    from loraprune.evaluate import perplexity
+    from loraprune.pipeline.evaluate import perplexity
 
     return {name: perplexity(model, w)["perplexity"] for name, w in sets.items()}
 
@@ -208,7 +208,7 @@ def _jsonable(x):
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    from loraprune.report import markdown_table
+    from loraprune.tools.report import markdown_table
 
     return markdown_table(headers, rows)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from loraprune import prune
-from loraprune.data import load_text
+from loraprune.pipeline.data import load_text
 
 from . import common
 

@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraprune import PruneConfig
 from loraprune.archs import arch_for
-from loraprune.groups import LayerGroups
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.shrink import shrink
-from loraprune.train import causal_lm_loss, lora_optimizer, set_activation_checkpointing
+from loraprune.pipeline.groups import LayerGroups
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.shrink import shrink
+from loraprune.pipeline.train import lora_optimizer, set_activation_checkpointing
+from loraprune.tasks import causal_lm_loss
 
 from . import common
 

@@ -52,9 +52,9 @@ def _release():
 def child(args) -> dict:
     from loraprune import PruneConfig, load_model
     from loraprune.archs import arch_for
-    from loraprune.lora import attach_lora
-    from loraprune.pruner import Pruner
-    from loraprune.train import causal_lm_loss
+    from loraprune.pipeline.lora import attach_lora
+    from loraprune.pipeline.pruner import Pruner
+    from loraprune.tasks import causal_lm_loss
 
     criterion, b, s = args.child.split(",")
     b, s = int(b), int(s)
@@ -81,7 +81,7 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         loaded_cuda = torch.cuda.memory_allocated()
-    for _ in range(args.steps):  # the body of loraprune.train.train, one optimizer step
+    for _ in range(args.steps):  # the body of loraprune.pipeline.train.train, one optimizer step
         causal_lm_loss(peft_model, batch).backward()
         pruner.update_scores()
         optimizer.step()

@@ -1,7 +1,7 @@
 """Overhead: median time of one LoRAPrune training step vs one plain peft LoRA step, same batch.
 
 LoRAPrune step = forward + backward (mask hooks on), importance update (`Pruner.update_scores`),
-AdamW step, zero_grad: the body of `loraprune.train.train`. Plain step = the same without the
+AdamW step, zero_grad: the body of `loraprune.pipeline.train.train`. Plain step = the same without the
 Pruner (no masks, no scoring). Both models are independent copies, stepped alternately
 (ABBA order) in one process on the same batch; medians and their ratio are reported, and the
 scoring time of the LoRAPrune step is timed on its own as well.
@@ -11,9 +11,10 @@ import torch
 
 from loraprune import PruneConfig
 from loraprune.archs import arch_for
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.train import causal_lm_loss, lora_optimizer
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.train import lora_optimizer
+from loraprune.tasks import causal_lm_loss
 
 from . import common
 

@@ -11,8 +11,8 @@ import time
 
 from loraprune import prune
 from loraprune.archs import arch_for
-from loraprune.data import load_text
-from loraprune.evaluate import count_parameters, count_prunable, perplexity
+from loraprune.pipeline.data import load_text
+from loraprune.pipeline.evaluate import count_parameters, count_prunable, perplexity
 
 from . import common
 

@@ -16,10 +16,11 @@ from torch import nn
 
 from loraprune import prune
 from loraprune.archs import arch_for
-from loraprune.data import BatchSampler, load_text
-from loraprune.evaluate import count_parameters
-from loraprune.lora import attach_lora
-from loraprune.train import causal_lm_loss, lora_optimizer
+from loraprune.pipeline.data import BatchSampler, load_text
+from loraprune.pipeline.evaluate import count_parameters
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.train import lora_optimizer
+from loraprune.tasks import causal_lm_loss
 
 from . import common
 

@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from loraprune import PruneConfig, prune
-from loraprune.pruner import Pruner
+from loraprune.pipeline.pruner import Pruner
 from tiny import tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
@@ -79,7 +79,7 @@ def test_pruned_model_accepts_a_fresh_lora_and_trains(tiny_tokenizer):
 
 def test_non_finite_scores_are_skipped_and_counted():
     from loraprune.archs import arch_for
-    from loraprune.lora import attach_lora
+    from loraprune.pipeline.lora import attach_lora
 
     model = tiny_model("llama-mha")
     config = PruneConfig(ema=0.5)
@@ -97,7 +97,7 @@ def test_non_finite_scores_are_skipped_and_counted():
 
 def test_pruned_groups_never_come_back():
     from loraprune.archs import arch_for
-    from loraprune.lora import attach_lora
+    from loraprune.pipeline.lora import attach_lora
 
     model = tiny_model("llama-gqa")
     config = PruneConfig(skip_layers="none")

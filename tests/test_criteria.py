@@ -9,11 +9,12 @@ from loraprune import PruneConfig, prune
 from loraprune.api import check_compatible
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
-from loraprune.importance import CRITERIA, LoraFactors, projection_scores
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.target import ratio_for_target_params
-from loraprune.train import train
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.scoring import make_criterion, projection_scores, read_factors
+from loraprune.pipeline.target import resolve_ratio
+from loraprune.pipeline.train import train
+from loraprune.tasks import causal_lm_loss
 from tiny import randomize_lora, tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
@@ -124,7 +125,7 @@ def test_training_under_gradient_never_updates_the_base_weights():
     pruner = Pruner(peft_model.get_base_model(), arch, config)
     lora_B = pruner.projections(0)["q"].lora_B["default"].weight
     batches = iter(torch.randint(0, 64, (config.steps, 2, 16), generator=torch.Generator().manual_seed(0)))
-    history = train(peft_model, pruner, batches, config, progress=False)
+    history = train(peft_model, pruner, batches, config, causal_lm_loss, progress=False)
 
     assert history.pruning_steps and pruner.sparsity()[0] > 0  # it trained and pruned
     assert lora_B.abs().sum() > 0  # B started at zero: the optimizer did step the LoRA factors
@@ -156,8 +157,8 @@ def test_magnitude_needs_no_backward_and_sums_the_merged_weight():
     torch.testing.assert_close(heads, expected_heads, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(channels, expected_channels, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="call backward"):  # the LoRA-guided score does need one
-        projection_scores(projection(layer, "q"), CRITERIA["lora"], dim=1)
-    assert LoraFactors.of(projection(layer, "q"), slice(None), lora_grads=False).grad_A is None
+        projection_scores(projection(layer, "q"), make_criterion("lora"), dim=1)
+    assert read_factors(projection(layer, "q"), slice(None), lora_grads=False).grad_A is None
 
 
 def random_masks(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +190,7 @@ def test_target_params_lands_within_one_group(tiny_tokenizer, family):
     c = model.config
     d = c.hidden_size // c.num_attention_heads
     config = PruneConfig(target_params=0.3, steps=6, prune_freq=2, seq_len=16, batch_size=2)
-    ratio = ratio_for_target_params(c, config)
+    ratio = resolve_ratio(c, config)[0].ratio
     pruned, report = prune(model, tiny_tokenizer, CORPUS, config, progress=False)
     total = report["parameters"]["before"]["total"]
     achieved, predicted = report["removed"]["total_parameters"], report["target_params"]["predicted"]

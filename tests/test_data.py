@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from loraprune import data
-from loraprune.data import BatchSampler, load_text, tokenize, windows
 from loraprune.errors import LoraPruneError
+from loraprune.pipeline import data
+from loraprune.pipeline.data import BatchSampler, load_text, tokenize, windows
 
 
 def test_ptb_splits():

@@ -8,10 +8,12 @@ import torch
 from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.config import PruneConfig
-from loraprune.diagnose import bottom_overlap, estimate_error, measure, spearman, summarize
-from loraprune.groups import LayerGroups
-from loraprune.importance import LoraFactors, lora_gradient_estimate
-from loraprune.lora import attach_lora
+from loraprune.pipeline.groups import LayerGroups
+from loraprune.pipeline.importance import lora_gradient_estimate
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.scoring import read_factors
+from loraprune.tasks import causal_lm_loss
+from loraprune.tools.diagnose import bottom_overlap, estimate_error, measure, spearman, summarize
 from tiny import tiny_model
 
 
@@ -39,7 +41,7 @@ def test_estimate_error_of_a_planted_gradient():
     for p in (q.lora_A["default"].weight, q.lora_B["default"].weight):
         p.data = torch.randn(p.shape, generator=g)
         p.grad = torch.randn(p.shape, generator=g)
-    estimate = lora_gradient_estimate(LoraFactors.of(q, slice(None)))
+    estimate = lora_gradient_estimate(read_factors(q, slice(None)))
     q.base_layer.weight.grad = 2 * estimate
     assert estimate_error(q, block_rows=5) == pytest.approx({"cosine": 1.0, "relative_error": 0.5})
     q.base_layer.weight.grad = -estimate
@@ -58,7 +60,7 @@ def test_the_estimate_is_exact_when_A_spans_every_input_and_B_is_zero():
             A.data = q[:, : A.shape[1]].contiguous()
     probe = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))]
     groups = LayerGroups.from_config(model.config, arch)
-    layers = measure(model, arch, groups, probe, normalize=True, layers_per_pass=2)
+    layers = measure(model, arch, groups, probe, True, causal_lm_loss, layers_per_pass=2)
     assert [row["layer"] for row in layers] == [0, 1, 2]
     summary = summarize(layers)
     for key, value in summary.items():
@@ -75,7 +77,7 @@ def test_the_estimate_is_partial_when_A_has_fewer_directions():
     model, arch = _with_lora(r=2, alpha=4)
     groups = LayerGroups.from_config(model.config, arch)
     probe = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))]
-    summary = summarize(measure(model, arch, groups, probe, normalize=True))
+    summary = summarize(measure(model, arch, groups, probe, True, causal_lm_loss))
     cosines = [v for k, v in summary.items() if k.startswith("cosine/")]
     assert all(0 < c < 0.95 for c in cosines), summary
 

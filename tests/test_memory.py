@@ -15,8 +15,8 @@ torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, LlamaConfig
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
 
 def step(config, batch):
     model = attach_lora(AutoModelForCausalLM.from_config(config), arch_for(config), PruneConfig())
@@ -50,7 +50,7 @@ print((status("VmHWM:") - before) * 1024)
 def test_float32_estimate_is_within_25_percent_of_a_measured_step(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    from loraprune.memory import estimate
+    from loraprune.tools.memory import estimate
 
     predicted = estimate(LlamaConfig(**CONFIG), batch_size=2, seq_len=64).peak
     run = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(CONFIG)], capture_output=True, text=True)

@@ -4,8 +4,8 @@ import torch
 
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
 from tiny import randomize_lora, tiny_model
 
 

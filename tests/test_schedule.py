@@ -1,7 +1,8 @@
 import pytest
 
+from loraprune.config import round_half_up
 from loraprune.errors import LoraPruneError
-from loraprune.schedule import SHAPES, SparsitySchedule, round_half_up
+from loraprune.pipeline.schedule import SHAPES, SparsitySchedule
 
 
 def test_cubic_values_at_known_steps():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from loraprune.export import save_pruned
-from loraprune.load import load_model
-from loraprune.modeling_pruned import LAYOUT_KEY
+from loraprune.pipeline.export import save_pruned
+from loraprune.pipeline.load import load_model
+from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
 from tiny import FAMILIES, masked_then_pruned, tiny_model
 
 

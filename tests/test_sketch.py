@@ -5,10 +5,11 @@ import torch
 
 from loraprune import PruneConfig, prune
 from loraprune.archs import arch_for
-from loraprune.importance import LoraFactors, projection_scores
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.train import causal_lm_loss, set_activation_checkpointing
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.scoring import projection_scores, read_factors
+from loraprune.pipeline.train import set_activation_checkpointing
+from loraprune.tasks import causal_lm_loss
 from tiny import tiny_model
 
 
@@ -58,7 +59,7 @@ def test_scores_fresh_directions_each_step_reproducibly():
         for batch in _batches(3):
             causal_lm_loss(peft_model, batch).backward()
             bases.append(modules[0].loraprune_gradient_sketch.basis.clone())
-            f = LoraFactors.of(modules[0], slice(None), lora_grads=False)
+            f = read_factors(modules[0], slice(None), lora_grads=False)
             merged = f.weight + f.scaling * f.B @ f.A
             element = (f.sketch_product @ f.sketch_basis * merged).abs()
             torch.testing.assert_close(projection_scores(modules[0], pruner.criterion, dim=1), element.sum(1))

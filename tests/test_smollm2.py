@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraprune import PruneConfig, load_model, prune, save_pruned
-from loraprune.data import load_text, tokenize, windows
-from loraprune.evaluate import perplexity
+from loraprune.pipeline.data import load_text, tokenize, windows
+from loraprune.pipeline.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import warnings
 import torch
 
 from loraprune import PruneConfig, prune
-from loraprune.train import is_activation_checkpointing, set_activation_checkpointing
+from loraprune.pipeline.train import is_activation_checkpointing, set_activation_checkpointing
 from tiny import tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)

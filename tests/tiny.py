@@ -14,9 +14,9 @@ from transformers import (
 
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
-from loraprune.lora import attach_lora
-from loraprune.pruner import Pruner
-from loraprune.shrink import shrink
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.shrink import shrink
 
 # name -> (config class, heads, kv heads): with and without grouped-query attention
 FAMILIES = {

@@ -3,7 +3,7 @@
 from .api import prune
 from .config import PruneConfig
 from .errors import LoraPruneError
-from .export import save_pruned
-from .load import load_model
+from .pipeline.export import save_pruned
+from .pipeline.load import load_model
 
 __all__ = ["prune", "PruneConfig", "LoraPruneError", "save_pruned", "load_model"]

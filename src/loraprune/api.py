@@ -5,35 +5,45 @@ are separate steps (export.py, evaluate.py).
 """
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from . import distributed, fsdp
-from .archs import arch_for
-from .checkpoint import Checkpoint, Checkpointer
+from .archs import Arch, arch_for
 from .config import PruneConfig
-from .data import BatchSampler, num_examples
 from .errors import LoraPruneError
-from .evaluate import count_parameters, count_prunable
-from .groups import LayerGroups
-from .load import context_length
-from .lora import attach_lora
-from .pruner import Pruner
-from .quant import dequantize_base_layers
-from .schedule import SparsitySchedule
-from .shrink import shrink, stock_config_error
-from .target import removed_fraction, resolve_ratio
-from .tasks import task_for
-from .train import set_activation_checkpointing, train
+from .pipeline.data import BatchSampler, num_examples
+from .pipeline.evaluate import count_parameters, count_prunable
+from .pipeline.groups import LayerGroups
+from .pipeline.load import context_length
+from .pipeline.lora import attach_lora
+from .pipeline.pruner import Pruner
+from .pipeline.schedule import SparsitySchedule
+from .pipeline.shrink import shrink, stock_config_error
+from .pipeline.target import resolve_ratio
+from .pipeline.train import set_activation_checkpointing, train
+from .runtime import distributed, fsdp
+from .runtime.checkpoint import Checkpoint, Checkpointer
+from .runtime.quant import dequantize_base_layers
+from .tasks import Task, task_for
 
 
-def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
-    """Every check that needs only the model's config: run before any work is done. Returns the
-    config to run, its --ratio the one --target-params picks when that is set."""
+@dataclass(frozen=True)
+class Plan:
+    """A PruneConfig checked against one model's config: what `prune` runs, found once."""
+
+    config: PruneConfig  # its ratio is the one --target-params picks when that is set
+    arch: Arch
+    task: Task
+    target: dict | None  # --target-params: {"requested", "predicted"} fractions of all parameters
+
+
+def check_compatible(model_config, config: PruneConfig) -> Plan:
+    """Every check that needs only the model's config, run before any work is done."""
     arch = arch_for(model_config)
-    config = resolve_ratio(model_config, config)
+    task = task_for(model_config, config.task)
+    config, target = resolve_ratio(model_config, config)
     context = context_length(model_config)
     if config.seq_len > context:
         raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
@@ -48,41 +58,35 @@ def check_compatible(model_config, config: PruneConfig) -> PruneConfig:
                 f"per layer, which {type(model_config).__name__} rejects ({problem}); "
                 "choose another ratio or drop --uniform"
             )
-    return config
+    return Plan(config, arch, task, target)
 
 
 def prune(
     model: nn.Module,
     tokenizer,
-    text: str,
-    config: PruneConfig,
+    data,
+    config: PruneConfig | Plan,
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
     on_pruning_step=None,
 ) -> tuple[nn.Module, dict]:
-    """Prune `model` (modified in place) by LoRAPrune, fine-tuning on `text`: for a causal LM a text,
+    """Prune `model` (modified in place) by LoRAPrune, fine-tuning on `data`: for a causal LM a text,
     for a BERT embedding model a list of sentences (or a text, one per line), for a ViT classifier
     (pixel_values, labels) -- whatever the task's `load` returns (tasks.py; the task is
     `config.task` or the model type's default). Returns the physically smaller model, LoRA merged,
-    and a report dict.
+    and a report dict. `config` may be a Plan that check_compatible made for this model.
     `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py).
     `on_pruning_step(step, pruner)` is called after each pruning step (train.train)."""
     started = time.perf_counter()
-    config = check_compatible(model.config, config)
+    plan = config if isinstance(config, Plan) else check_compatible(model.config, config)
+    config, arch, task = plan.config, plan.arch, plan.task
     sharded = fsdp.requested(config.fsdp)
     # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()
-    target = None
-    if config.target_params is not None:
-        target = {"requested": config.target_params, "predicted": removed_fraction(model.config, config)}
-    arch = arch_for(model.config)
-    task = task_for(model.config, config.task)
-    if task.name == "embedding" and isinstance(text, str):
-        text = [line.strip() for line in text.split("\n") if line.strip()]
     # from the dense model, before LoRA: the embedding task's teacher targets are computed here
-    train_windows = task.examples(model, tokenizer, text, config)
+    train_windows = task.examples(model, tokenizer, data, config)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
 
     if config.gradient_checkpointing:
@@ -102,10 +106,10 @@ def prune(
         pruner,
         batches,
         config,
+        task.loss,
         progress=progress,
         checkpointer=checkpointer,
         resume=resume,
-        loss_fn=task.loss,
         on_pruning_step=on_pruning_step,
     )
     pruner.close()
@@ -126,7 +130,7 @@ def prune(
     heads, channels = pruner.sparsity()
     report = {
         "config": asdict(config),  # its ratio is the one run, also when --target-params chose it
-        "target_params": target,
+        "target_params": plan.target,
         "parameters": {"before": before, "after": after},
         "removed": {
             "heads": heads,

@@ -1,72 +1,83 @@
 """Settings of a pruning run: one typed dataclass, validated in one place.
 
-The CLI's `prune` flags are generated from these fields (a field `lora_r` is `--lora-r`), and
-each field's `help` is the flag's help, so the two cannot drift apart.
+The CLI's flags are generated from the fields of this and the other settings dataclasses
+(settings.py; a field `lora_r` is `--lora-r`), and each field's `help` is the flag's help, so
+the two cannot drift apart. This module imports nothing from the pipeline: the names it
+validates against are listed here, and each table asserts that it has exactly these.
 """
 
 import math
 from dataclasses import dataclass, field
 
 from .errors import LoraPruneError
-from .importance import CRITERIA
-from .schedule import SHAPES as SCHEDULE_SHAPES
-from .schedule import round_half_up
 
-TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS, one entry each
+CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch")  # importance.CRITERIA
+SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPES
+TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def round_half_up(x: float) -> int:
+    """floor(x + 0.5): the one rounding rule of every count (groups, warmup/cooldown steps, skipped
+    layers; schedule.py and groups.py use it from here). Python's round() is banker's rounding
+    (4.5 -> 4, 5.5 -> 6): counts should not depend on parity. The 1e-9 absorbs float error in
+    products such as 0.1 * 45."""
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def setting(default, help: str, **metadata):
+    """A settings field: its default and its flag's help; `metadata` may add `flag` (another flag
+    name), `choices` and `positional` for the generated command line (cli.py)."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class PruneConfig:
     """How much to prune, how to score, and the LoRA fine-tuning budget."""
 
-    ratio: float = _opt(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
-    target_params: float | None = _opt(
+    ratio: float = setting(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
+    target_params: float | None = setting(
         None, "fraction of the model's total parameters to remove; picks the group ratio that reaches it"
     )
-    steps: int = _opt(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
-    seq_len: int = _opt(128, "tokens per training window")
-    batch_size: int = _opt(4, "windows per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(1e-4, "AdamW learning rate of the LoRA factors")
-    lora_r: int = _opt(8, "LoRA rank")
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scaling s = alpha / r)")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA branch")
-    criterion: str = _opt(
+    steps: int = setting(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
+    seq_len: int = setting(128, "tokens per training window")
+    batch_size: int = setting(4, "windows per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(1e-4, "AdamW learning rate of the LoRA factors")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha (scaling s = alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA branch")
+    criterion: str = setting(
         "lora",
         "importance criterion: lora (LoRA-guided, the method), gradient (true |dL/dW0 * W0|, stores full "
         "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed), sketch (the true "
         "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0)",
     )
-    normalize: bool = _opt(True, "L2-normalise each module's group scores before summing a group")
-    prune_freq: int = _opt(10, "prune every this many optimizer steps inside the pruning window")
-    warmup: float = _opt(0.1, "fraction of steps fine-tuned before pruning starts")
-    cooldown: float = _opt(0.1, "fraction of steps fine-tuned after the target is reached")
-    ema: float = _opt(0.9, "moving-average factor lambda of the group scores")
-    schedule: str = _opt(
+    normalize: bool = setting(True, "L2-normalise each module's group scores before summing a group")
+    prune_freq: int = setting(10, "prune every this many optimizer steps inside the pruning window")
+    warmup: float = setting(0.1, "fraction of steps fine-tuned before pruning starts")
+    cooldown: float = setting(0.1, "fraction of steps fine-tuned after the target is reached")
+    ema: float = setting(0.9, "moving-average factor lambda of the group scores")
+    schedule: str = setting(
         "cubic",
         "how sparsity rises from warmup to cooldown: cubic (the paper's), linear, exponential (the same "
         "fraction of the remaining groups each time) or oneshot (all at the first pruning step, then recover)",
     )
-    skip_layers: str = _opt("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
-    uniform: bool = _opt(False, "same shape in every layer (none skipped) so stock transformers loads the result")
-    seed: int = _opt(0, "seed of LoRA init, data order, dropout and the random criterion")
-    task: str | None = _opt(
+    skip_layers: str = setting("first10pct,last", "layers never pruned: 'first10pct,last', 'none' or indices '0,1,29'")
+    uniform: bool = setting(False, "same shape in every layer (none skipped) so stock transformers loads the result")
+    seed: int = setting(0, "seed of LoRA init, data order, dropout and the random criterion")
+    task: str | None = setting(
         None,
         "what the model is fine-tuned on while pruning: causal-lm (next-token loss), embedding (1 - cosine to "
         "the dense model's mean-pooled sentence embedding), image-classification (cross-entropy); "
         "default: from the model type (llama/mistral/qwen2: causal-lm, bert: embedding, vit: image-classification)",
     )
-    max_nan_steps: int = _opt(
+    max_nan_steps: int = setting(
         5, "stop after this many optimizer steps in a row whose loss is NaN/inf (a single one is skipped)"
     )
-    gradient_checkpointing: bool = _opt(
+    gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
     )
-    fsdp: bool = _opt(
+    fsdp: bool = setting(
         False,
         "shard base weights and LoRA factors over the processes with FSDP2 (under torchrun; accelerate launch "
         "with an FSDP config turns it on itself)",
@@ -85,11 +96,11 @@ class PruneConfig:
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive")
         require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        require(self.criterion in CRITERIA, "criterion", f"must be one of {', '.join(CRITERIA)}")
+        require(self.criterion in CRITERION_NAMES, "criterion", f"must be one of {', '.join(CRITERION_NAMES)}")
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")
-        require(self.schedule in SCHEDULE_SHAPES, "schedule", f"must be one of {', '.join(SCHEDULE_SHAPES)}")
+        require(self.schedule in SCHEDULE_NAMES, "schedule", f"must be one of {', '.join(SCHEDULE_NAMES)}")
         require(self.task is None or self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")

@@ -1,9 +1,11 @@
 """Tasks: what a model is fine-tuned on while it is pruned, and how it is measured. One entry each.
 
-A task is data + four functions: how a dataset split is read, how training examples are made
+A task is data + functions: how a dataset split is read, how training examples are made
 (from the *dense* model, before LoRA is attached: the embedding task's teacher targets come
-from it), the loss of one batch, and the evaluation. The architecture table says each
-family's default task (`Arch.task`); `--task` overrides it.
+from it), the loss of one batch, the evaluation, and what proves a saved folder reloads. The
+job (job.py) runs every task through the same steps; nothing outside this table and the
+architecture table (archs.py) needs to know a task by name. Each family's default task is
+`Arch.task`; `--task` overrides it.
 
 - causal-lm: next-token loss on token windows; perplexity.
 - embedding (BERT sentence encoders): loss 1 − cos(pruned mean-pooled embedding, dense
@@ -24,10 +26,18 @@ from torch import Tensor, nn
 
 from .archs import arch_for
 from .config import TASK_NAMES
-from .data import load_images, load_sentences, load_text, num_examples, pad_sentences, tokenize, trim_padding, windows
 from .errors import LoraPruneError
-from .evaluate import count_parameters, perplexity
-from .train import causal_lm_loss
+from .pipeline.data import (
+    load_images,
+    load_sentences,
+    load_text,
+    num_examples,
+    pad_sentences,
+    tokenize,
+    trim_padding,
+    windows,
+)
+from .pipeline.evaluate import count_parameters, greedy_generate, perplexity
 
 SPEED_REPEATS = 3  # throughput is the median of this many timings
 MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long
@@ -37,16 +47,24 @@ MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set f
 class Task:
     name: str
     auto_class: str  # the transformers Auto class that loads such a model
+    processor: str  # what preprocesses its inputs: "tokenizer" (text) or "image" (an image processor)
     load: Callable[[str, str], Any]  # (data spec, split) -> raw data (text, sentences, images)
     examples: Callable[..., Tensor | dict]  # (dense model, tokenizer, raw, config) -> training examples
-    loss: Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar loss
-    eval_set: Callable[..., Any]  # (dense model, tokenizer, raw, seq_len, limit) -> what evaluate reads
+    loss: Callable[[nn.Module, Any], Tensor]  # (model, batch on the CPU) -> scalar loss
+    # (teacher or None, tokenizer, raw, seq_len, limit) -> what evaluate reads; the teacher is the
+    # dense model where the task compares with it (embedding), unused otherwise
+    eval_set: Callable[..., Any]
     evaluate: Callable[..., dict]  # (model, eval set, batch size, progress) -> metrics
-    # metrics shown in summary tables: (key, label, format)
+    probe: Callable[[nn.Module, Any], dict | None]  # (model, eval set or None) -> inputs for the reload check
+    # metrics shown in tables: (key, label, format); labels may name {data}, {split}, {seq_len}, {task}
     metrics: tuple[tuple[str, str, str], ...] = ()
+    heading: str | None = None  # a line above the metrics in the summary (the same fields)
     # speed: one timed pass over the eval set, and the metric key it is reported under
     timed_pass: Callable[..., Any] | None = None  # (model, eval set, batch size) -> anything
     speed_key: str | None = None
+    sample: Callable[[nn.Module, Any], str] | None = None  # (model, tokenizer) -> text printed after a run
+    compares_to_dense: bool = False  # evaluation needs the dense model (eval: --reference)
+    multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -59,6 +77,13 @@ def _to(batch: dict, device) -> dict:
 
 # ---- causal LM ----
 
+PROMPT = "the company said it expects"  # the greedy sample printed after a run
+
+
+def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    batch = batch.to(_device(model))
+    return model(input_ids=batch, labels=batch).loss
+
 
 def _lm_examples(model, tokenizer, text: str, config) -> Tensor:
     return windows(tokenize(tokenizer, text), config.seq_len)
@@ -70,6 +95,16 @@ def _lm_eval_set(model, tokenizer, text: str, seq_len: int, limit: int | None) -
 
 def _lm_evaluate(model, eval_set: Tensor, batch_size: int = 8, progress: bool = False) -> dict:
     return perplexity(model, eval_set, batch_size, progress=progress)
+
+
+def _lm_probe(model, eval_set) -> dict:
+    """16 seeded random token ids: they check the weights whether or not there was an evaluation."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids.to(_device(model))}
+
+
+def _lm_sample(model, tokenizer) -> str:
+    return f"greedy sample: {PROMPT!r} -> {greedy_generate(model, tokenizer, PROMPT, max_new_tokens=20)!r}"
 
 
 # ---- sentence embeddings ----
@@ -109,10 +144,13 @@ def embedding_loss(model: nn.Module, batch: dict) -> Tensor:
     return 1 - F.cosine_similarity(embeddings, batch["target"].to(embeddings.device), dim=-1).mean()
 
 
-def _embedding_examples(model, tokenizer, sentences: list[str], config) -> dict:
+def _embedding_examples(model, tokenizer, sentences: list[str] | str, config) -> dict:
     """The sentences training will see, with their dense teacher embeddings (computed once, here).
     Training draws steps × batch size × grad accum sentences: when the data has more, a sample
-    of that many (seeded by --seed) is encoded, not all of it (PTB train has 42k sentences)."""
+    of that many (seeded by --seed) is encoded, not all of it (PTB train has 42k sentences).
+    A text is one sentence per non-empty line."""
+    if isinstance(sentences, str):
+        sentences = [line.strip() for line in sentences.split("\n") if line.strip()]
     needed = config.steps * config.batch_size * config.grad_accum
     if len(sentences) > needed:
         picked = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(config.seed))[:needed]
@@ -121,9 +159,17 @@ def _embedding_examples(model, tokenizer, sentences: list[str], config) -> dict:
     return {**inputs, "target": encode(model, inputs)}  # the dense teacher, computed once up front
 
 
-def _embedding_eval_set(model, tokenizer, sentences: list[str], seq_len: int, limit: int | None) -> dict:
+def _embedding_eval_set(teacher, tokenizer, sentences: list[str], seq_len: int, limit: int | None) -> dict:
     inputs = pad_sentences(tokenizer, sentences[:limit], seq_len)
-    return {**inputs, "teacher": encode(model, inputs)}
+    return inputs if teacher is None else {**inputs, "teacher": encode(teacher, inputs)}
+
+
+def _input_probe(model, eval_set: dict | None) -> dict | None:
+    """The first few examples' model inputs (no targets, no labels), or None without an eval set."""
+    if eval_set is None:
+        return None
+    names = ("input_ids", "attention_mask", "pixel_values")
+    return {k: v[:4].to(_device(model)) for k, v in eval_set.items() if k in names}
 
 
 def neighbours(embeddings: Tensor, k: int) -> Tensor:
@@ -246,21 +292,31 @@ TASKS: dict[str, Task] = {
     "causal-lm": Task(
         "causal-lm",
         "AutoModelForCausalLM",
+        "tokenizer",
         load_text,
         _lm_examples,
         causal_lm_loss,
         _lm_eval_set,
         _lm_evaluate,
-        metrics=(("perplexity", "perplexity", ".2f"),),
+        _lm_probe,
+        metrics=(
+            ("perplexity", "{data} {split} perplexity ({seq_len}-token windows)", ".2f"),
+            ("tokens", "  tokens scored", "d"),
+        ),
+        sample=_lm_sample,
+        multi_process=True,
     ),
     "embedding": Task(
         "embedding",
         "AutoModel",
+        "tokenizer",
         load_sentences,
         _embedding_examples,
         embedding_loss,
         _embedding_eval_set,
         _embedding_evaluate,
+        _input_probe,
+        heading="{data} {split} ({task}):",
         metrics=(
             ("cosine_to_dense", "mean cosine to the dense embedding", ".4f"),
             ("top1_agreement", "top-1 neighbour agreement with dense", ".3f"),
@@ -270,15 +326,19 @@ TASKS: dict[str, Task] = {
         ),
         timed_pass=_embedding_pass,
         speed_key="sentences_per_second",
+        compares_to_dense=True,
     ),
     "image-classification": Task(
         "image-classification",
         "AutoModelForImageClassification",
+        "image",
         load_images,
         _image_examples,
         classification_loss,
         _image_eval_set,
         _image_evaluate,
+        _input_probe,
+        heading="{data} {split} ({task}):",
         metrics=(
             ("accuracy", "test accuracy", ".4f"),
             ("images_per_second", "speed, images/s", ".0f"),
@@ -308,11 +368,24 @@ def auto_class_for(model_config, name: str | None = None):
     return getattr(transformers, task_for(model_config, name).auto_class)
 
 
-def metric_rows(task_name: str, dense: dict | None, pruned: dict | None) -> list[tuple[str, str, str]]:
-    """(label, dense value, pruned value) for each of the task's metrics present in either result."""
+def meta_model(model_config, name: str | None = None) -> nn.Module:
+    """The task's model of this config on the meta device: shapes and parameter counts, no weights."""
+    with torch.device("meta"):
+        return auto_class_for(model_config, name).from_config(model_config)
+
+
+def model_output(model: nn.Module, inputs: dict) -> tuple[str, Tensor]:
+    """What a model computes on its inputs, named: ("logit", logits) or ("output", last hidden states)."""
+    out = model(**inputs)
+    return ("logit", out.logits) if hasattr(out, "logits") else ("output", out.last_hidden_state)
+
+
+def metric_rows(task_name: str, *results: dict | None, fields: dict | None = None) -> list[tuple[str, ...]]:
+    """(label, value per result) for each of the task's metrics present in any result; labels are
+    filled in from `fields` (data, split, seq_len, task)."""
     rows = []
     for key, label, fmt in TASKS[task_name].metrics:
-        values = [format(result[key], fmt) if result and key in result else "" for result in (dense, pruned)]
+        values = [format(result[key], fmt) if result and key in result else "" for result in results]
         if any(values):
-            rows.append((label, *values))
+            rows.append((label.format(**(fields or {})), *values))
     return rows

@@ -3,13 +3,14 @@ from its config alone (shapes on the meta device; no weights are read)."""
 
 from dataclasses import replace
 
-from .archs import arch_for
-from .config import PruneConfig
-from .errors import LoraPruneError
-from .evaluate import count_prunable
-from .groups import LayerGroups
-from .shrink import stock_config_error
-from .target import ParameterCounts
+from ..archs import arch_for
+from ..config import PruneConfig
+from ..errors import LoraPruneError
+from ..pipeline.evaluate import count_prunable
+from ..pipeline.groups import LayerGroups
+from ..pipeline.shrink import stock_config_error
+from ..pipeline.target import ParameterCounts
+from ..tasks import meta_model
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -31,15 +32,11 @@ def _ratio_row(model_config, counts: ParameterCounts, config: PruneConfig) -> di
 
 def describe(model_config, skip_layers: str = "first10pct,last") -> dict:
     """Family, sizes, prunable groups, parameters, and the ratio table of a model config."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     arch = arch_for(model_config)
     groups = LayerGroups.from_config(model_config, arch)
     config = PruneConfig(skip_layers=skip_layers)
     counts = ParameterCounts.of(model_config, config)
-    with torch.device("meta"):
-        prunable = count_prunable(AutoModelForCausalLM.from_config(model_config), arch)
+    prunable = count_prunable(meta_model(model_config), arch)
     layers = model_config.num_hidden_layers
     return {
         "family": model_config.model_type,

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .archs import Arch
-from .config import PruneConfig
+from ..archs import Arch
+from ..config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
-from .importance import Criterion, make_criterion, projection_scores
+from .importance import Criterion
+from .scoring import make_criterion, projection_scores
 
 
 def _mask_input(mask: Tensor):
@@ -61,7 +62,6 @@ class Pruner:
         self.channel_score = torch.zeros(n, g.channels)
         self.score_updates = 0
         self.skipped_updates = 0  # updates dropped because a score was NaN/inf
-        self.groups.kept_at(config.ratio, config.uniform)  # fail now if a layer would lose everything
 
         device = next(model.parameters()).device
         self.head_masks = torch.ones(n, g.heads * g.head_dim, device=device)
@@ -76,14 +76,13 @@ class Pruner:
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         for weight in self.scored_weights:
             weight.requires_grad_(True)
-        if hasattr(self.criterion, "attach"):  # a criterion that collects its own statistics (sketch.py)
-            self.criterion.attach([m for i in self.prunable for m in self.projections(i).values()])
+        self.criterion.attach([m for i in self.prunable for m in self.projections(i).values()])
 
     @property
     def scored_weights(self) -> list[nn.Parameter]:
         """The base weights whose true gradient the criterion reads (none for most criteria); looked
         up each time because FSDP replaces the parameter objects when it shards them."""
-        if not getattr(self.criterion, "needs_weight_grad", False):
+        if not self.criterion.needs_weight_grad:
             return []
         return [m.base_layer.weight for i in self.prunable for m in self.projections(i).values()]
 
@@ -96,8 +95,7 @@ class Pruner:
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
-        if hasattr(self.criterion, "synchronize"):  # several processes: average its own statistics
-            self.criterion.synchronize()
+        self.criterion.synchronize()  # several processes: average what the criterion collected
         try:
             new = [self.layer_scores(i) for i in self.prunable]
         finally:
@@ -129,21 +127,17 @@ class Pruner:
         return (1 - self.head_alive[rows].float().mean().item(), 1 - self.channel_alive[rows].float().mean().item())
 
     def state_dict(self) -> dict[str, Tensor | int]:
-        """Masks, score averages, counters and the random criterion's generator: what a checkpoint needs."""
+        """Masks, score averages, counters and the criterion's state: what a checkpoint needs."""
         state = {name: getattr(self, name) for name in ("head_alive", "channel_alive", "head_score", "channel_score")}
         state.update(score_updates=self.score_updates, skipped_updates=self.skipped_updates)
-        generator = getattr(self.criterion, "generator", None)
-        if generator is not None:
-            state["criterion_rng"] = generator.get_state()
-        return state
+        return state | self.criterion.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s values and the masks they imply."""
         for name in ("head_alive", "channel_alive", "head_score", "channel_score"):
             getattr(self, name).copy_(state[name])
         self.score_updates, self.skipped_updates = int(state["score_updates"]), int(state["skipped_updates"])
-        if "criterion_rng" in state:
-            self.criterion.generator.set_state(state["criterion_rng"])
+        self.criterion.load_state_dict(state)
         for i in self.prunable:
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
@@ -152,8 +146,7 @@ class Pruner:
         """Drop what this step's backward left for scoring: dL/dW0, the criterion's own statistics."""
         for weight in self.scored_weights:
             weight.grad = None
-        if hasattr(self.criterion, "next_step"):
-            self.criterion.next_step()
+        self.criterion.next_step()
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -164,8 +157,7 @@ class Pruner:
         """Remove the masks' (and the criterion's) hooks and freeze the base weights again (after training)."""
         self.remove_hooks()
         self.clear_step_gradients()
-        if hasattr(self.criterion, "detach"):
-            self.criterion.detach()
+        self.criterion.detach()
         for weight in self.scored_weights:
             weight.requires_grad_(False)
 

@@ -9,19 +9,12 @@ window, 0..1):
 - oneshot: everything at the window's first pruning step, then fine-tuning only (recovery).
 """
 
-import math
 from dataclasses import dataclass
 
-from .errors import LoraPruneError
+from ..config import SCHEDULE_NAMES, round_half_up
+from ..errors import LoraPruneError
 
-SHAPES = ("cubic", "linear", "exponential", "oneshot")
-
-
-def round_half_up(x: float) -> int:
-    """floor(x + 0.5): the one rounding rule of every count (groups, warmup/cooldown steps, skipped
-    layers). Python's round() is banker's rounding (4.5 -> 4, 5.5 -> 6): counts should not depend on
-    parity. The 1e-9 absorbs float error in products such as 0.1 * 45."""
-    return math.floor(x + 0.5 + 1e-9)
+SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; config.py validates --schedule against them
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .archs import Arch
-from .errors import LoraPruneError
-from .schedule import round_half_up
+from ..archs import Arch
+from ..config import round_half_up
+from ..errors import LoraPruneError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ of W0 + s·B·A. The model config is then rebuilt from the weights' real shapes.
 import torch
 from torch import Tensor, nn
 
-from .archs import Arch
+from ..archs import Arch
 from .groups import LayerGroups
 from .modeling_pruned import LAYOUT_KEY, is_grouped_evenly, set_kv_layout, set_size_attributes
 

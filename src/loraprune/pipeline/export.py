@@ -17,10 +17,11 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import LoraPruneError, write_error
+from ..tasks import task_for
+from ..tools.report import REPORT_FILE, SCORES_FILE, write_report
 from . import modeling_pruned
-from .errors import LoraPruneError, write_error
 from .modeling_pruned import LAYOUT_KEY
-from .report import REPORT_FILE, SCORES_FILE, write_report
 
 MODELING_FILE = "modeling_loraprune.py"
 SETTINGS_FILE = "loraprune.yaml"
@@ -32,18 +33,6 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise LoraPruneError(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise LoraPruneError(f"output folder {output} exists and is not empty; pass --overwrite or choose another")
-
-
-def auto_class_name(model: nn.Module) -> str:
-    """The transformers Auto class that loads this kind of model (the auto_map key)."""
-    name = type(model).__name__
-    for suffix, auto in (
-        ("ForCausalLM", "AutoModelForCausalLM"),
-        ("ForImageClassification", "AutoModelForImageClassification"),
-    ):
-        if name.endswith(suffix):
-            return auto
-    return "AutoModel"
 
 
 def pruned_class_name(model: nn.Module) -> str:
@@ -59,7 +48,8 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
     temporary folder beside it first, renamed into place only when complete."""
     with staged_folder(Path(output), overwrite, "saving the pruned model") as staging:
         if hasattr(model.config, LAYOUT_KEY):
-            model.config.auto_map = {auto_class_name(model): f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
+            auto_class = task_for(model.config, report.get("task")).auto_class  # the auto_map key
+            model.config.auto_map = {auto_class: f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
             shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:  # a tokenizer, or an image processor for an image model

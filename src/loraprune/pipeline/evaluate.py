@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .archs import Arch, arch_for
-from .errors import LoraPruneError
+from ..archs import Arch, arch_for
+from ..errors import LoraPruneError
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:

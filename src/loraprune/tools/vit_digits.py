@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_images
+from ..pipeline.data import load_images
 
 EMBEDDED = "vit-digits"
 CACHE = Path(os.environ.get("LORAPRUNE_CACHE", Path.home() / ".cache" / "loraprune")) / EMBEDDED

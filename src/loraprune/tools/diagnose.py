@@ -17,19 +17,21 @@ no preferred direction), and the merged weight is W0. Later the estimate is s·(
 less a small cross term: still G seen through 2r directions, which training turns towards G's.
 """
 
+import json
+
 import torch
 from torch import Tensor, nn
 
-from .archs import Arch, arch_for
-from .config import PruneConfig
-from .data import BatchSampler
-from .groups import LayerGroups
-from .importance import LoraFactors, lora_gradient_estimate, lora_guided, magnitude, weight_gradient
-from .lora import attach_lora
-from .pruner import group_scores
-from .schedule import round_half_up
-from .sketch import SketchScores
-from .train import causal_lm_loss, lora_optimizer
+from ..archs import Arch, arch_for
+from ..config import PruneConfig, round_half_up
+from ..pipeline.data import BatchSampler
+from ..pipeline.groups import LayerGroups
+from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
+from ..pipeline.lora import attach_lora
+from ..pipeline.pruner import group_scores
+from ..pipeline.scoring import read_factors
+from ..pipeline.sketch import SketchScores
+from ..pipeline.train import lora_optimizer
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
 SPEARMANS = ("spearman", "magnitude_spearman", "sketch_spearman")  # lora, magnitude, sketch vs gradient
@@ -58,7 +60,7 @@ def estimate_error(module: nn.Module, block_rows: int = 1024) -> dict[str, float
     """Cosine and relative error of the LoRA estimate to the true dL/dW0 (both must be in .grad)."""
     dot = estimate_sq = true_sq = 0.0
     for start in range(0, module.base_layer.weight.shape[0], block_rows):
-        f = LoraFactors.of(module, slice(start, start + block_rows))
+        f = read_factors(module, slice(start, start + block_rows))
         estimate, true = lora_gradient_estimate(f).double(), f.weight_grad.double()
         dot += (estimate * true).sum().item()
         estimate_sq += estimate.square().sum().item()
@@ -71,7 +73,13 @@ def estimate_error(module: nn.Module, block_rows: int = 1024) -> dict[str, float
 
 
 def measure(
-    model: nn.Module, arch: Arch, groups: LayerGroups, probe: list[Tensor], normalize: bool, layers_per_pass: int = 1
+    model: nn.Module,
+    arch: Arch,
+    groups: LayerGroups,
+    probe: list,
+    normalize: bool,
+    loss_fn,
+    layers_per_pass: int = 1,
 ) -> list[dict]:
     """Per layer: estimate error per module, and lora-vs-gradient group-score agreement.
 
@@ -90,7 +98,7 @@ def measure(
         sketch.attach(modules)  # one draw of the sketch criterion's directions, on the same passes
         model.zero_grad(set_to_none=True)
         for batch in probe:
-            causal_lm_loss(model, batch).backward()
+            loss_fn(model, batch).backward()
         all_heads = torch.ones(groups.heads, dtype=torch.bool)
         for i in chunk:
             projections = arch.projections(layers[i])
@@ -136,15 +144,17 @@ def summarize(layers: list[dict]) -> dict:
 
 def diagnose(
     model: nn.Module,
-    train_windows: Tensor,
+    train_windows,
     config: PruneConfig,
+    loss_fn,
     at_steps: list[int],
     probe_batches: int = 2,
     layers_per_pass: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune LoRA on `train_windows` (no pruning; config's lr, batch, LoRA settings) and
-    measure the estimate at each of `at_steps` (0: before any step) on fixed probe batches."""
+    """Fine-tune LoRA on `train_windows` (no pruning; config's lr, batch, LoRA settings) with the
+    task's `loss_fn` and measure the estimate at each of `at_steps` (0: before any step) on fixed
+    probe batches."""
     from tqdm.auto import tqdm
 
     arch = arch_for(model.config)
@@ -163,12 +173,12 @@ def diagnose(
     peft_model.train()
     for target in steps:
         while step < target:
-            causal_lm_loss(peft_model, next(batches)).backward()
+            loss_fn(peft_model, next(batches)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update()
-        layers = measure(base, arch, groups, probe, config.normalize, layers_per_pass)
+        layers = measure(base, arch, groups, probe, config.normalize, loss_fn, layers_per_pass)
         b_norm = sum(m.lora_B["default"].weight.norm().item() ** 2 for m in _lora_modules(base, arch)) ** 0.5
         points.append({"step": step, "lora_B_norm": b_norm, "summary": summarize(layers), "layers": layers})
         bar.update()
@@ -180,6 +190,38 @@ def diagnose(
         "probe_batches": probe_batches,
         "points": points,
     }
+
+
+def run_diagnose(settings, training: PruneConfig) -> dict:
+    """`loraprune diagnose`: fine-tune `settings.model` on `settings.data` with `training`'s LoRA
+    settings, measure at `settings.at_steps`, and write diagnose.json, diagnose.md, diagnose.png."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ..pipeline.export import check_output, staged_folder
+    from ..pipeline.load import load_config, load_model
+    from ..tasks import task_for
+    from .plots import plot_diagnosis
+
+    output, at_steps = Path(settings.output), settings.steps
+    check_output(output, settings.overwrite)
+    config = replace(training, ratio=0.0, steps=max(at_steps[-1], 1))
+    task = task_for(load_config(settings.model), config.task)
+    data = task.load(settings.data, "train")
+    model, tokenizer = load_model(settings.model, task=task)
+    examples = task.examples(model, tokenizer, data, config)
+    result = diagnose(model, examples, config, task.loss, at_steps, settings.probe_batches,
+                      settings.layers_per_pass, progress=not settings.quiet)  # fmt: skip
+    result.update(model=settings.model, data=settings.data)
+    tables = format_diagnosis(result)
+    with staged_folder(output, settings.overwrite, "saving the diagnosis") as staging:
+        (staging / "diagnose.json").write_text(json.dumps(result, indent=2))
+        plot_diagnosis(result, staging / "diagnose.png")
+        title = f"# LoRA gradient estimate: {settings.model} on {settings.data}\n\n"
+        (staging / "diagnose.md").write_text(title + tables + "\n![per-layer agreement](diagnose.png)\n")
+    print(tables)
+    print(f"wrote {output / 'diagnose.md'}, diagnose.json and diagnose.png")
+    return result
 
 
 def _lora_modules(model: nn.Module, arch: Arch) -> list[nn.Module]:

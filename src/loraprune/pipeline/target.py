@@ -9,14 +9,12 @@ k/v head stays, so the prediction is a lower bound and the run may remove slight
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
-import torch
-
-from .archs import arch_for
-from .config import PruneConfig
-from .errors import LoraPruneError
+from ..archs import arch_for
+from ..config import PruneConfig
+from ..errors import LoraPruneError
+from ..tasks import meta_model
 from .evaluate import count_parameters
 from .groups import LayerGroups
-from .tasks import auto_class_for
 
 
 @dataclass(frozen=True)
@@ -33,8 +31,7 @@ class ParameterCounts:
     @classmethod
     def of(cls, model_config, config: PruneConfig) -> "ParameterCounts":
         arch = arch_for(model_config)
-        with torch.device("meta"):
-            model = auto_class_for(model_config, config.task).from_config(model_config)
+        model = meta_model(model_config, config.task)
         layers = arch.layers_of(model)
         p = arch.projections(layers[0])
 
@@ -79,9 +76,8 @@ def candidate_ratios(groups: LayerGroups, uniform: bool) -> list[float]:
     return [_between(low, high) for low, high in pairwise(edges)]
 
 
-def ratio_for_target_params(model_config, config: PruneConfig) -> float:
+def ratio_for_target_params(counts: ParameterCounts, config: PruneConfig) -> float:
     """The group ratio whose removed fraction of all parameters is closest to config.target_params."""
-    counts = ParameterCounts.of(model_config, config)
     reachable = {}
     for ratio in candidate_ratios(counts.groups, config.uniform):
         try:
@@ -99,14 +95,12 @@ def ratio_for_target_params(model_config, config: PruneConfig) -> float:
     return best
 
 
-def removed_fraction(model_config, config: PruneConfig) -> float:
-    """Predicted fraction of all parameters that config.ratio removes (k/v heads assumed kept)."""
-    counts = ParameterCounts.of(model_config, config)
-    return counts.removed(config.ratio, config.uniform) / counts.total
-
-
-def resolve_ratio(model_config, config: PruneConfig) -> PruneConfig:
-    """`config` with --ratio replaced by the one --target-params asks for (unchanged without it)."""
+def resolve_ratio(model_config, config: PruneConfig) -> tuple[PruneConfig, dict | None]:
+    """`config` with --ratio replaced by the one --target-params asks for, and the target's
+    requested and predicted fractions of all parameters (unchanged and None without it)."""
     if config.target_params is None:
-        return config
-    return replace(config, ratio=ratio_for_target_params(model_config, config))
+        return config, None
+    counts = ParameterCounts.of(model_config, config)
+    config = replace(config, ratio=ratio_for_target_params(counts, config))
+    predicted = counts.removed(config.ratio, config.uniform) / counts.total
+    return config, {"requested": config.target_params, "predicted": predicted}

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import LoraPruneError, write_error
 from . import fsdp
-from .errors import LoraPruneError, write_error
 
 SUFFIX = ".checkpoints"
 TENSORS_FILE, STATE_FILE, MARKER = "state.safetensors", "state.json", "COMPLETE"

@@ -34,7 +34,7 @@ from tqdm import tqdm
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .errors import LoraPruneError  # noqa: E402
+from ..errors import LoraPruneError  # noqa: E402
 
 TASK_DIR = Path(__file__).parent / "harness_tasks"
 LOCAL_TASKS = {
@@ -207,7 +207,7 @@ def harness_eval(
     model: str, tasks: str, data: str | None, seq_len: int, batch_size: int = 8, limit: int | None = None
 ) -> dict:
     """`loraprune eval --tasks`: load `model` as every other command does, then run the harness."""
-    from .load import load_model
+    from ..pipeline.load import load_model
 
     if seq_len < 2:
         raise LoraPruneError(f"--seq-len must be at least 2 (got {seq_len})")

@@ -9,10 +9,9 @@ backward (with the logits and their cross-entropy gradient), and the score block
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .archs import arch_for
+from ..archs import arch_for
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # activation elements kept for backward per token and layer, in units of hidden (h) and MLP (m)
@@ -42,10 +41,9 @@ class Estimate:
 
 def estimate(model_config, batch_size: int, seq_len: int, lora_r: int = 8, dtype: str = "float32") -> Estimate:
     """Expected peak bytes of a training step for this config (gradient checkpointing off)."""
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
+    from ..tasks import meta_model
 
-        model = AutoModelForCausalLM.from_config(model_config)
+    model = meta_model(model_config)
     arch = arch_for(model.config)
     targets = [
         module

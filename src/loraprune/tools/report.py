@@ -4,7 +4,7 @@ and report.md with plots in the run folder."""
 import json
 from pathlib import Path
 
-from .errors import LoraPruneError
+from ..errors import LoraPruneError
 
 REPORT_FILE = "loraprune.json"
 SCORES_FILE = "loraprune_scores.safetensors"
@@ -41,19 +41,8 @@ def format_summary(report: dict) -> str:
         ("total parameters removed", "", f"{removed['total_parameters']:.1%}"),
     ]
     evaluation = report.get("evaluation")
-    if evaluation and evaluation.get("task", "causal-lm") != "causal-lm":
-        from .tasks import metric_rows  # the task's own metrics (embedding, image-classification)
-
-        rows.append((f"{evaluation['data']} {evaluation['split']} ({evaluation['task']}):", "", ""))
-        rows += [
-            (f"  {label}", dense, pruned)
-            for label, dense, pruned in metric_rows(evaluation["task"], evaluation["dense"], evaluation["pruned"])
-        ]
-    elif evaluation:
-        dense, pruned = evaluation["dense"], evaluation["pruned"]
-        label = f"{evaluation['data']} {evaluation['split']} perplexity ({evaluation['seq_len']}-token windows)"
-        rows.append((label, f"{dense['perplexity']:.2f}", f"{pruned['perplexity']:.2f}"))
-        rows.append(("  tokens scored", str(dense["tokens"]), str(pruned["tokens"])))
+    if evaluation:
+        rows += _metric_rows(evaluation, evaluation["dense"], evaluation["pruned"])
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(
@@ -67,33 +56,30 @@ def format_summary(report: dict) -> str:
 
 def format_eval(result: dict) -> str:
     """The table printed by `loraprune eval`."""
-    if result.get("task", "causal-lm") != "causal-lm":
-        from .tasks import metric_rows
-
-        rows = [("model", result["model"]), ("task, data", f"{result['task']}, {result['data']} {result['split']}")]
-        if result.get("reference"):
-            rows.append(("compared with (dense reference)", result["reference"]))
-        rows += [(label, value) for label, value, _ in metric_rows(result["task"], result, None)]
-        rows += [
-            ("parameters, total", _millions(result["parameters"])),
-            ("parameters, prunable", _millions(result["prunable_parameters"])),
-            ("seconds", f"{result['seconds']:.1f}"),
-        ]
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
-    rows = [
-        ("model", result["model"]),
-        (
-            f"{result['data']} {result['split']} perplexity ({result['seq_len']}-token windows)",
-            f"{result['perplexity']:.3f}",
-        ),
-        ("tokens scored / windows", f"{result['tokens']} / {result['windows']}"),
+    rows = [("model", result["model"])]
+    if result.get("reference"):
+        rows.append(("compared with (dense reference)", result["reference"]))
+    rows += [row[:2] for row in _metric_rows(result, result)]
+    rows += [
         ("parameters, total", _millions(result["parameters"])),
         ("parameters, prunable", _millions(result["prunable_parameters"])),
         ("seconds", f"{result['seconds']:.1f}"),
     ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:
+    """The task's metric rows of `results`, under the task's heading if it has one (tasks.py)."""
+    from ..tasks import TASKS, metric_rows
+
+    task = TASKS[evaluation.get("task", "causal-lm")]  # runs saved before the task was recorded: causal LMs
+    fields = {"task": task.name, "data": evaluation["data"], "split": evaluation["split"]}
+    fields["seq_len"] = evaluation.get("seq_len")
+    rows = metric_rows(task.name, *results, fields=fields)
+    if task.heading is None:
+        return rows
+    return [(task.heading.format(**fields), *("" for _ in results)), *((f"  {r[0]}", *r[1:]) for r in rows)]
 
 
 def write_report(run_dir: Path) -> Path:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .errors import LoraPruneError
+from ..errors import LoraPruneError
 
 ACCELERATE_ENV = "ACCELERATE_USE_FSDP"
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import LoraPruneError
 from . import fsdp
-from .errors import LoraPruneError
 
 # rank 0 evaluates the dense model before training and saves + reloads after it while the others
 # wait in a collective: the process group's timeout must outlast that (override in seconds)

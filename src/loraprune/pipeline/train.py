@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed, fsdp
-from .checkpoint import Checkpoint, Checkpointer
-from .config import PruneConfig
-from .errors import LoraPruneError
+from ..config import PruneConfig
+from ..errors import LoraPruneError
+from ..runtime import distributed, fsdp
+from ..runtime.checkpoint import Checkpoint, Checkpointer
 from .pruner import Pruner
 from .schedule import SparsitySchedule
 
@@ -28,10 +28,6 @@ class History:
     pruning_steps: list[int] = field(default_factory=list)
     # NaN/inf loss or LoRA gradient: no score update, no optimizer step
     skipped_steps: list[int] = field(default_factory=list)
-
-
-def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    return model(input_ids=batch, labels=batch).loss
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -69,17 +65,17 @@ def train(
     pruner: Pruner,
     batches: Iterator[Tensor],
     config: PruneConfig,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
-    loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
     on_pruning_step: Callable[[int, Pruner], None] | None = None,
 ) -> History:
     """Run `config.steps` optimizer steps on the LoRA parameters of `model`, pruning as scheduled.
 
     With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
     `Interrupted`); with `resume`, training continues from that checkpoint's step.
-    `loss_fn(model, batch)` is the task's loss (tasks.py); next-token loss by default.
+    `loss_fn(model, batch)` is the task's loss (tasks.py); it moves the batch to the model's device.
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
@@ -87,13 +83,12 @@ def train(
     history = History()
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
     nan_run = _trailing_run(history.skipped_steps, first - 1)
-    device = next(model.parameters()).device
     model.train()
     ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, device, loss_fn)
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
             nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -130,16 +125,7 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _to_device(batch, device):
-    """A batch tensor, or a dict of them (encoder tasks), on `device`."""
-    if isinstance(batch, dict):
-        return {name: tensor.to(device) for name, tensor in batch.items()}
-    return batch.to(device)
-
-
-def _step(
-    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, device, loss_fn=causal_lm_loss
-) -> tuple[float, bool]:
+def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn) -> tuple[float, bool]:
     """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
     finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
@@ -147,7 +133,7 @@ def _step(
         # DDP: gradients are all-reduced once, in the last micro-batch's backward
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            micro_loss = loss_fn(model, _to_device(next(batches), device)) / config.grad_accum
+            micro_loss = loss_fn(model, next(batches)) / config.grad_accum
             micro_loss.backward()
         loss += micro_loss.item()
     loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from .errors import LoraPruneError
+from ..errors import LoraPruneError
 
 _QUANTIZED = ("Int8Params", "Params4bit")
 

@@ -17,9 +17,10 @@ rank of a multi-process run draws the same R, and a checkpoint restores the gene
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from ..runtime import distributed
+from .importance import LoraFactors, Seeded
 
-SKETCH_ATTRIBUTE = "loraprune_gradient_sketch"  # where LoraFactors.of finds a module's sketch
+SKETCH_ATTRIBUTE = "loraprune_gradient_sketch"  # where scoring.read_factors finds a module's sketch
 
 
 class GradientSketch:
@@ -55,13 +56,11 @@ class GradientSketch:
         delattr(self.module, SKETCH_ATTRIBUTE)
 
 
-class SketchScores:
+class SketchScores(Seeded):
     """|(G·Rᵀ)·R ⊙ (W0 + s·B·A)| from gradient sketches (see the module docstring)."""
 
-    needs_lora_grads = needs_weight_grad = False
-
     def __init__(self, seed: int = 0, rank: int = 8):
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(seed)
         self.rank = rank
         self.sketches: list[GradientSketch] = []
 
@@ -83,7 +82,7 @@ class SketchScores:
             sketch.remove()
         self.sketches = []
 
-    def __call__(self, f) -> Tensor:
+    def __call__(self, f: LoraFactors) -> Tensor:
         if f.sketch_product is None:
             raise RuntimeError("no gradient sketch: run forward and backward with the criterion attached first")
         merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling)

@@ -4,8 +4,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .archs import Arch
-from .config import PruneConfig
+from ..archs import Arch
+from ..config import PruneConfig
 
 
 def attach_lora(model: nn.Module, arch: Arch, config: PruneConfig) -> PeftModel:

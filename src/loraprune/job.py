@@ -1,0 +1,128 @@
+"""The jobs behind `loraprune prune` and `loraprune eval`, one path for every task (tasks.py):
+check → load → evaluate dense → prune → evaluate pruned → save → reload with stock transformers."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from .api import check_compatible, prune
+from .config import PruneConfig
+from .errors import LoraPruneError
+from .pipeline.evaluate import count_parameters, count_prunable
+from .pipeline.export import check_output, save_pruned
+from .pipeline.load import load_config, load_model
+from .pipeline.modeling_pruned import LAYOUT_KEY
+from .runtime import distributed, fsdp
+from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
+from .settings import EvalSettings, RunSettings, record
+from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
+from .tools.report import REPORT_FILE, format_summary
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None = None) -> dict:
+    """Prune `run.model` on `run.data`'s train split, compare it with the dense model on the test
+    split, save it to `run.output`, then reload the folder with stock transformers and print.
+
+    Checkpoints go to OUT.checkpoints every `run.checkpoint_every` steps and on Ctrl-C
+    (checkpoint.py); `resume` continues from one. They are removed once the output is saved."""
+    started = time.perf_counter()
+    output, progress, evaluate = Path(run.output), not run.quiet, run.evaluate
+    check_output(output, run.overwrite)  # every check that needs no weights comes first
+    plan = check_compatible(load_config(run.model), config)
+    task = plan.task
+    # torchrun / accelerate launch: every rank trains (DDP), rank 0 alone evaluates, prints and writes
+    main = not distributed.init() or distributed.is_main()
+    if not main:
+        evaluate = progress = False
+    several = distributed.active() or fsdp.requested(config.fsdp)
+    if several and not (task.multi_process and run.quantize_bits is None):
+        what = f"--load-in-{run.quantize_bits}bit" if run.quantize_bits else f"the {task.name} task"
+        raise LoraPruneError(
+            f"several processes and FSDP support causal LMs without 8-/4-bit loading so far, not {what}: "
+            "run it in one process without --fsdp"
+        )
+    checkpoints = checkpoint_dir(output)
+    if resume is None:
+        check_no_checkpoints(checkpoints, run.overwrite)
+    train_data = task.load(run.data, "train")
+    test_data = task.load(run.data, "test") if evaluate else None
+    model, tokenizer = load_model(run.model, DTYPES[run.dtype], run.quantize_bits, task=task)
+    if distributed.device() is not None:  # several processes on GPUs: each rank on its own
+        model.to(distributed.device())
+    checkpointer = Checkpointer(checkpoints, record(config, run), every=run.checkpoint_every, replace=resume is None)
+
+    eval_set = evaluation = None
+    if evaluate:  # the dense numbers (and the embedding teacher) come before the model is pruned in place
+        eval_set = task.eval_set(model, tokenizer, test_data, plan.config.seq_len, run.eval_windows)
+        evaluation = {"data": run.data, "split": "test", "task": task.name, "seq_len": plan.config.seq_len}
+        evaluation["dense"] = task.evaluate(model, eval_set, run.eval_batch_size, progress)
+
+    pruned, report = prune(model, tokenizer, train_data, plan, progress, checkpointer, resume)
+    if evaluate:
+        evaluation["pruned"] = task.evaluate(pruned, eval_set, run.eval_batch_size, progress)
+        if task.timed_pass is not None:
+            _time_dense_and_pruned(task, run, pruned, eval_set, evaluation)
+    report.update(model=run.model, data=run.data, evaluation=evaluation)
+    report["wall_seconds"] = time.perf_counter() - started
+    if resume is not None:
+        report["resumed_from_step"] = resume.step
+    if not main:
+        return report  # the other ranks are done: rank 0 saves (the CLI waits for it)
+    save_pruned(pruned, tokenizer, output, report, overwrite=run.overwrite)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: nothing left to resume
+    print(format_summary(report))
+    print(_reload_check(task, pruned, tokenizer, output, eval_set))
+    return report
+
+
+def _time_dense_and_pruned(task: Task, run: RunSettings, pruned, eval_set, evaluation: dict) -> None:
+    """Speeds again, dense (reloaded: it was pruned in place) and pruned timed in alternation."""
+    dense = load_model(run.model, DTYPES[run.dtype], task=task)[0]
+    speeds = paired_speeds(task, [dense, pruned], eval_set, run.eval_batch_size)
+    for result, speed in zip((evaluation["dense"], evaluation["pruned"]), speeds, strict=True):
+        result[task.speed_key] = speed
+    evaluation["speed"] = (
+        f"median of {SPEED_REPEATS} timings (each >= {MIN_TIMING_SECONDS} s of whole passes), "
+        "dense and pruned alternating"
+    )
+
+
+def _reload_check(task: Task, pruned, tokenizer, output: Path, eval_set) -> str:
+    """Prove the folder stands alone: stock transformers, remote code only for per-layer shapes."""
+    per_layer = hasattr(pruned.config, LAYOUT_KEY)
+    auto = getattr(transformers, task.auto_class)
+    reloaded = auto.from_pretrained(output, trust_remote_code=per_layer, local_files_only=True)
+    how = f"{task.auto_class}.from_pretrained({str(output)!r}" + (", trust_remote_code=True)" if per_layer else ")")
+    probe = task.probe(pruned, eval_set)
+    if probe is None:
+        return f"\nreloaded with {how}"
+    with torch.inference_mode():
+        what, theirs = model_output(reloaded, probe)
+        drift = (theirs - model_output(pruned, probe)[1]).abs().max().item()
+    line = f"\nreloaded with {how}: max |{what} difference| vs in-memory model {drift:.2e}"
+    return line if task.sample is None else f"{line}\n{task.sample(reloaded, tokenizer)}"
+
+
+def evaluate_job(settings: EvalSettings) -> dict:
+    """A model's metrics on `settings.data`'s test split: perplexity and parameter counts for a
+    causal LM, the task's own metrics otherwise (tasks.py). A task that compares with the dense
+    model uses `settings.reference`, by default the model a pruned folder's loraprune.json names."""
+    task = task_for(load_config(settings.model), settings.task)
+    test_data = task.load(settings.data, "test")
+    loaded, tokenizer = load_model(settings.model, task=task)
+    reference = settings.reference
+    report_file = Path(settings.model) / REPORT_FILE
+    if task.compares_to_dense and reference is None and report_file.is_file():
+        reference = json.loads(report_file.read_text()).get("model")
+    teacher = load_model(reference, task=task)[0] if task.compares_to_dense and reference else None
+    eval_set = task.eval_set(teacher, tokenizer, test_data, settings.seq_len, settings.eval_windows)
+    result = task.evaluate(loaded, eval_set, settings.eval_batch_size, progress=not settings.json)
+    result.update(model=settings.model, data=settings.data, split="test", task=task.name, reference=reference)
+    result.update(parameters=count_parameters(loaded), prunable_parameters=count_prunable(loaded))
+    return result

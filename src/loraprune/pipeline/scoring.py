@@ -1,0 +1,106 @@
+"""Scoring a projection: read its LoRA factors from peft, a block of rows at a time, apply a
+criterion (importance.py) and sum the element scores per row or column, so the out x in
+transient never exists for more than one block of one module at a time. And the criteria by name.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import CRITERION_NAMES
+from ..runtime import fsdp
+from ..runtime.quant import dense_weight
+from .importance import Criterion, LoraFactors, RandomScores, lora_guided, magnitude, weight_gradient
+from .sketch import SKETCH_ATTRIBUTE, SketchScores
+
+# name -> a fresh criterion for one run, from (seed, rank): stateful ones are built anew
+CRITERIA: dict[str, Callable[[int, int], Criterion]] = {
+    "lora": lambda seed, rank: lora_guided,
+    "gradient": lambda seed, rank: weight_gradient,
+    "magnitude": lambda seed, rank: magnitude,
+    "random": lambda seed, rank: RandomScores(seed),
+    "sketch": SketchScores,  # the true gradient through `rank` fresh random directions a step
+}
+assert tuple(CRITERIA) == CRITERION_NAMES  # the names config validates --criterion against
+
+
+def make_criterion(name: str, seed: int = 0, rank: int = 8) -> Criterion:
+    """The criterion called `name`, a stateful one seeded by `seed` (the sketch: of `rank` directions)."""
+    return CRITERIA[name](seed, rank)
+
+
+def read_factors(
+    module: nn.Module,
+    rows: slice,
+    adapter: str = "default",
+    lora_grads: bool = True,
+    weight: Tensor | None = None,
+    whole_A: tuple[Tensor, Tensor | None] | None = None,
+) -> LoraFactors:
+    """A peft LoRA layer's factors for output rows `rows` of this rank's rows (all of them
+    unless FSDP shards the module); gradients are None where absent (an error if `lora_grads`
+    asks for the LoRA ones). `weight`: W0 already dequantized. `whole_A`: (A, dL/dA) already
+    gathered by `gather_A` (under FSDP a collective, so issued once per module, not per block)."""
+    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    W = module.base_layer.weight if weight is None else weight
+    if lora_grads and (A.grad is None or B.grad is None):
+        raise RuntimeError("LoRA factors have no gradient: call backward() before scoring")
+
+    def f32(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().float()
+
+    def row_block(t: Tensor | None, whole: bool = False) -> Tensor | None:  # B's rows are sharded like W0's
+        if t is None:
+            return None
+        return (fsdp.rows_held(t, W) if whole else fsdp.local(t))[rows]  # whole: a tensor of all rows
+
+    sketch = getattr(module, SKETCH_ATTRIBUTE, None)
+    A_all, grad_A_all = gather_A(module, adapter) if whole_A is None else whole_A
+    return LoraFactors(
+        weight=f32(row_block(W)),
+        A=f32(A_all),
+        B=f32(row_block(B)),
+        grad_A=f32(grad_A_all),
+        grad_B=f32(row_block(B.grad)),
+        scaling=module.scaling[adapter],
+        weight_grad=f32(row_block(W.grad)),
+        sketch_basis=None if sketch is None else f32(sketch.basis),
+        sketch_product=None if sketch is None else f32(row_block(sketch.product, whole=True)),
+    )
+
+
+def gather_A(module: nn.Module, adapter: str = "default") -> tuple[Tensor, Tensor | None]:
+    """A and dL/dA of a LoRA projection, whole: under FSDP gathered from the ranks (collectives that
+    every rank must issue alike, whatever number of row blocks it holds)."""
+    A = module.lora_A[adapter].weight
+    return fsdp.whole(A), fsdp.whole(A.grad)
+
+
+def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
+    """Sum a projection's element scores over its rows (dim=0: one score per input column) or
+    over its columns (dim=1: one score per output row). Under FSDP each rank scores its own rows
+    and the ranks' sums are added up (fsdp.py)."""
+    weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
+    local_rows = fsdp.local(weight).shape[0]
+    whole_A = gather_A(module)  # once per module: ranks may hold different numbers of blocks
+    parts = []
+    total = None
+    for start in range(0, local_rows, block_rows):
+        rows = slice(start, start + block_rows)
+        factors = read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight, whole_A=whole_A)
+        block = criterion(factors)
+        if dim == 1:
+            parts.append(block.sum(dim=1))
+        else:
+            total = block.sum(dim=0) if total is None else total + block.sum(dim=0)
+        del block  # free the transient before the next block
+    if not fsdp.is_sharded(weight):
+        return torch.cat(parts) if dim == 1 else total
+    if dim == 1:  # this rank's rows in place, zeros elsewhere
+        scores = torch.zeros(weight.shape[0], device=fsdp.local(weight).device)
+        offset = fsdp.row_offset(weight)
+        scores[offset : offset + local_rows] = torch.cat(parts) if parts else 0
+    else:
+        scores = total if total is not None else torch.zeros(weight.shape[1], device=fsdp.local(weight).device)
+    return fsdp.sum_over_shards(scores, weight)

@@ -1,0 +1,3 @@
+"""Side tools around the pipeline: diagnose, the lm-eval harness, inspect, estimate (memory),
+the digits ViT, plots and report.md.
+"""
