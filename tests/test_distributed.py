@@ -37,13 +37,24 @@ def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize(("sharding", "criterion"), [("ddp", "lora"), ("fsdp", "lora"), ("ddp", "sketch")])
-def test_two_processes_prune_like_one_at_the_same_global_batch(tmp_path, tiny_folder, text_file, sharding, criterion):
+@pytest.mark.parametrize(
+    ("sharding", "criterion", "recipe"),
+    [
+        ("ddp", "lora", ()),
+        ("fsdp", "lora", ()),
+        ("ddp", "sketch", ()),
+        ("ddp", "lora", ("--distill", 0.5, "--allocation", "global", "--skip-layers", "none")),
+    ],
+)
+def test_two_processes_prune_like_one_at_the_same_global_batch(
+    tmp_path, tiny_folder, text_file, sharding, criterion, recipe
+):
     """DDP (whole model on each rank) or FSDP (weights and LoRA factors split, each rank scoring its
-    rows); the sketch criterion averages its own statistics over the ranks."""
+    rows); the sketch criterion averages its own statistics over the ranks; distillation's teacher
+    and global allocation run on every rank alike."""
     started = time.monotonic()
     common = ["--model", tiny_folder, "--data", text_file, "--steps", 20, "--lora-dropout", 0, "--grad-accum", 2, *RUN]
-    common += ["--criterion", criterion]
+    common += ["--criterion", criterion, *recipe]
     run(1, *common, "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
     flags = ["--fsdp"] if sharding == "fsdp" else []
     two = run(2, *common, *flags, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)

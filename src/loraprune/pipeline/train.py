@@ -53,6 +53,26 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return getattr(model, "is_activation_checkpointing" if current else "is_gradient_checkpointing")
 
 
+class DenseTeacher:
+    """The dense model inside the one being pruned: the same base weights with the LoRA adapter
+    disabled and the masks lifted, in eval mode, without gradients. One extra forward per step
+    and no second copy of the weights. Called with a batch, it returns `forward(model, batch)`."""
+
+    def __init__(self, peft_model: nn.Module, forward: Callable[[nn.Module, Any], Any], pruner: Pruner | None = None):
+        self.peft_model, self.forward, self.pruner = peft_model, forward, pruner
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        model, was_training = self.peft_model, self.peft_model.training
+        lifted = self.pruner.masks_lifted() if self.pruner is not None else contextlib.nullcontext()
+        model.eval()  # no dropout: the teacher is the dense model as it is evaluated
+        try:
+            with model.disable_adapter(), lifted:
+                return self.forward(model, batch)
+        finally:
+            model.train(was_training)
+
+
 def lora_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """AdamW over the LoRA factors alone. By name, not requires_grad: the 'gradient' criterion
     gives base weights a .grad for scoring, never an update."""
@@ -88,7 +108,8 @@ def train(
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
+            # after the last pruning step no score can change a mask: skip the scoring
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
             nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -125,7 +146,9 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn) -> tuple[float, bool]:
+def _step(
+    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn, score=True
+) -> tuple[float, bool]:
     """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
     finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
@@ -140,7 +163,10 @@ def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneCon
     bad_gradient = distributed.any_rank(not _gradients_finite(optimizer))  # FSDP: each rank checks its shards
     updated = math.isfinite(loss) and not bad_gradient
     if updated:
-        pruner.update_scores()  # from the accumulated gradients, before they are consumed
+        if score:
+            pruner.update_scores()  # from the accumulated gradients, before they are consumed
+        else:
+            pruner.clear_step_gradients()
         optimizer.step()
     else:
         pruner.clear_step_gradients()
