@@ -91,7 +91,7 @@ class PruneConfig:
         "default: from the model type (llama/mistral/qwen2: causal-lm, bert: embedding, vit: image-classification)",
     )
     max_nan_steps: int = setting(
-        5, "stop after this many optimizer steps in a row whose loss is NaN/inf (a single one is skipped)"
+        5, "stop after this many optimizer steps in a row whose loss or a LoRA gradient is NaN/inf (one is skipped)"
     )
     gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
