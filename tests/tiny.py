@@ -5,9 +5,13 @@ from transformers import (
     AutoModelForCausalLM,
     BertConfig,
     BertModel,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -18,18 +22,55 @@ from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.shrink import shrink
 
-# name -> (config class, heads, kv heads): with and without grouped-query attention
+# a head size of its own (hidden 48 = 6 × 8 but heads of 12), as in Mistral-Nemo, Qwen3, Gemma
+OWN_HEAD_DIM = {"head_dim": 12}
+# sliding-window layers mixed with global ones; a window of 4 tokens, so that tests' prompts exceed it
+SLIDING = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+GEMMA = {
+    **OWN_HEAD_DIM,
+    **SLIDING,
+    "query_pre_attn_scalar": 12,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+
+# name -> (config class, heads, kv heads, other config fields): with and without grouped-query attention
 FAMILIES = {
-    "llama-mha": (LlamaConfig, 4, 4),
-    "llama-gqa": (LlamaConfig, 6, 2),
-    "mistral-gqa": (MistralConfig, 6, 3),
-    "qwen2-gqa": (Qwen2Config, 6, 2),  # q/k/v biases
+    "llama-mha": (LlamaConfig, 4, 4, {}),
+    "llama-gqa": (LlamaConfig, 6, 2, {}),
+    "mistral-gqa": (MistralConfig, 6, 3, {}),
+    "qwen2-gqa": (Qwen2Config, 6, 2, {}),  # q/k/v biases
+    # Llama 3.1/3.2-style rope scaling, carried through export unchanged
+    "llama-head-dim": (
+        LlamaConfig,
+        6,
+        2,
+        {
+            **OWN_HEAD_DIM,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
+    "qwen3-gqa": (Qwen3Config, 6, 2, OWN_HEAD_DIM),  # per-head q/k norms
+    # soft-capped attention and final logits, pre/post feed-forward norms, embedding scale
+    "gemma2-gqa": (Gemma2Config, 6, 2, {**GEMMA, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
+    "gemma3-gqa": (Gemma3TextConfig, 6, 2, GEMMA),  # per-head q/k norms, local/global rope
+    "phi3-gqa": (Phi3Config, 6, 2, {"pad_token_id": 0, "eos_token_id": 1}),  # fused qkv_proj, gate_up_proj
 }
 
 
-def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
-    config_class, heads, kv_heads = FAMILIES[family]
-    config = config_class(
+def tiny_config(family: str = "llama-gqa", layers: int = 3):
+    config_class, heads, kv_heads, extra = FAMILIES[family]
+    if "layer_types" in extra:
+        extra = {**extra, "layer_types": extra["layer_types"][:layers]}
+    return config_class(
         vocab_size=64,
         hidden_size=heads * 8,
         intermediate_size=40,
@@ -38,7 +79,12 @@ def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
         num_key_value_heads=kv_heads,
         max_position_embeddings=128,
         tie_word_embeddings=True,
+        **extra,
     )
+
+
+def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
+    config = tiny_config(family, layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     for name, p in model.named_parameters():
@@ -94,8 +140,11 @@ def randomize_lora(model, std: float = 0.05, seed: int = 1):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0):
-    """Logits of the masked LoRA model and of the shrunk, merged model on the same input."""
+def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0, drop_kv_group: bool = False):
+    """Logits of the masked LoRA model and of the shrunk, merged model on the same input.
+    `drop_kv_group` (6 heads sharing 2 k/v heads, ratio 0.5): the first pruned layer's lowest scores
+    are the 3 query heads of k/v head 0, so it loses that k/v head entirely; the last layer's are heads
+    0, 1 and 3, so its k/v heads keep 1 and 2 readers (uneven sharing)."""
     model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
     arch = arch_for(model.config)
     config = PruneConfig(ratio=ratio, skip_layers="none" if uniform else "0", uniform=uniform, lora_dropout=0.0)
@@ -105,6 +154,9 @@ def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     pruner.head_score.uniform_(generator=g)
     pruner.channel_score.uniform_(generator=g)
+    if drop_kv_group:
+        pruner.head_score[pruner.prunable[0], pruner.groups.kv_of_head == 0] -= 10
+        pruner.head_score[pruner.prunable[-1], [0, 1, 3]] -= 10
     pruner.prune_to(ratio)
     inputs = tiny_inputs(family, g)
     peft_model.eval()
