@@ -12,12 +12,23 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, Olmo2Config
 
+from loraprune import PruneConfig, prune
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.export import MODELING_FILE, save_pruned
+from loraprune.pipeline.groups import LayerGroups
+from loraprune.pipeline.importance import magnitude
+from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY, is_grouped_evenly
-from tiny import masked_then_pruned, tiny_config
+from loraprune.pipeline.pruner import group_scores
+from loraprune.pipeline.target import ParameterCounts
+from loraprune.tasks import causal_lm_loss
+from loraprune.tools.diagnose import diagnose
+from loraprune.tools.inspect_model import describe
+from loraprune.tools.memory import estimate
+from tiny import FAMILIES, masked_then_pruned, tiny_config, tiny_model
 
 MODERN = ["llama-head-dim", "qwen3-gqa", "gemma2-gqa", "gemma3-gqa", "phi3-gqa"]
 
@@ -108,7 +119,81 @@ def assert_cached_generation_matches_recompute(model, new_tokens: int = 6) -> No
 
 
 def test_whole_width_qk_norm_is_refused():
-    from transformers import Olmo2Config
-
     with pytest.raises(LoraPruneError, match="cannot prune 'olmo2' models: its q/k RMSNorm normalises over all heads"):
         arch_for(Olmo2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=40))
+
+
+CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+
+
+@pytest.mark.parametrize(
+    "family, criterion",
+    [(family, "lora") for family in MODERN] + [("phi3-gqa", "sketch"), ("phi3-gqa", "gradient")],
+)
+def test_modern_family_trains_prunes_and_inspects(tiny_tokenizer, family, criterion):
+    """The whole method (LoRA on every projection, fused ones included, scores, masks, shrink), and
+    the config-only and diagnostic tools: inspect, estimate, diagnose."""
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion)
+    pruned, report = prune(tiny_model(family), tiny_tokenizer, CORPUS, config, progress=False)
+    assert report["skipped_score_updates"] == 0 and report["score_updates"] == 6
+    assert [(layer["heads"], layer["channels"]) for layer in report["layers"]][1] == (3, 20)
+    assert report["parameters"]["after"]["total"] == sum(p.numel() for p in pruned.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=prompt_tokens()).logits).all()
+
+    model_config = tiny_config(family)
+    info = describe(model_config)
+    assert (info["heads"], info["kv_heads"], info["mlp_width"]) == (6, 2, 40)
+    assert info["head_dim"] == FAMILIES[family][3].get("head_dim", 8)
+    row = next(r for r in info["ratios"] if r["ratio"] == 0.5 and r["uniform"])
+    assert row["possible"] and (row["heads"], row["channels"]) == (2, 20)
+    assert info["prunable_parameters"] == report["parameters"]["before"]["prunable"]
+    assert estimate(model_config, batch_size=2, seq_len=16).peak > 0
+
+    if criterion == "lora":
+        windows = torch.randint(3, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+        result = diagnose(tiny_model(family), windows, config, causal_lm_loss, [0, 2], 1, 3, progress=False)
+        summary = result["points"][-1]["summary"]
+        assert all(-1 <= value <= 1 for key, value in summary.items() if "spearman" in key or "cosine" in key)
+        assert {key.split("/")[1] for key in summary if key.startswith("cosine/")} == set(
+            arch_for(model_config).projections(tiny_model(family).model.layers[0])
+        )
+
+
+def test_phi3_fused_projections_are_an_unfused_llama():
+    """A Phi-3 whose qkv_proj is [q; k; v] and gate_up_proj [gate; up] of a llama computes the llama's
+    function, and the fused row ranges give the llama's group scores and parameter counts."""
+    phi3 = tiny_model("phi3-gqa")
+    llama_config = tiny_config("llama-gqa")
+    llama_config.rms_norm_eps = phi3.config.rms_norm_eps  # 1e-5 (llama's default: 1e-6)
+    llama = LlamaForCausalLM(llama_config).eval()
+    state = {}
+    for name, tensor in phi3.state_dict().items():
+        if "qkv_proj" in name:
+            for part, rows in zip(("q", "k", "v"), tensor.split([48, 16, 16]), strict=True):
+                state[name.replace("qkv_proj", f"{part}_proj")] = rows
+        elif "gate_up_proj" in name:
+            for part, rows in zip(("gate", "up"), tensor.chunk(2), strict=True):
+                state[name.replace("gate_up_proj", f"{part}_proj")] = rows
+        else:
+            state[name] = tensor
+    llama.load_state_dict(state, strict=False)
+    tokens = prompt_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(input_ids=tokens).logits, llama(input_ids=tokens).logits)
+
+    scores = []
+    for model in (phi3, llama):
+        arch = arch_for(model.config)
+        peft_model = attach_lora(model, arch, PruneConfig(lora_dropout=0.0))  # B = 0: scores are |W0|'s
+        projections = arch.projections(arch.layers_of(peft_model.get_base_model())[1])
+        groups = LayerGroups.from_config(model.config, arch)
+        scores.append(group_scores(projections, groups, magnitude, torch.ones(6, dtype=torch.bool), True))
+    for fused, plain in zip(*scores, strict=True):
+        torch.testing.assert_close(fused, plain)
+    counts = [ParameterCounts.of(tiny_config(family), PruneConfig()) for family in ("phi3-gqa", "llama-gqa")]
+    assert (counts[0].head, counts[0].kv_head, counts[0].channel) == (
+        counts[1].head,
+        counts[1].kv_head,
+        counts[1].channel,
+    )
