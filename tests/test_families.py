@@ -197,3 +197,42 @@ def test_phi3_fused_projections_are_an_unfused_llama():
         counts[1].kv_head,
         counts[1].channel,
     )
+
+
+def bos_tokenizer():
+    """The tests' word-level tokenizer, with a <bos> (id 2, as the tiny Gemmas' bos_token_id) put
+    before every text, as Gemma's and Llama 3's tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import WORDS
+
+    vocab = {word: i for i, word in enumerate(["<unk>", "</s>", "<bos>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>", bos_token="<bos>")
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path, capsys, tiny_tokenizer, text_file):
+    from loraprune.cli import main
+    from loraprune.pipeline.data import bos_token_id, tokenize, windows
+
+    assert bos_token_id(tiny_tokenizer) is None
+    tokenizer = bos_tokenizer()
+    assert bos_token_id(tokenizer) == 2
+    text = text_file.read_text()
+    tokens = tokenize(tokenizer, text)
+    assert 2 not in tokens  # the text's tokens carry no BOS ...
+    cut = windows(tokens, 16, bos=2)  # ... each window gets one, then the next 15 text tokens
+    assert (cut[:, 0] == 2).all() and torch.equal(cut[:, 1:].flatten(), tokens[: cut.shape[0] * 15])
+    assert torch.equal(windows(tokens, 16), tokens[: len(tokens) // 16 * 16].view(-1, 16))  # no BOS: as before
+
+    folder = tmp_path / "gemma"
+    tiny_model("gemma3-gqa").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["eval", "--model", str(folder), "--data", str(text_file), "--seq-len", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bos"] and result["tokens"] == cut.numel() - len(cut)  # every text token after a BOS is scored
+    assert main(["eval", "--model", str(folder), "--data", str(text_file), "--seq-len", "16"]) == 0
+    assert "perplexity (16-token windows, each starting with BOS)" in capsys.readouterr().out
