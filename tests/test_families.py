@@ -12,14 +12,17 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, Olmo2Config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Olmo2Config
 
 from loraprune import PruneConfig, prune
 from loraprune.archs import arch_for
+from loraprune.cli import main
 from loraprune.errors import LoraPruneError
+from loraprune.pipeline.data import bos_token_id, tokenize, windows
 from loraprune.pipeline.export import MODELING_FILE, save_pruned
 from loraprune.pipeline.groups import LayerGroups
 from loraprune.pipeline.importance import magnitude
+from loraprune.pipeline.load import load_config, load_model
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY, is_grouped_evenly
 from loraprune.pipeline.pruner import group_scores
@@ -29,6 +32,7 @@ from loraprune.tools.diagnose import diagnose
 from loraprune.tools.inspect_model import describe
 from loraprune.tools.memory import estimate
 from tiny import FAMILIES, masked_then_pruned, tiny_config, tiny_model
+from tiny_gguf import write_gguf
 
 MODERN = ["llama-head-dim", "qwen3-gqa", "gemma2-gqa", "gemma3-gqa", "phi3-gqa"]
 
@@ -215,9 +219,6 @@ def bos_tokenizer():
 
 
 def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path, capsys, tiny_tokenizer, text_file):
-    from loraprune.cli import main
-    from loraprune.pipeline.data import bos_token_id, tokenize, windows
-
     assert bos_token_id(tiny_tokenizer) is None
     tokenizer = bos_tokenizer()
     assert bos_token_id(tokenizer) == 2
@@ -236,3 +237,26 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_one(tmp_path, capsys, t
     assert result["bos"] and result["tokens"] == cut.numel() - len(cut)  # every text token after a BOS is scored
     assert main(["eval", "--model", str(folder), "--data", str(text_file), "--seq-len", "16"]) == 0
     assert "perplexity (16-token windows, each starting with BOS)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["qwen3-gqa", "gemma2-gqa", "gemma3-gqa", "phi3-gqa"])
+def test_gguf_input(tmp_path, family):
+    """A .gguf file of each family (written here as llama.cpp would) loads with the weights it holds
+    and prunes. transformers' GGUF reader keeps only what llama.cpp writes: Gemma's
+    query_pre_attn_scalar, soft-capping and sliding pattern fall back to the config class's
+    defaults (the reference below is built from the config read from the file); Qwen3's head size
+    is restored from attention.key_length by our loader (transformers would use 128)."""
+    original = tiny_model(family)
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(original, path)
+    model, tokenizer = load_model(str(path))
+    assert type(model) is type(original)
+    reference = AutoModelForCausalLM.from_config(load_config(str(path))).eval()
+    reference.load_state_dict(original.state_dict())
+    tokens = prompt_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, reference(input_ids=tokens).logits)
+    text = " ".join(["ABC abc DEF def"] * 60)
+    config = PruneConfig(ratio=0.5, steps=4, prune_freq=2, warmup=0, cooldown=0, seq_len=16, batch_size=2)
+    pruned, report = prune(model, tokenizer, text, config, progress=False)
+    assert report["layers"][1]["heads"] == 3 and report["skipped_score_updates"] == 0

@@ -84,8 +84,7 @@ def load_config(spec: str):
     kind, path = _resolve(spec)
     try:
         if kind == "gguf":
-            folder, name = os.path.split(os.path.abspath(path))
-            return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            return _gguf_config(path)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=_has_remote_code(path))
     except Exception as e:
         raise LoraPruneError(f"could not read the model config of {path}: {e}") from e
@@ -112,10 +111,28 @@ def load_model(
     return model, tokenizer
 
 
+def _gguf_config(path: str):
+    """The config transformers reads from a GGUF file, with the head size the file states: for some
+    architectures (qwen3) transformers drops `attention.key_length` and falls back to the config
+    class's default head_dim (Qwen3's 128), which is wrong for a file with other heads."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    folder, name = os.path.split(os.path.abspath(path))
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    metadata, _ = read_gguf_metadata(path)
+    head_dim = metadata.get(f"{metadata.get('general.architecture')}.attention.key_length")
+    if isinstance(head_dim, int) and getattr(config, "head_dim", None) not in (None, head_dim):
+        config.head_dim = head_dim
+    return config
+
+
 def _load_gguf(path: str, dtype: torch.dtype):
     folder, name = os.path.split(os.path.abspath(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+        config = _gguf_config(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, config=config, dtype=dtype, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:
         raise LoraPruneError(f"could not load {path} (corrupt or truncated file?): {_first_line(e)}") from e
