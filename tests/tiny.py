@@ -166,3 +166,60 @@ def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0, 
         shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
         pruned = peft_model.merge_and_unload()
         return masked, model_output(pruned, inputs), pruned, pruner
+
+
+# Loads saved folders in a fresh interpreter where `import loraprune` fails, as on a machine without
+# it: argv is the root folder, then NAME:remote|stock per folder under it; writes their logits on
+# the root's tokens.safetensors to logits.safetensors.
+RELOAD = """
+import sys
+sys.modules["loraprune"] = None
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+root = sys.argv[1]
+tokens = load_file(root + "/tokens.safetensors")["tokens"]
+logits = {}
+for entry in sys.argv[2:]:
+    name, how = entry.split(":")
+    model = AutoModelForCausalLM.from_pretrained(root + "/" + name, trust_remote_code=how == "remote")
+    with torch.no_grad():
+        logits[name] = model(input_ids=tokens).logits
+save_file(logits, root + "/logits.safetensors")
+"""
+
+
+def reload_logits(root, tokens: torch.Tensor, folders: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """Logits of the folders under `root` (name -> load with remote code or not), loaded in one
+    subprocess without loraprune."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    save_file({"tokens": tokens.contiguous()}, str(root / "tokens.safetensors"))
+    entries = [f"{name}:{'remote' if remote else 'stock'}" for name, remote in folders.items()]
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(root), *entries], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(root / "logits.safetensors"))
+
+
+def assert_cached_generation_matches_recompute(model, prompt: torch.Tensor, new_tokens: int = 6, tol: float = 1e-4):
+    """Greedy decoding with the KV cache gives, token by token, the logits of one full forward over
+    the final sequence (sliding-window layers included when the prompt is longer than the window)."""
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model(input_ids=out.sequences, use_cache=False).logits
+    cached = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(cached, full[:, prompt.shape[1] - 1 : -1], atol=tol, rtol=tol)
