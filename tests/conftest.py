@@ -23,6 +23,11 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer_module():
+    return make_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A saved tiny llama (6 heads sharing 2 k/v heads) with a tokenizer, as a user's model folder."""

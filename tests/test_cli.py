@@ -67,7 +67,8 @@ def bad_input_cases(tmp_path, tiny_folder, text_file):
         "hub id": (["--model", "meta-llama/Llama-3-8B", *data], "works offline"),
         "unsupported architecture": (
             ["--model", gpt2, *data],
-            "unsupported architecture 'gpt2'; supported: bert, llama, mistral, qwen2, vit",
+            "unsupported architecture 'gpt2'; supported: bert, gemma2, gemma3_text, llama, mistral, phi3, qwen2, "
+            "qwen3, vit",
         ),
         "ratio 1": ([*model, *data, "--ratio", 1.0], r"--ratio must be in \[0, 1\)"),
         "ratio negative": ([*model, *data, "--ratio", -0.1], r"--ratio must be in \[0, 1\)"),

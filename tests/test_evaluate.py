@@ -102,7 +102,7 @@ def bigram_folder(folder, words: list[str], successor_probability: dict[str, flo
     """A saved 1-layer llama whose next-token distribution depends on the current token alone and is
     known exactly: P(successor of x | x) = successor_probability[x], the rest spread evenly; the
     successor of each word is the next one in `words`. Its tokenizer splits on spaces, keeps "\\n\\n"
-    as a token, and adds a BOS token by default (evaluation must not)."""
+    as a token, and adds a BOS token by default (so every evaluation window starts with one)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -159,10 +159,12 @@ def test_evaluation_protocol_against_a_hand_computed_perplexity(tmp_path, capsys
     data.write_text('{"text": "the cat sat"}\n{"text": "on a mat dog ran"}\n')
     assert main(["eval", "--model", str(folder), "--data", str(data), "--seq-len", "4", "--json"]) in (0, None)
     result = json.loads(capsys.readouterr().out)
-    # tokens: the cat sat \n\n | on a mat dog | ran (dropped); windows 2; scored pairs: the->cat,
-    # cat->sat, sat->\n\n, on->a, a->mat, mat->dog (not \n\n->on across the windows, nor dog->ran)
-    scored = ["the", "cat", "sat", "on", "a", "mat"]
-    expected_loss = sum(-math.log(p[x]) for x in scored) / len(scored)
-    assert (result["windows"], result["tokens"], result["seq_len"]) == (2, 6, 4)
+    # the tokenizer adds a BOS, so every window does (issue 15): BOS + 3 text tokens each.
+    # tokens: the cat sat | \n\n on a | mat dog ran; windows 3; scored pairs: BOS->the, the->cat,
+    # cat->sat, BOS->\n\n, \n\n->on, on->a, BOS->mat, mat->dog, dog->ran (BOS: uniform over the vocabulary)
+    uniform = 1 / (len(words) + 3)
+    probabilities = [uniform, p["the"], p["cat"], uniform, p["\n\n"], p["on"], uniform, p["mat"], p["dog"]]
+    expected_loss = sum(-math.log(q) for q in probabilities) / len(probabilities)
+    assert (result["windows"], result["tokens"], result["seq_len"], result["bos"]) == (3, 9, 4, True)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-5)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from loraprune.pipeline.export import save_pruned
+from loraprune.pipeline.groups import LayerGroups
 from loraprune.pipeline.load import load_model
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
 from tiny import FAMILIES, masked_then_pruned, tiny_model
@@ -12,11 +13,17 @@ from tiny import FAMILIES, masked_then_pruned, tiny_model
 def test_masked_model_equals_pruned_model(family, uniform):
     masked, pruned, model, pruner = masked_then_pruned(family, ratio=0.5, uniform=uniform)
     torch.testing.assert_close(pruned, masked, atol=1e-5, rtol=1e-5)
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        alive = int(pruner.head_alive[i].sum())
-        assert layer.self_attn.q_proj.out_features == alive * pruner.groups.head_dim
-        assert layer.mlp.up_proj.out_features == int(pruner.channel_alive[i].sum())
+    for i, layer in enumerate(model.model.layers):
+        heads, kv_heads = int(pruner.head_alive[i].sum()), len(pruner.groups.kv_of_head[pruner.head_alive[i]].unique())
+        channels = int(pruner.channel_alive[i].sum())
+        kept = LayerGroups(heads, kv_heads, pruner.groups.head_dim, channels)
+        projections = pruner.arch.projections(layer)
+        rows = {}  # each row-pruned projection's rows: its own part(s) at the kept sizes
+        for name, _, size in kept.row_parts(projections).values():
+            rows[name] = rows.get(name, 0) + size
+        assert {name: projections[name].out_features for name in rows} == rows
+        assert projections["o"].in_features == heads * kept.head_dim
+        assert projections["down"].in_features == channels
     assert not pruner.head_alive[1:].all()  # something was pruned
     assert (pruner.head_alive[0].all() and pruner.channel_alive[0].all()) != uniform  # layer 0 skipped or not
 

@@ -15,6 +15,9 @@ from torch import nn
 
 from .errors import LoraPruneError
 
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
+MLP_ROLES = ("gate", "up", "gate_up", "down")
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -22,13 +25,17 @@ class Arch:
 
     layers: str = "model.layers"  # path from the top model (or its base model) to the list of layers
     attention: str = "self_attn"  # attention module inside a layer
-    q: str = "q_proj"  # row-pruned: one block of head_dim rows per query head
-    k: str = "k_proj"  # row-pruned: one block of head_dim rows per key/value head
-    v: str = "v_proj"
+    q: str | None = "q_proj"  # row-pruned: one block of head_dim rows per query head
+    k: str | None = "k_proj"  # row-pruned: one block of head_dim rows per key/value head
+    v: str | None = "v_proj"
+    # one fused projection whose rows are [q heads | k heads | v heads] (Phi-3); q, k, v are then None
+    qkv: str | None = None
     o: str = "o_proj"  # column-pruned: one block of head_dim input columns per query head
     mlp: str = "mlp"  # feed-forward module inside a layer
     gate: str | None = "gate_proj"  # row-pruned per channel (None for a plain fc1/fc2 MLP)
-    up: str = "up_proj"  # row-pruned per channel
+    up: str | None = "up_proj"  # row-pruned per channel
+    # one fused projection whose rows are [gate channels | up channels] (Phi-3); gate, up are then None
+    gate_up: str | None = None
     down: str = "down_proj"  # column-pruned per channel
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
@@ -37,7 +44,9 @@ class Arch:
     # so a stock config cannot say "fewer heads of the same size" (BERT) and pruned heads need a layout
     head_dim_key: str | None = "head_dim"
     # module attributes that hold sizes, reset after shrinking: (path in a layer, attribute, what), what
-    # being 'heads' (kept heads), 'head_rows' (kept heads × head_dim) or 'channels' (kept MLP channels)
+    # being 'heads' (kept heads), 'kv_heads', 'head_rows' (kept heads × head_dim) or 'channels' (kept
+    # MLP channels); an attribute 'config.NAME' gives that module its own view of the config with NAME
+    # changed (for code that reads a size from the config in forward, like Phi-3's qkv split)
     size_attributes: tuple[tuple[str, str, str], ...] = ()
     task: str = "causal-lm"  # default task (tasks.TASKS), overridable with --task
 
@@ -45,12 +54,11 @@ class Arch:
         return get_path(layer, self.attention)
 
     def projections(self, layer: nn.Module) -> dict[str, nn.Module]:
-        """A layer's prunable projections by role: q, k, v, o, gate (if any), up, down."""
+        """A layer's prunable projections by role, each module once: q, k, v (or qkv), o, gate (if
+        any) and up (or gate_up), down."""
         attention, mlp = get_path(layer, self.attention), get_path(layer, self.mlp)
-        found = {role: get_path(attention, getattr(self, role)) for role in ("q", "k", "v", "o")}
-        found.update(
-            {role: get_path(mlp, getattr(self, role)) for role in ("gate", "up", "down") if getattr(self, role)}
-        )
+        found = {role: get_path(attention, getattr(self, role)) for role in ATTENTION_ROLES if getattr(self, role)}
+        found.update({role: get_path(mlp, getattr(self, role)) for role in MLP_ROLES if getattr(self, role)})
         return found
 
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
@@ -75,8 +83,8 @@ class Arch:
             names = "|".join(re.escape(name) for name in names if name)
             return (re.escape(base) + r"\." if base else "") + f"(?:{names})"
 
-        attention = one_of(self.attention, (self.q, self.k, self.v, self.o))
-        mlp = one_of(self.mlp, (self.gate, self.up, self.down))
+        attention = one_of(self.attention, [getattr(self, role) for role in ATTENTION_ROLES])
+        mlp = one_of(self.mlp, [getattr(self, role) for role in MLP_ROLES])
         return rf"(?:.*\.)?{re.escape(self.layers)}\.\d+\.(?:{attention}|{mlp})"
 
 
@@ -87,6 +95,29 @@ ARCHS: dict[str, Arch] = {
     "llama": Arch(size_attributes=DECODER_SIZES),
     "mistral": Arch(size_attributes=DECODER_SIZES),
     "qwen2": Arch(size_attributes=DECODER_SIZES),  # q/k/v carry biases; sliced with their rows
+    # q/k RMSNorm per head, of head_dim and shared by every head: pruning leaves it unchanged
+    "qwen3": Arch(size_attributes=DECODER_SIZES),
+    # embedding scale, pre/post feed-forward norms, logit soft-capping, sliding-window layers and a
+    # head_dim of its own: all outside the pruned rows/columns, or per head
+    "gemma2": Arch(size_attributes=DECODER_SIZES),
+    # as gemma2, plus per-head q/k norms (Gemma3ForCausalLM, e.g. Gemma 3 1B)
+    "gemma3_text": Arch(size_attributes=DECODER_SIZES),
+    # fused projections: a head's q, k, v rows and a channel's gate and up rows are row ranges of
+    # one matrix each; the attention splits qkv by config.num_attention_heads and its own
+    # num_key_value_heads, so both are reset per layer
+    "phi3": Arch(
+        q=None,
+        k=None,
+        v=None,
+        qkv="qkv_proj",
+        gate=None,
+        up=None,
+        gate_up="gate_up_proj",
+        size_attributes=(
+            ("self_attn", "num_key_value_heads", "kv_heads"),
+            ("self_attn", "config.num_attention_heads", "heads"),
+        ),
+    ),
     # BertModel (sentence embeddings, e.g. all-MiniLM-L6-v2): the MLP lives in the layer itself
     "bert": Arch(
         layers="encoder.layer",
@@ -125,9 +156,25 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+# families that structured pruning cannot handle correctly (yet): model type -> why, in one line
+_WHOLE_WIDTH_QK_NORM = (
+    "its q/k RMSNorm normalises over all heads together (width heads × head_dim), so removing a head "
+    "would change how every other head is normalised"
+)
+REFUSED: dict[str, str] = {
+    "olmo2": _WHOLE_WIDTH_QK_NORM,
+    "olmo3": _WHOLE_WIDTH_QK_NORM,
+    "flex_olmo": _WHOLE_WIDTH_QK_NORM,
+    "gemma3": "this is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); only the text-only "
+    "gemma3_text models (Gemma3ForCausalLM, e.g. Gemma 3 1B) are supported",
+}
+
+
 def arch_for(config) -> Arch:
     """The table entry for a transformers config, or a clear error listing what is supported."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise LoraPruneError(f"cannot prune {model_type!r} models: {REFUSED[model_type]}")
     if model_type not in ARCHS:
         supported = ", ".join(sorted(ARCHS))
         raise LoraPruneError(f"unsupported architecture {model_type!r}; supported: {supported}")

@@ -30,6 +30,7 @@ from .archs import arch_for
 from .config import TASK_NAMES
 from .errors import LoraPruneError
 from .pipeline.data import (
+    bos_token_id,
     load_images,
     load_sentences,
     load_text,
@@ -103,11 +104,11 @@ def _logits(output) -> Tensor:
 
 
 def _lm_examples(model, tokenizer, text: str, config) -> Tensor:
-    return windows(tokenize(tokenizer, text), config.seq_len)
+    return windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
 
 
 def _lm_eval_set(model, tokenizer, text: str, seq_len: int, limit: int | None) -> Tensor:
-    return windows(tokenize(tokenizer, text), seq_len)[:limit]
+    return windows(tokenize(tokenizer, text), seq_len, bos_token_id(tokenizer))[:limit]
 
 
 def _lm_evaluate(model, eval_set: Tensor, batch_size: int = 8, progress: bool = False) -> dict:
@@ -315,7 +316,7 @@ TASKS: dict[str, Task] = {
         _lm_evaluate,
         _lm_probe,
         metrics=(
-            ("perplexity", "{data} {split} perplexity ({seq_len}-token windows)", ".2f"),
+            ("perplexity", "{data} {split} perplexity ({windows})", ".2f"),
             ("tokens", "  tokens scored", "d"),
         ),
         sample=_lm_sample,

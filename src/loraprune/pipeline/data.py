@@ -88,14 +88,32 @@ def _chunks(text: str, size: int):
         start = end
 
 
-def windows(tokens: torch.Tensor, seq_len: int) -> torch.LongTensor:
-    """Non-overlapping [n, seq_len] windows of a 1-D token tensor; the trailing remainder is dropped."""
+def bos_token_id(tokenizer) -> int | None:
+    """The tokenizer's BOS id when it puts one before every text (Gemma, Llama 3, ...), else None
+    (SmolLM2, Qwen: no BOS). Windows of such a tokenizer's model start with it, as its texts do."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def windows(tokens: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.LongTensor:
+    """Non-overlapping [n, seq_len] windows of a 1-D token tensor; the trailing remainder is dropped.
+    With `bos`, each window is that token followed by the next seq_len - 1 tokens of the text."""
     if seq_len < 2:
         raise LoraPruneError(f"seq_len must be at least 2 (one input and one predicted token), got {seq_len}")
-    n = len(tokens) // seq_len
+    text_len = seq_len - (bos is not None)
+    n = len(tokens) // text_len
     if n < 1:
         raise LoraPruneError(f"text has {len(tokens)} tokens, shorter than one window of {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len)
+    cut = tokens[: n * text_len].reshape(n, text_len)
+    return cut if bos is None else torch.cat([torch.full((n, 1), bos, dtype=cut.dtype), cut], dim=1)
+
+
+def window_protocol(seq_len: int | None, bos: bool = False) -> str:
+    """How perplexity windows were laid out, as every output states it."""
+    return f"{seq_len}-token windows" + (", each starting with BOS" if bos else "")
 
 
 def num_examples(examples) -> int:

@@ -31,7 +31,17 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     finally:
         model.train(was_training)
     mean = total / count
-    return {"perplexity": math.exp(mean), "loss": mean, "tokens": count, "windows": n, "seq_len": seq_len}
+    # windows that all start with the model's BOS were laid out for a tokenizer that adds one (data.windows)
+    bos = getattr(model.config, "bos_token_id", None)
+    starts_with_bos = isinstance(bos, int) and bool((windows[:, 0] == bos).all())
+    return {
+        "perplexity": math.exp(mean),
+        "loss": mean,
+        "tokens": count,
+        "windows": n,
+        "seq_len": seq_len,
+        "bos": starts_with_bos,
+    }
 
 
 def count_parameters(model) -> int:

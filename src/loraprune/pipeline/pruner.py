@@ -34,14 +34,23 @@ def group_scores(
     summed per group (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module if
     `normalize`."""
 
+    parts, row_scores = groups.row_parts(projections), {}
+
     def score(role: str, dim: int, units: int) -> Tensor:
-        s = per_unit(projection_scores(projections[role], criterion, dim, square=square), units)
+        if dim == 0:  # columns of o or down
+            s = projection_scores(projections[role], criterion, 0, square=square)
+        else:  # rows of q, k, v, gate, up: a projection of their own or a row range of a fused one
+            name, start, rows = parts[role]
+            if name not in row_scores:
+                row_scores[name] = projection_scores(projections[name], criterion, 1, square=square)
+            s = row_scores[name][start : start + rows]
+        s = per_unit(s, units)
         return F.normalize(s, dim=0) if normalize else s
 
     q, o = score("q", 1, groups.heads), score("o", 0, groups.heads)
     k, v = score("k", 1, groups.kv_heads), score("v", 1, groups.kv_heads)
     heads = head_scores(q, k, v, o, groups, head_alive)
-    channels = sum(score(role, 1, groups.channels) for role in ("gate", "up") if role in projections)
+    channels = sum(score(role, 1, groups.channels) for role in ("gate", "up") if role in parts)
     return heads, channels + score("down", 0, groups.channels)
 
 

@@ -55,17 +55,19 @@ def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tens
         kv_index = torch.searchsorted(kept_kv, kv_of_head[kept_heads])
 
         head_rows, kv_rows = _rows(kept_heads, groups.head_dim), _rows(kept_kv, groups.head_dim)
-        for role, rows in (("q", head_rows), ("k", kv_rows), ("v", kv_rows)):
-            keep_projection(projections[role], rows, 0)
-        keep_projection(projections["o"], head_rows, 1)
-        set_kv_layout(arch.attention_module(layer), kv_index.tolist(), len(kept_kv))
-
         kept_channels = channels.nonzero().flatten()
-        for role in ("gate", "up"):
-            if role in projections:
-                keep_projection(projections[role], kept_channels, 0)
+        kept = {"q": head_rows, "k": kv_rows, "v": kv_rows, "gate": kept_channels, "up": kept_channels}
+        rows_of = {}  # projection -> its kept rows, in order (a fused one: each part's, offset)
+        for role, (name, start, _) in groups.row_parts(projections).items():
+            rows_of.setdefault(name, []).append(kept[role] + start)
+        for name, rows in rows_of.items():
+            keep_projection(projections[name], torch.cat(rows), 0)
+        keep_projection(projections["o"], head_rows, 1)
         keep_projection(projections["down"], kept_channels, 1)
-        set_size_attributes(layer, arch.size_attributes, len(kept_heads), groups.head_dim, len(kept_channels))
+        set_kv_layout(arch.attention_module(layer), kv_index.tolist(), len(kept_kv))
+        set_size_attributes(
+            layer, arch.size_attributes, len(kept_heads), groups.head_dim, len(kept_channels), len(kept_kv)
+        )
         layout.append(
             {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
         )
@@ -106,7 +108,7 @@ def set_layout(config, arch: Arch, layout: list[dict]) -> None:
             delattr(config, LAYOUT_KEY)
         return
     _set_largest_sizes(config, arch, layout, head_dim)
-    names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
+    names = ("layers", "attention", "q", "k", "v", "qkv", "o", "mlp", "gate", "up", "gate_up", "down")
     modules = {name: getattr(arch, name) for name in names}
     if arch.size_attributes:
         modules["size_attributes"] = [list(entry) for entry in arch.size_attributes]

@@ -35,16 +35,19 @@ class ParameterCounts:
         layers = arch.layers_of(model)
         p = arch.projections(layers[0])
 
-        def row(module) -> int:  # a row-pruned projection loses its weights' row and its bias entry
+        groups = LayerGroups.from_config(model_config, arch)
+        parts = groups.row_parts(p)
+
+        def row(role: str) -> int:  # a row-pruned role loses its weights' row and its bias entry
+            module = p[parts[role][0]]  # its own projection or the fused one holding its rows
             return module.in_features + (module.bias is not None)
 
-        groups = LayerGroups.from_config(model_config, arch)
         d = groups.head_dim
         return cls(
             total=count_parameters(model),
-            head=d * (row(p["q"]) + p["o"].out_features),
-            kv_head=d * (row(p["k"]) + row(p["v"])),
-            channel=sum(row(p[role]) for role in ("gate", "up") if role in p) + p["down"].out_features,
+            head=d * (row("q") + p["o"].out_features),
+            kv_head=d * (row("k") + row("v")),
+            channel=sum(row(role) for role in ("gate", "up") if role in parts) + p["down"].out_features,
             prunable_layers=len(layers) - len(config.skipped_layers(len(layers))),
             groups=groups,
         )

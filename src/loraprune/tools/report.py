@@ -71,11 +71,13 @@ def format_eval(result: dict) -> str:
 
 def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:
     """The task's metric rows of `results`, under the task's heading if it has one (tasks.py)."""
+    from ..pipeline.data import window_protocol
     from ..tasks import TASKS, metric_rows
 
     task = TASKS[evaluation.get("task", "causal-lm")]  # runs saved before the task was recorded: causal LMs
     fields = {"task": task.name, "data": evaluation["data"], "split": evaluation["split"]}
     fields["seq_len"] = evaluation.get("seq_len")
+    fields["windows"] = window_protocol(fields["seq_len"], any(r.get("bos") for r in results if r))
     rows = metric_rows(task.name, *results, fields=fields)
     if task.heading is None:
         return rows
