@@ -36,17 +36,18 @@ def read_factors(
     adapter: str = "default",
     lora_grads: bool = True,
     weight: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoraFactors:
     """A peft LoRA layer's factors for output rows `rows` of this rank's rows (all of them
-    unless FSDP shards the module); gradients are None where absent (an error if `lora_grads`
-    asks for the LoRA ones). `weight`: W0 already dequantized."""
+    unless FSDP shards the module), in `dtype`; gradients are None where absent (an error if
+    `lora_grads` asks for the LoRA ones). `weight`: W0 already dequantized."""
     A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     W = module.base_layer.weight if weight is None else weight
     if lora_grads and (A.grad is None or B.grad is None):
         raise RuntimeError("LoRA factors have no gradient: call backward() before scoring")
 
-    def f32(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().float()
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(dtype)
 
     def row_block(t: Tensor | None, whole: bool = False) -> Tensor | None:  # B's rows are sharded like W0's
         if t is None:
@@ -55,33 +56,42 @@ def read_factors(
 
     sketch = getattr(module, SKETCH_ATTRIBUTE, None)
     return LoraFactors(
-        weight=f32(row_block(W)),
-        A=f32(fsdp.whole(A)),
-        B=f32(row_block(B)),
-        grad_A=f32(fsdp.whole(A.grad)),
-        grad_B=f32(row_block(B.grad)),
+        weight=cast(row_block(W)),
+        A=cast(fsdp.whole(A)),
+        B=cast(row_block(B)),
+        grad_A=cast(fsdp.whole(A.grad)),
+        grad_B=cast(row_block(B.grad)),
         scaling=module.scaling[adapter],
-        weight_grad=f32(row_block(W.grad)),
-        sketch_basis=None if sketch is None else f32(sketch.basis),
-        sketch_product=None if sketch is None else f32(row_block(sketch.product, whole=True)),
+        weight_grad=cast(row_block(W.grad)),
+        sketch_basis=None if sketch is None else cast(sketch.basis),
+        sketch_product=None if sketch is None else cast(row_block(sketch.product, whole=True)),
     )
+
+
+def scoring_dtype(weight: Tensor) -> torch.dtype:
+    """bfloat16 base weights are scored in bfloat16 (2-3x faster on CPUs with bf16 matmuls, half the
+    transient; element products keep float32's range), summed in float32; anything else in float32
+    (float16 would underflow small gradient products)."""
+    return torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
 
 
 def projection_scores(module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024) -> Tensor:
     """Sum a projection's element scores over its rows (dim=0: one score per input column) or
-    over its columns (dim=1: one score per output row). Under FSDP each rank scores its own rows
-    and the ranks' sums are added up (fsdp.py)."""
+    over its columns (dim=1: one score per output row), in float32. Under FSDP each rank scores its
+    own rows and the ranks' sums are added up (fsdp.py)."""
     weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
+    dtype = scoring_dtype(weight)
     local_rows = fsdp.local(weight).shape[0]
     parts = []
     total = None
     for start in range(0, local_rows, block_rows):
         rows = slice(start, start + block_rows)
-        block = criterion(read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight))
+        block = criterion(read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight, dtype=dtype))
         if dim == 1:
-            parts.append(block.sum(dim=1))
+            parts.append(block.sum(dim=1, dtype=torch.float32))
         else:
-            total = block.sum(dim=0) if total is None else total + block.sum(dim=0)
+            part = block.sum(dim=0, dtype=torch.float32)
+            total = part if total is None else total + part
         del block  # free the transient before the next block
     if not fsdp.is_sharded(weight):
         return torch.cat(parts) if dim == 1 else total
