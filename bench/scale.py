@@ -217,7 +217,7 @@ def arguments():
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--criteria", default="lora,gradient,sketch")
     p.add_argument("--points", default="1x128:on,1x128:off,1x512:on,1x512:off",
-                   help="BxS:checkpointing (off/on), measured in order by one process a size and criterion")  # fmt: skip
+                   help="BxS:checkpointing (off/on), in order; one process a size and criterion")  # fmt: skip
     p.add_argument("--steps", type=int, default=2, help="measured steps per point (median time)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--skip-done", action="store_true", help="skip sizes whose JSON is already in --results")
