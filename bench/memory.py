@@ -38,7 +38,6 @@ def child(args) -> dict:
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
     from loraprune.tasks import causal_lm_loss
-
     from loraprune.tools.memory import return_freed_memory
 
     return_freed_memory()  # as `loraprune prune` does

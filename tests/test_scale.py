@@ -4,7 +4,6 @@ one JSON per size, the table and the plot from the JSON present; and the publish
 import json
 
 import pytest
-
 from bench import scale
 
 
