@@ -24,7 +24,8 @@ def cell(row: dict | None) -> str:
     if not row.get("fits", True):
         return f"does not fit (est. {row['estimate_bytes'] / GiB:.1f})"
     if "peak_bytes" not in row:
-        return f"failed (est. {row['estimate_bytes'] / GiB:.1f})"
+        why = "stopped for time" if "exit -15" in row.get("failed", "") else "failed"
+        return f"{why} (est. {row['estimate_bytes'] / GiB:.1f})"
     return f"{row['peak_bytes'] / GiB:.2f} ({row['estimate_bytes'] / GiB:.2f})"
 
 
@@ -77,6 +78,29 @@ def tables(rows: list[dict]) -> tuple[str, str, dict]:
         time,
     )  # fmt: skip
     return mem_table, time_table, numbers
+
+
+def estimate_table(sizes: list[str], dtype: str, seqs=(128, 512)) -> tuple[str, dict]:
+    """The estimate alone at every size, batch 1 x each of `seqs`, checkpointing off/on: lora,
+    gradient and their ratio (for the sizes and points this machine could not measure)."""
+    from loraprune.tools.memory import estimate
+
+    from .scale import model_config
+
+    rows, ratios = [], {}
+    for size in sizes:
+        config = model_config(size)
+        for seq in seqs:
+            for ckpt in (False, True):
+                peak = {c: estimate(config, 1, seq, dtype=dtype, criterion=c, gradient_checkpointing=ckpt).peak
+                        for c in ("lora", "gradient")}  # fmt: skip
+                ratios[(size, seq, ckpt)] = peak["lora"] / peak["gradient"]
+                rows.append([size, f"1x{seq}", "on" if ckpt else "off", peak["lora"] / GiB, peak["gradient"] / GiB,
+                             ratios[(size, seq, ckpt)]])  # fmt: skip
+    table = common.table(
+        ["model", "batch", "grad. ckpt", "lora GiB (est.)", "gradient GiB (est.)", "lora / gradient (est.)"], rows
+    )
+    return table, ratios
 
 
 def keyed_params(rows: list[dict], size: str) -> int:
@@ -136,6 +160,9 @@ def render(args) -> dict:
         return {}
     mem_table, time_table, numbers = tables(rows)
     image = plot(args, rows, payloads)
+    from .scale import SIZES
+
+    est_table, _ = estimate_table(SIZES, payloads[0]["args"]["dtype"])
     info = payloads[-1]["machine"]
     err = numbers["max_estimate_error"]
     worst = f"{err[0]:.1%} ({err[1]['size']} {err[1]['criterion']} {err[1]['point']})" if err else "n/a"
@@ -153,7 +180,12 @@ def render(args) -> dict:
         + mem_table
         + "\n\n"
         + "Step time (median of the measured steps, seconds; the machine is shared with other work, so absolute "
-        "times are noisy; the scoring share is measured within the same steps):\n\n" + time_table + "\n\n" + image
+        "times are noisy; the scoring share is measured within the same steps):\n\n"
+        + time_table
+        + "\n\n"
+        + image
+        + "\n\nThe estimate alone at every size (the pre-flight's numbers, GiB of RSS):\n\n"
+        + est_table
     )
     common.update_markdown(args, "memory-scale", TITLE, body)
     return {"rows": rows, "numbers": numbers}

@@ -131,9 +131,30 @@ def _flash_like(query, key, value, *args, **kwargs):
     return _FlashAttentionLike.apply(query, key, value)
 
 
+_MEMO: dict[tuple, int | dict] = {}  # the meta traces and counts of one process, by config and arguments
+
+
+def _memo(function):
+    """Cache a function of (model_config, *hashable arguments) by the config's JSON."""
+
+    def cached(model_config, *args):
+        key = (function.__name__, model_config.to_json_string(), *args)
+        if key not in _MEMO:
+            _MEMO[key] = function(model_config, *args)
+        return _MEMO[key]
+
+    cached.__name__, cached.__doc__ = function.__name__, function.__doc__
+    return cached
+
+
 def saved_bytes(model_config, batch_size: int, seq_len: int, criterion: str = "lora", dtype: str = "float32",
                 lora_r: int = 8, lora_dropout: float = 0.05) -> int:  # fmt: skip
     """Bytes autograd keeps for backward after a training forward of this model (meta device)."""
+    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout)
+
+
+@_memo
+def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout) -> int:
     model = _meta_lora_model(model_config, criterion, dtype, lora_r, lora_dropout)
     model.train()
     params = {id(p) for p in model.parameters()}
@@ -158,6 +179,11 @@ def saved_bytes(model_config, batch_size: int, seq_len: int, criterion: str = "l
 
 def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,last") -> dict:
     """Parameters of the model, of its LoRA factors, and of the projections a criterion scores."""
+    return dict(_model_counts(model_config, lora_r, skip_layers))
+
+
+@_memo
+def _model_counts(model_config, lora_r, skip_layers) -> dict:
     from ..config import PruneConfig
     from ..tasks import meta_model
 
