@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3
+.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -46,6 +46,15 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --full
+
+# the memory claim at 0.36B-7B shapes (bf16, CPU; bench/scale.py): every size and criterion in a fresh
+# process, one JSON per size in bench/results (resumable: sizes already there are skipped), then the
+# table and plot of BENCHMARKS.md section 2b. ~300 TFLOP of bf16 steps: ~60-70 min on 2 idle AVX512-bf16
+# cores (one step per point); on a machine shared with other work add --threads 1 (two threads stall).
+# Points the pre-flight refuses are not run and shown as estimates.
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale --label cpu --steps 1 --skip-done \
+		--sizes llama-7b,llama-3.2-3b,qwen2.5-3b,llama-3.2-1b,smollm2-1.7b,smollm2-360m
 
 # the paper's open questions (issue 6) at the medium budget, ~70 min on 2 cores: the LoRA gradient
 # estimate as LoRA trains, moving-average factor, schedules, recovery after pruning

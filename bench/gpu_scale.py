@@ -13,31 +13,20 @@ Sized to finish in about 5 minutes on an H200 (a 15-minute loan leaves room for 
 seconds (the smoke test); on CPU the peak is the process's RSS high-water mark, which only grows.
 """
 
-import gc
-import resource
 import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from loraprune import PruneConfig
 from loraprune.archs import arch_for
 from loraprune.pipeline.groups import LayerGroups
-from loraprune.pipeline.lora import attach_lora
-from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.shrink import shrink
-from loraprune.pipeline.train import lora_optimizer, set_activation_checkpointing
-from loraprune.tasks import causal_lm_loss
 
 from . import common
+from .scale import DTYPES, Stepper, build, model_config, release, sync
 
 NAME = "gpu_scale"
-SHAPES = {  # LLaMA-1 7B, and a toy of the same family for the CPU smoke test
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
-}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SHAPES = {"7b": "llama-7b", "tiny": "tiny"}  # LLaMA-1 7B, and the CPU smoke test's toy (scale.SHAPES)
 GB = 1e9  # the paper's GB
 
 
@@ -55,76 +44,40 @@ def arguments():
     return p
 
 
-def build(args) -> torch.nn.Module:
-    """A randomly initialised model of `--shape`, made directly on the device in `--dtype`."""
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[args.shape])
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
-    return model
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def release(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def build_shape(args) -> torch.nn.Module:
+    """A randomly initialised model of `--shape`, made directly on the device in `--dtype` (scale.build)."""
+    return build(model_config(SHAPES[args.shape]), DTYPES[args.dtype], args.device)
 
 
 def training_step(args, criterion: str, checkpointing: bool, batch: torch.Tensor) -> dict:
-    """Peak memory and median time of LoRAPrune steps of a freshly built model."""
+    """Peak memory and median time of LoRAPrune steps of a freshly built model (scale.Stepper)."""
     release(args.device)
-    model = build(args)
+    model = build_shape(args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if checkpointing:
-        set_activation_checkpointing(model, True)
-    config = PruneConfig(ratio=0.5, criterion=criterion, seed=args.seed)
-    arch = arch_for(model.config)
-    peft_model = attach_lora(model, arch, config)
-    pruner = Pruner(peft_model.get_base_model(), arch, config)
-    optimizer = lora_optimizer(peft_model, lr=1e-4)
-    peft_model.train()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    seconds = []
-    for _ in range(1 + args.steps):
-        sync(args.device)
-        start = time.perf_counter()
-        causal_lm_loss(peft_model, batch).backward()
-        pruner.update_scores()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(args.device)
-        seconds.append(time.perf_counter() - start)
+    stepper = Stepper(model, criterion, args.seed)
+    stepper.checkpointing(checkpointing)
+    stepper.measure(batch, 1, args.device)  # warmup
+    measured = stepper.measure(batch, args.steps, args.device)
     row = {
         "criterion": criterion,
         "gradient_checkpointing": checkpointing,
         "batch": "x".join(map(str, batch.shape)),
-        "peak_GB": peak_bytes(args.device) / GB,
+        "peak_GB": measured["peak_bytes"] / GB,
         "weights_GB": weights / GB,
-        "median_step_s": statistics.median(seconds[1:]),
+        "median_step_s": measured["median_step_s"],
+        "scoring_share": measured["score_share"],
     }
-    del model, peft_model, pruner, optimizer
+    del model, stepper
     return row
 
 
 def latency(args, ids: torch.Tensor) -> list[dict]:
     """Median forward time of the dense model and of its 50%-pruned copy, alternated."""
     release(args.device)
-    dense = build(args).eval()
+    dense = build_shape(args).eval()
     arch = arch_for(dense.config)
     groups = LayerGroups.from_config(dense.config, arch)
-    pruned = build(args).eval()
+    pruned = build_shape(args).eval()
     layers = dense.config.num_hidden_layers
     # every other head and channel: the same shapes as any 50% per-layer pruning of this model
     heads = (torch.arange(groups.heads) % 2 == 0).expand(layers, -1).clone()
@@ -162,14 +115,14 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     steps = []
     for b, s in args.batch:
-        batch = torch.randint(0, 32000, (b, s), generator=g).to(args.device)
+        batch = torch.randint(0, 512, (b, s), generator=g).to(args.device)
         for checkpointing in [c == "on" for c in args.checkpointing.split(",") if c]:
             for criterion in [c for c in args.criteria.split(",") if c]:
                 steps.append(training_step(args, criterion, checkpointing, batch))
                 print(f"[{NAME}] {steps[-1]}", flush=True)
     forwards = []
     for b, s in args.latency_batch:
-        forwards += latency(args, torch.randint(0, 32000, (b, s), generator=g).to(args.device))
+        forwards += latency(args, torch.randint(0, 512, (b, s), generator=g).to(args.device))
         print(f"[{NAME}] {forwards[-2:]}", flush=True)
 
     info = common.machine()

@@ -9,8 +9,6 @@ criterion needs, and the tensors autograd saves for backward (counted once per s
 saved-tensors hook on one extra forward).
 """
 
-import ctypes
-import gc
 import json
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import sys
 import torch
 
 from . import common
+from .scale import release, reset_peak, rss_kib
 
 NAME = "memory"
 MiB = 2**20
@@ -33,33 +32,19 @@ def arguments():
     return p
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _release():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def child(args) -> dict:
     from loraprune import PruneConfig, load_model
     from loraprune.archs import arch_for
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
     from loraprune.tasks import causal_lm_loss
+    from loraprune.tools.memory import return_freed_memory
 
+    return_freed_memory()  # as `loraprune prune` does
     criterion, b, s = args.child.split(",")
     b, s = int(b), int(s)
     cuda = args.device.startswith("cuda")
-    runtime_kib = _rss_kib("VmRSS")
+    runtime_kib = rss_kib("VmRSS")
     model, tokenizer = load_model(args.model)
     model.to(args.device)
     batch = common.token_windows(tokenizer, args.data, "train", s, b)
@@ -73,10 +58,9 @@ def child(args) -> dict:
     lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
     peft_model.train()
-    _release()
-    loaded_kib = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
+    release()  # freed memory back to the system, and the peak (VmHWM) reset to the current RSS
+    loaded_kib = rss_kib("VmRSS")
+    reset_peak()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -86,7 +70,7 @@ def child(args) -> dict:
         pruner.update_scores()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak_kib = _rss_kib("VmHWM")
+    peak_kib = rss_kib("VmHWM")
     out = {"criterion": criterion, "batch": b, "seq_len": s, "device": args.device}
     out["measured"] = {
         "runtime_rss_MiB": runtime_kib / 1024,

@@ -22,7 +22,9 @@ from .settings import DiagnoseSettings, EstimateSettings, EvalSettings, InspectS
 def prune_command(config: PruneConfig, run: RunSettings, resume) -> None:
     from .job import prune_job
     from .runtime import distributed
+    from .tools.memory import return_freed_memory
 
+    return_freed_memory()  # resident memory then follows what is live, which the pre-flight estimates
     if run.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -57,11 +59,9 @@ def inspect_command(settings: InspectSettings) -> None:
 
 def estimate_command(settings: EstimateSettings) -> None:
     from .pipeline.load import load_config
-    from .tools.memory import BYTES, estimate, format_estimates
+    from .tools.memory import estimate_report
 
-    s, config = settings, load_config(settings.model)
-    estimates = [estimate(config, s.batch_size, s.seq_len, s.lora_r, dtype) for dtype in BYTES]
-    print(format_estimates(s.model, estimates, s.batch_size, s.seq_len, s.lora_r))
+    print(estimate_report(load_config(settings.model), settings))
 
 
 def diagnose_command(settings: DiagnoseSettings, training: PruneConfig) -> None:
@@ -90,7 +90,8 @@ COMMANDS = {
                      (RunSettings, PruneConfig), layered=True),
     "eval": Command("a model's perplexity (or its task's metrics) and parameters", eval_command, (EvalSettings,)),
     "report": Command("rebuild report.md and its plots in a run folder", report_command, (ReportSettings,)),
-    "estimate": Command("expected peak memory of a prune per dtype (reads the config only)", estimate_command,
+    "estimate": Command("expected peak memory of a prune per criterion, and what is free (reads the config only)",
+                        estimate_command,
                         (EstimateSettings,)),
     "diagnose": Command("how well the LoRA gradient estimate matches the true gradient, as LoRA trains",
                         diagnose_command, (DiagnoseSettings, (PruneConfig, DIAGNOSE_TRAINING))),

@@ -20,6 +20,7 @@ from .runtime import distributed, fsdp
 from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .settings import EvalSettings, RunSettings, record
 from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
+from .tools.memory import check_memory
 from .tools.report import REPORT_FILE, format_summary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +35,10 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     started = time.perf_counter()
     output, progress, evaluate = Path(run.output), not run.quiet, run.evaluate
     check_output(output, run.overwrite)  # every check that needs no weights comes first
-    plan = check_compatible(load_config(run.model), config)
+    model_config = load_config(run.model)
+    plan = check_compatible(model_config, config)
+    if run.memory_check:  # from the config alone: a run that cannot fit fails in seconds
+        check_memory(model_config, plan.config, run)
     task = plan.task
     # torchrun / accelerate launch: every rank trains (DDP), rank 0 alone evaluates, prints and writes
     main = not distributed.init() or distributed.is_main()

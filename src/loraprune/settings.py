@@ -17,7 +17,7 @@ from .errors import LoraPruneError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
-                     "gradient_checkpointing", "overwrite"}  # fmt: skip
+                     "gradient_checkpointing", "overwrite", "memory_check"}  # fmt: skip
 REQUIRED = ("model", "data", "output")
 
 
@@ -47,6 +47,12 @@ class RunSettings:
     load_in_4bit: bool = setting(False, "load the base weights in 4 bits through bitsandbytes (CUDA GPU only)")
     checkpoint_every: int | None = setting(
         None, "save a checkpoint to OUT.checkpoints every K steps (Ctrl-C always saves one)"
+    )
+    memory_check: bool = setting(
+        True,
+        "before loading, refuse a run whose estimated peak memory (loraprune estimate) exceeds the free "
+        "RAM (GPU memory per process)",
+        flag="--memory-check",
     )
 
     def __post_init__(self):
@@ -215,9 +221,21 @@ class EstimateSettings:
     batch_size: int = setting(4, "windows per micro-batch")
     seq_len: int = setting(128, "tokens per window")
     lora_r: int = setting(8, "LoRA rank")
+    criterion: str | None = setting(None, "only this criterion (default: a column for each)")
+    dtype: str = setting("float32", "dtype of the base weights", choices=DTYPE_NAMES)
+    gradient_checkpointing: bool = setting(False, "as for prune: recompute activations in backward")
+    processes: int = setting(1, "processes of the run (torchrun): on CPU they share the RAM, on GPUs each has one")
+    device: str = setting("cpu", "where the run trains: cpu, or cuda (free memory of the current GPU)")
+    json: bool = setting(False, "print JSON instead of a table")
 
     def __post_init__(self):
-        _require_positive(self, "batch_size", "seq_len", "lora_r")
+        from .config import CRITERION_NAMES
+
+        _require_positive(self, "batch_size", "seq_len", "lora_r", "processes")
+        if self.criterion is not None and self.criterion not in CRITERION_NAMES:
+            raise LoraPruneError(f"--criterion must be one of {', '.join(CRITERION_NAMES)} (got {self.criterion!r})")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise LoraPruneError(f"--device must be cpu or cuda (got {self.device!r})")
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 @dataclass
 class LoraFactors:
-    """W = W0 + s·B·A and the available gradients, for a block of output rows (float32)."""
+    """W = W0 + s·B·A and the available gradients, for a block of output rows (float32, or bfloat16
+    for a bfloat16 model: scoring.scoring_dtype)."""
 
     weight: Tensor  # W0: (rows, in)
     A: Tensor  # (r, in)
@@ -130,4 +131,4 @@ class RandomScores(Seeded):
     """Uniform random element scores, a floor every criterion must beat."""
 
     def __call__(self, f: LoraFactors) -> Tensor:
-        return torch.rand(f.weight.shape, generator=self.generator).to(f.weight.device)
+        return torch.rand(f.weight.shape, generator=self.generator).to(f.weight.device)  # float32 scores

@@ -1,77 +1,406 @@
-"""`loraprune estimate`: the expected peak memory of a prune, from the model's config alone.
+"""`loraprune estimate` and the memory pre-flight of `prune`: the expected peak memory of a run, from
+the model's config alone, and whether it fits in what the device has free.
 
-Parameter counts come from a meta-device model (no weights are read or allocated). The peak of a
-training step is the base weights, the LoRA factors with their gradients and AdamW moments
-(float32), plus the larger of two transients that never coexist: the activations kept for
-backward (with the logits and their cross-entropy gradient), and the score block of one module
-(scoring runs after backward has freed the activations).
+Sizes come from a meta-device model (no weights are read or allocated). The activations autograd
+keeps for backward are not counted by hand: a forward of a one- and a two-layer copy of the model,
+with LoRA, the criterion's hooks and its requires_grad settings, runs on the meta device under a
+saved-tensors hook that adds up what is saved (a second, for a 7B shape); the difference is one
+layer's share. The peak of a step is then the larger of its phases:
+
+- forward and the top of backward: base weights, LoRA factors with their gradients and AdamW
+  moments (float32), every activation kept for backward, and the loss's transients (the gradient
+  of the float32 log-softmax over the vocabulary, and of the logits);
+- with gradient checkpointing: only each layer's input is kept, and one layer's activations are
+  recomputed at a time in backward;
+- `gradient` criterion, end of backward: dL/dW0 of every scored projection (the model's dtype)
+  has accumulated while the activations were freed; then scoring reads it a block at a time;
+- scoring (every criterion): the float32 block of one module (importance.py).
+
+On CPU the peak is the process's resident memory, so the Python + torch runtime is added
+(RUNTIME_BYTES, measured); on a GPU it is the device's allocations.
 """
 
-from dataclasses import dataclass
+import copy
+import os
+from dataclasses import asdict, dataclass
 
-from torch import nn
+import torch
 
 from ..archs import arch_for
+from ..errors import LoraPruneError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# activation elements kept for backward per token and layer, in units of hidden (h) and MLP (m)
-# width: norms and their inputs, q/k/v/o and gate/up/down inputs, rotary q/k, attention output,
-# the LoRA branch's dropout outputs, SiLU(gate)·up: a count by hand, checked only end to end (a
-# 42M llama: 293 MiB predicted, 341 MiB measured; tests/test_memory.py)
-HIDDEN_PER_LAYER, MLP_PER_LAYER = 20, 7
-LOGIT_COPIES = 3  # logits, log-softmax, and their gradient at the top of backward (float32)
+CRITERIA = ("lora", "sketch", "gradient", "magnitude", "random")  # the order of `estimate`'s columns
+GiB = 2**30
+# resident memory of python + torch + transformers + peft + loraprune before a model is loaded, and
+# what the first forward/backward adds (thread pools, kernel code): measured (bench/scale.py)
+RUNTIME_BYTES = 560 * 2**20
+# the loss's transients at the top of backward, in float32 copies of (tokens x vocabulary): the
+# gradient of the log-softmax and of the logits, besides the log-softmax output counted as saved
+LOGIT_GRAD_COPIES = 2
 SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product (float32)
-SCORE_BLOCK_ROWS = 1024  # importance.projection_scores' block
+SCORE_BLOCK_ROWS = 1024  # scoring.projection_scores' block
 
 
 @dataclass
 class Estimate:
-    """Bytes of each part of a run's peak, for one base-weight dtype."""
+    """Bytes of each part of one process's peak."""
 
     dtype: str
+    criterion: str
+    gradient_checkpointing: bool
+    runtime: int  # CPU: the Python + torch process itself; GPU: 0
     base_weights: int
-    lora_and_adamw: int
-    activations: int
-    score_block: int
+    lora_and_adamw: int  # factors, gradients, two AdamW moments, float32
+    activations: int  # kept for backward at its top (checkpointing: layer inputs + one layer's)
+    loss_transient: int  # gradients of the float32 log-softmax and logits at the top of backward
+    weight_grads: int  # dL/dW0 of the scored projections (`gradient` only), at the end of backward
+    early_activations: int  # activations still kept when the last dL/dW0 appears (unscored first layers)
+    score_block: int  # float32 transient of scoring one block of one module
 
     @property
     def peak(self) -> int:
-        return self.base_weights + self.lora_and_adamw + max(self.activations, self.score_block)
+        common = self.runtime + self.base_weights + self.lora_and_adamw
+        top = self.activations + self.loss_transient
+        end = self.weight_grads + self.early_activations if self.weight_grads else 0
+        return common + max(top, end, self.weight_grads + self.score_block)
+
+    def parts(self) -> dict:
+        return asdict(self) | {"peak": self.peak}
 
 
-def estimate(model_config, batch_size: int, seq_len: int, lora_r: int = 8, dtype: str = "float32") -> Estimate:
-    """Expected peak bytes of a training step for this config (gradient checkpointing off)."""
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 18
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give freed blocks of 256 KiB and more straight back to the system (mmap'ed), as it
+    does by default only until the first large free raises its threshold up to 32 MiB. Without this,
+    activation-sized blocks freed in backward stay in the heap, fragmented, and a training process's
+    resident peak is 10-25% above what it holds live (measured: bench/scale.py); the estimate counts
+    what is live. Called by `loraprune prune`; False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+def _config_with_layers(model_config, layers: int):
+    config = copy.deepcopy(model_config)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # qwen2 and others: one entry per layer
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def _meta_lora_model(model_config, criterion: str, dtype: str, lora_r: int, lora_dropout: float):
+    """The model with LoRA and the criterion's Pruner on the meta device; every layer scored."""
+    from ..config import PruneConfig
+    from ..pipeline.lora import attach_lora
+    from ..pipeline.pruner import Pruner
+    from ..tasks import auto_class_for
+
+    with torch.device("meta"):
+        model = auto_class_for(model_config).from_config(model_config, dtype=getattr(torch, dtype))
+    config = PruneConfig(criterion=criterion, lora_r=lora_r, lora_dropout=lora_dropout, skip_layers="none")
+    arch = arch_for(model_config)
+    peft_model = attach_lora(model, arch, config)
+    Pruner(peft_model.get_base_model(), arch, config)
+    return peft_model
+
+
+class _FlashAttentionLike(torch.autograd.Function):
+    """What CPU and GPU flash attention keep for backward (q, k, v, output, log-sum-exp), for the
+    meta trace: on the meta device scaled_dot_product_attention takes the math path, which keeps
+    the (heads x tokens x tokens) attention matrix instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace is forward only
+        raise NotImplementedError
+
+
+def _flash_like(query, key, value, *args, **kwargs):
+    return _FlashAttentionLike.apply(query, key, value)
+
+
+_MEMO: dict[tuple, int | dict] = {}  # the meta traces and counts of one process, by config and arguments
+
+
+def _memo(function):
+    """Cache a function of (model_config, *hashable arguments) by the config's JSON."""
+
+    def cached(model_config, *args):
+        key = (function.__name__, model_config.to_json_string(), *args)
+        if key not in _MEMO:
+            _MEMO[key] = function(model_config, *args)
+        return _MEMO[key]
+
+    cached.__name__, cached.__doc__ = function.__name__, function.__doc__
+    return cached
+
+
+def saved_bytes(model_config, batch_size: int, seq_len: int, criterion: str = "lora", dtype: str = "float32",
+                lora_r: int = 8, lora_dropout: float = 0.05) -> int:  # fmt: skip
+    """Bytes autograd keeps for backward after a training forward of this model (meta device)."""
+    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout)
+
+
+@_memo
+def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout) -> int:
+    model = _meta_lora_model(model_config, criterion, dtype, lora_r, lora_dropout)
+    model.train()
+    params = {id(p) for p in model.parameters()}
+    kept: dict[int, torch.Tensor] = {}  # by storage (a view's base): one input saved by q, k and v counts once
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params:
+            kept[id(base)] = base  # the reference keeps the id unique while counting
+        return t
+
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    try:
+        torch.nn.functional.scaled_dot_product_attention = _flash_like
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
+def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,last") -> dict:
+    """Parameters of the model, of its LoRA factors, and of the projections a criterion scores."""
+    return dict(_model_counts(model_config, lora_r, skip_layers))
+
+
+@_memo
+def _model_counts(model_config, lora_r, skip_layers) -> dict:
+    from ..config import PruneConfig
     from ..tasks import meta_model
 
     model = meta_model(model_config)
     arch = arch_for(model.config)
-    targets = [
-        module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in arch.lora_targets
-    ]
-    params = sum(p.numel() for p in model.parameters())
-    lora = sum(lora_r * (m.in_features + m.out_features) for m in targets)
-    h, m = model_config.hidden_size, model_config.intermediate_size
-    tokens, layers = batch_size * seq_len, model_config.num_hidden_layers
-    activations = tokens * layers * (HIDDEN_PER_LAYER * h + MLP_PER_LAYER * m) * BYTES[dtype]
-    activations += tokens * model_config.vocab_size * 4 * LOGIT_COPIES
-    block = max(min(SCORE_BLOCK_ROWS, t.out_features) * t.in_features for t in targets) * 4 * SCORE_COPIES
-    return Estimate(dtype, params * BYTES[dtype], lora * 4 * 4, activations, block)
+    layers = arch.layers_of(model)
+    skipped = PruneConfig(skip_layers=skip_layers).skipped_layers(len(layers))
+    lora = scored = 0
+    for i, layer in enumerate(layers):
+        for module in arch.projections(layer).values():
+            lora += lora_r * (module.in_features + module.out_features)
+            scored += module.weight.numel() if i not in skipped else 0
+    largest = max(min(SCORE_BLOCK_ROWS, m.out_features) * m.in_features
+                  for layer in layers for m in arch.projections(layer).values())  # fmt: skip
+    return {"parameters": sum(p.numel() for p in model.parameters()), "lora": lora, "scored": scored,
+            "score_block": largest, "layers": len(layers), "skipped_layers": sorted(skipped)}  # fmt: skip
 
 
-def format_estimates(name: str, estimates: list[Estimate], batch_size: int, seq_len: int, lora_r: int) -> str:
-    """A table of the estimates, one column per dtype, in MiB."""
-    rows = [("", *(e.dtype for e in estimates))]
+def estimate(
+    model_config,
+    batch_size: int,
+    seq_len: int,
+    lora_r: int = 8,
+    dtype: str = "float32",
+    criterion: str = "lora",
+    gradient_checkpointing: bool = False,
+    device: str = "cpu",
+    skip_layers: str = "first10pct,last",
+    lora_dropout: float = 0.05,
+) -> Estimate:
+    """Expected peak bytes of one process's training step for this config."""
+    counts = model_counts(model_config, lora_r, skip_layers)
+    layers, e = counts["layers"], BYTES[dtype]
+    tokens = batch_size * seq_len
+
+    def saved(n: int, crit: str) -> int:
+        return saved_bytes(_config_with_layers(model_config, n), batch_size, seq_len, crit, dtype, lora_r, lora_dropout)
+
+    one = saved(1, "lora")
+    layer = saved(2, "lora") - one  # one layer's activations
+    outside = one - layer  # embeddings, final norm, logits and loss
+    scored_layer = layer
+    if criterion == "gradient":  # base weights that require grad also keep their inputs
+        scored_layer = saved(2, criterion) - saved(1, criterion)
+    n_scored = layers - len(counts["skipped_layers"]) if criterion == "gradient" else 0
+    kept = outside + (layers - n_scored) * layer + n_scored * scored_layer
+    first_skipped = sum(1 for i in counts["skipped_layers"] if i < layers // 2)
+    if gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
+        kept = outside + layers * tokens * model_config.hidden_size * e + max(layer, scored_layer)
+        early = first_skipped * tokens * model_config.hidden_size * e
+    else:
+        early = first_skipped * layer
+    vocab = getattr(model_config, "vocab_size", 0) or 0
+    return Estimate(
+        dtype=dtype,
+        criterion=criterion,
+        gradient_checkpointing=gradient_checkpointing,
+        runtime=RUNTIME_BYTES if device == "cpu" else 0,
+        base_weights=counts["parameters"] * e,
+        lora_and_adamw=counts["lora"] * 4 * 4,
+        activations=kept,
+        loss_transient=tokens * vocab * 4 * LOGIT_GRAD_COPIES,
+        weight_grads=counts["scored"] * e if criterion == "gradient" else 0,
+        early_activations=early if criterion == "gradient" else 0,
+        score_block=counts["score_block"] * (2 if dtype == "bfloat16" else 4) * SCORE_COPIES,  # scoring_dtype
+    )
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """Memory free for a new run: MemAvailable on CPU, free memory of the GPU otherwise."""
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        return torch.cuda.mem_get_info(torch.cuda.current_device() if index is None else index)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def format_estimates(name: str, estimates: list[Estimate], batch_size: int, seq_len: int, lora_r: int,
+                     available: int | None = None, processes: int = 1) -> str:  # fmt: skip
+    """A table of the estimates, one column per criterion, in GiB."""
+    rows = [("", *(e.criterion for e in estimates))]
     for label, attribute in (
+        ("runtime (Python + torch)", "runtime"),
         ("base weights", "base_weights"),
         ("LoRA factors + grads + AdamW (float32)", "lora_and_adamw"),
         ("activations kept for backward", "activations"),
-        ("score block of one module (after backward)", "score_block"),
+        ("loss gradients (top of backward)", "loss_transient"),
+        ("base-weight gradients dL/dW0", "weight_grads"),
+        ("score block of one module", "score_block"),
         ("expected peak", "peak"),
     ):
-        rows.append((label, *(f"{getattr(e, attribute) / 2**20:.1f}" for e in estimates)))
+        rows.append((label, *(f"{getattr(e, attribute) / GiB:.2f}" for e in estimates)))
+    if processes > 1:
+        rows.append((f"{processes} processes on this machine", *(f"{e.peak * processes / GiB:.2f}" for e in estimates)))
+    if available is not None:
+        rows.append(
+            ("fits in what is available", *("yes" if e.peak * processes <= available else "NO" for e in estimates))
+        )
     width = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows]
-    lines.append(f"MiB for {name}: batch {batch_size} x {seq_len} tokens, LoRA r={lora_r}, no gradient checkpointing")
+    e = estimates[0]
+    lines.append(
+        f"GiB for {name}: {e.dtype}, batch {batch_size} x {seq_len} tokens, LoRA r={lora_r}, gradient checkpointing "
+        f"{'on' if e.gradient_checkpointing else 'off'}"
+        + ("" if available is None else f"; available: {available / GiB:.2f} GiB")
+    )
     return "\n".join(lines)
+
+
+def _levers(model_config, config, dtype: str, device: str, processes: int) -> str:
+    """The flags that would lower this run's estimate, each with the peak it would give."""
+    from dataclasses import replace
+
+    options = []
+    if config.criterion == "gradient":
+        options.append(("--criterion lora", config, {"criterion": "lora"}))
+    if not config.gradient_checkpointing:
+        options.append(("--gradient-checkpointing", config, {"gradient_checkpointing": True}))
+    if dtype == "float32":
+        options.append(("--dtype bfloat16", config, {"dtype": "bfloat16"}))
+    if config.batch_size > 1:
+        options.append((f"--batch-size {config.batch_size // 2}", config, {"batch_size": config.batch_size // 2}))
+    found = []
+    for flag, base, change in options:
+        changed = replace(base, **{k: v for k, v in change.items() if k != "dtype"})
+        peak = run_estimate(model_config, changed, change.get("dtype", dtype), device).peak * processes
+        found.append(f"{flag} ({peak / GiB:.1f} GiB)")
+    return ", ".join(found) or "a smaller --seq-len, fewer processes on this machine"
+
+
+def run_estimate(model_config, config, dtype: str, device: str = "cpu", sharded_over: int = 1,
+                 quantize_bits: int | None = None) -> Estimate:  # fmt: skip
+    """The estimate of one process of a run: `config` is its PruneConfig; FSDP over `sharded_over`
+    processes divides the weights; 8-/4-bit loading stores the base weights in that many bits."""
+    est = estimate(model_config, config.batch_size, config.seq_len, config.lora_r, dtype, config.criterion,
+                   config.gradient_checkpointing, "cpu" if device == "cpu" else "cuda", config.skip_layers,
+                   config.lora_dropout)  # fmt: skip
+    if quantize_bits:
+        est.base_weights = est.base_weights * quantize_bits // (8 * BYTES[dtype])
+    if sharded_over > 1:
+        est.base_weights //= sharded_over
+        est.weight_grads //= sharded_over
+    return est
+
+
+def preflight(model_config, config, dtype: str, device: str = "cpu", processes: int = 1, sharded: bool = False,
+              quantize_bits: int | None = None, available: int | None = None) -> tuple[Estimate, int, int]:  # fmt: skip
+    """Refuse (LoraPruneError, one line) a run whose expected peak exceeds the free memory; returns
+    (estimate of one process, bytes needed, bytes available) otherwise. On CPU the processes share
+    the machine's RAM; on GPUs each process has its own device."""
+    est = run_estimate(model_config, config, dtype, device, processes if sharded else 1, quantize_bits)
+    available = available_bytes(device) if available is None else available
+    shared = processes if device == "cpu" else 1
+    needed = est.peak * shared
+    if needed > available:
+        where = "of RAM available" if device == "cpu" else f"free on {device} per process"
+        per = f" for {processes} processes" if shared > 1 else ""
+        raise LoraPruneError(
+            f"this run does not fit in memory: estimated peak {needed / GiB:.1f} GiB{per} ({config.criterion}, "
+            f"{dtype}, batch {config.batch_size} x {config.seq_len}, gradient checkpointing "
+            f"{'on' if config.gradient_checkpointing else 'off'}) > {available / GiB:.1f} GiB {where}; levers: "
+            f"{_levers(model_config, config, dtype, device, shared)}; --no-memory-check runs it anyway"
+        )
+    return est, needed, available
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def check_memory(model_config, config, run) -> None:
+    """The pre-flight of `prune` (job.py), before weights or data are read: the estimate against
+    the free memory; then, for a folder without weights, a verdict instead of a failed load."""
+    from ..pipeline.load import _resolve
+    from ..runtime import fsdp
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = run.quantize_bits is not None or (processes > 1 and torch.cuda.is_available())
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_gpu else "cpu"
+    _, needed, available = preflight(
+        model_config, config, run.dtype, device, processes, fsdp.requested(config.fsdp), run.quantize_bits
+    )
+    kind, path = _resolve(run.model)
+    if kind == "folder" and not any(name.endswith(WEIGHT_FILES) for name in os.listdir(path)):
+        raise LoraPruneError(
+            f"{path} holds a config but no weights (no {', '.join('*' + w for w in WEIGHT_FILES[:2])}): this run "
+            f"would fit in memory (estimated peak {needed / GiB:.1f} GiB, {available / GiB:.1f} GiB available); "
+            "put the model's weights and tokenizer in the folder to run it"
+        )
+
+
+def estimate_report(model_config, settings) -> str:
+    """`loraprune estimate`: the table (or JSON) of the estimates for each criterion, and the verdicts."""
+    import json
+
+    from ..config import PruneConfig
+
+    s = settings
+    criteria = [s.criterion] if s.criterion else list(CRITERIA)
+    device = s.device
+    shared = s.processes if device == "cpu" else 1
+    estimates = []
+    for criterion in criteria:
+        config = PruneConfig(criterion=criterion, batch_size=s.batch_size, seq_len=s.seq_len, lora_r=s.lora_r,
+                             lora_alpha=2.0 * s.lora_r, gradient_checkpointing=s.gradient_checkpointing)  # fmt: skip
+        estimates.append(run_estimate(model_config, config, s.dtype, device))
+    available = available_bytes(device)
+    if s.json:
+        return json.dumps(
+            {"model": s.model, "dtype": s.dtype, "batch_size": s.batch_size, "seq_len": s.seq_len, "lora_r": s.lora_r,
+             "gradient_checkpointing": s.gradient_checkpointing, "device": device, "processes": s.processes,
+             "available_bytes": available,
+             "estimates": [e.parts() | {"needed": e.peak * shared, "fits": e.peak * shared <= available}
+                           for e in estimates]},
+            indent=2,
+        )  # fmt: skip
+    table = format_estimates(s.model, estimates, s.batch_size, s.seq_len, s.lora_r, available, shared)
+    return table
