@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                               help=f"{f.metadata['help']} (default: {f.default})")  # fmt: skip
     diagnose.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    export = commands.add_parser("export", help="write a saved model in another format (GGUF for llama.cpp)")
+    export.add_argument("model", help="output folder of `loraprune prune` (or 'smollm2', a .gguf or a model folder)")
+    export.add_argument("--format", choices=("gguf",), default="gguf", help="file format (default: gguf)")
+    export.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32", help="weight type")
+    export.add_argument("--output", required=True, help="file to write, e.g. model.gguf")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     inspect = commands.add_parser("inspect", help="a model's prunable structure and what each --ratio removes")
     inspect.add_argument("model", help="'smollm2', a .gguf file or a local model folder (only its config is read)")
     inspect.add_argument("--skip-layers", default="first10pct,last", help="as for prune (default: first10pct,last)")
@@ -232,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             run_estimate(args)
         elif args.command == "diagnose":
             run_diagnose(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             from .report import write_report
 
@@ -282,6 +291,18 @@ def run_prune(args: argparse.Namespace) -> None:
     from . import distributed
 
     distributed.finish()  # several processes: the others wait here until rank 0 has written the output
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .gguf_export import export_gguf
+
+    result = export_gguf(args.model, Path(args.output), args.outtype, overwrite=args.overwrite)
+    kind = "per-layer shapes" if result["per_layer"] else "one shape for all layers"
+    print(
+        f"wrote {result['output']}: {result['architecture']} ({kind}), {result['outtype']}, {result['bytes']:,} bytes"
+    )
+    for warning in result["warnings"]:
+        print(f"loraprune: warning: {warning}", file=sys.stderr)
 
 
 def run_diagnose(args: argparse.Namespace) -> None:

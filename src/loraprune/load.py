@@ -113,6 +113,10 @@ def load_model(
 
 
 def _load_gguf(path: str, dtype: torch.dtype):
+    from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf
+
+    if gguf_architecture(path) == PER_LAYER_ARCH:  # per-layer shapes, written by gguf_export
+        return read_gguf(path, dtype)
     folder, name = os.path.split(os.path.abspath(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
