@@ -162,3 +162,24 @@ def test_unrecognised_pre_tokenizer_is_a_warning(tmp_path):
     result = export_gguf(saved(tmp_path, tiny_model("llama-gqa")), tmp_path / "m.gguf")
     assert result["warnings"] == [gguf_export.UNKNOWN_PRE_TOKENIZER]
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == "default"
+
+
+def test_prune_gguf_writes_the_file_at_the_end_of_a_run(tmp_path, capsys):
+    folder = saved(tmp_path, tiny_model("llama-gqa"))
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    words = TEXT.replace(",", "").replace(".", "").split()
+    text.write_text(
+        "\n".join(" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(200))
+    )
+    out, gguf_file = tmp_path / "out", tmp_path / "out.gguf"
+    argv = ["prune", "--model", folder, "--data", text, "--output", out, "--gguf", gguf_file, "--ratio", "0.5"]
+    argv += ["--steps", "6", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet", "--no-eval"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "deci (per-layer shapes)" in capsys.readouterr().out
+    loaded, _ = load_model(str(gguf_file))
+    reference, _ = load_model(str(out))
+    torch.testing.assert_close(logits(loaded), logits(reference), rtol=0, atol=1e-5)
+    # an existing GGUF file is refused before any work, like a non-empty output folder
+    assert main([str(a) for a in [*argv, "--output", tmp_path / "other"]]) == 2
+    assert "exists" in capsys.readouterr().err and not (tmp_path / "other").exists()

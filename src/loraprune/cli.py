@@ -20,9 +20,10 @@ from .errors import LoraPruneError
 RUN_DEFAULTS = {"model": None, "data": None, "output": None, "overwrite": False, "evaluate": True, "quiet": False}
 # memory settings of a run (load_model's arguments) and its checkpoints
 RUN_DEFAULTS |= {"dtype": "float32", "load_in_8bit": False, "load_in_4bit": False, "checkpoint_every": None}
+RUN_DEFAULTS |= {"gguf": None}  # also write OUT as this GGUF file (gguf_export.py)
 # what a resumed run may set differently from its checkpoint: none of it changes the result
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
-                     "gradient_checkpointing", "overwrite"}  # fmt: skip
+                     "gradient_checkpointing", "overwrite", "gguf"}  # fmt: skip
 EVAL_DEFAULTS = {"eval_batch_size": 8, "eval_windows": None}
 
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", **flag, help="replace a non-empty output folder")
     prune.add_argument("--no-eval", dest="evaluate", action="store_false", **flag, help="skip dense/pruned perplexity")
     prune.add_argument("--quiet", action="store_true", **flag, help="no progress bars")
+    prune.add_argument("--gguf", **flag, help="also write the pruned model to this GGUF file (f32) for llama.cpp")
     prune.add_argument(
         "--resume", **flag, help="continue the run checkpointed in this folder (OUT.checkpoints, or OUT); "
         "other flags default to the run's and must not contradict them"
@@ -270,6 +272,10 @@ def run_prune(args: argparse.Namespace) -> None:
     every = settings["checkpoint_every"]
     if every is not None and every < 1:
         raise LoraPruneError(f"--checkpoint-every must be a positive integer (got {every})")
+    if settings["gguf"] is not None:
+        from .gguf_export import check_gguf_output
+
+        check_gguf_output(Path(settings["gguf"]), settings["overwrite"])
     # the run as a checkpoint records it, for --resume: every setting, paths made absolute
     run = {key: _normalized(key, value) for key, value in settings.items() if key != "resume_from"}
     prune_and_save(
@@ -290,13 +296,19 @@ def run_prune(args: argparse.Namespace) -> None:
     )
     from . import distributed
 
+    if settings["gguf"] is not None and distributed.is_main():
+        export_to_gguf(settings["output"], settings["gguf"], "f32", settings["overwrite"])
     distributed.finish()  # several processes: the others wait here until rank 0 has written the output
 
 
 def run_export(args: argparse.Namespace) -> None:
+    export_to_gguf(args.model, args.output, args.outtype, args.overwrite)
+
+
+def export_to_gguf(model: str, output: str, outtype: str, overwrite: bool) -> None:
     from .gguf_export import export_gguf
 
-    result = export_gguf(args.model, Path(args.output), args.outtype, overwrite=args.overwrite)
+    result = export_gguf(model, Path(output), outtype, overwrite=overwrite)
     kind = "per-layer shapes" if result["per_layer"] else "one shape for all layers"
     print(
         f"wrote {result['output']}: {result['architecture']} ({kind}), {result['outtype']}, {result['bytes']:,} bytes"

@@ -237,6 +237,14 @@ def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> l
     return warnings
 
 
+def check_gguf_output(output: Path, overwrite: bool) -> None:
+    """Refuse a GGUF output path that is a folder, or an existing file unless overwriting."""
+    if output.is_dir():
+        raise LoraPruneError(f"GGUF output {output} is a folder; give a file name such as model.gguf")
+    if output.exists() and not overwrite:
+        raise LoraPruneError(f"{output} exists; pass --overwrite or choose another file")
+
+
 def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite: bool = False) -> dict:
     """Write `model` (a loraprune output folder, any llama/mistral/qwen2 folder, a .gguf or 'smollm2')
     to the GGUF file `output`, atomically. Returns what was written: architecture, per-layer
@@ -246,10 +254,7 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
     output = Path(output)
     if outtype not in OUTTYPES:
         raise LoraPruneError(f"--outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
-    if output.is_dir():
-        raise LoraPruneError(f"GGUF output {output} is a folder; give a file name such as model.gguf")
-    if output.exists() and not overwrite:
-        raise LoraPruneError(f"{output} exists; pass --overwrite or choose another file")
+    check_gguf_output(output, overwrite)
     hf_model, tokenizer = load_model(str(model))
     config = hf_model.config
     warnings = check_supported(config)
