@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         label, _, source = spec.partition("=")
         results[label] = check(label, source, bin_dir, work, args)
     if args.bench:
+        print(f"llama-bench at {args.threads} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
         ggufs = {label: work / f"{label}.{args.outtype}.gguf" for label in results}
         speeds = bench(bin_dir, ggufs, args.threads, args.bench_prompt, args.bench_gen, args.bench_reps)
         for label, speed in speeds.items():
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "outtype": args.outtype,
             "threads": args.threads,
             "cpu_count": os.cpu_count(),
+            "load_average_1_5_15_min": os.getloadavg(),  # other work on the machine slows llama-bench
             "seconds": round(time.time() - started, 1),
             "tolerance": args.tolerance,
             "models": results,

@@ -13,7 +13,7 @@ from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.export import save_pruned
 from loraprune.gguf_export import even_groups, export_gguf, permute_rope, unpermute_rope
-from loraprune.load import load_model
+from loraprune.load import load_config, load_model
 from tiny import masked_then_pruned, tiny_encoder, tiny_model
 
 TEXT = "the cat sat on the mat, then it ate."
@@ -52,6 +52,8 @@ def test_dense_llama_round_trips_through_transformers(tmp_path, family):
     model = tiny_model(family)
     result = export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")
     assert result["architecture"] == "llama" and not result["per_layer"]
+    (tmp_path / "plain").write_text("")  # permissions as any new file (not mkstemp's 0600)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     loaded, tokenizer = hf_gguf(tmp_path / "m.gguf")
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
     assert tokenizer.encode(TEXT) == bpe_tokenizer().encode(TEXT)
@@ -87,6 +89,8 @@ def test_per_layer_shapes_are_written_as_deci_and_read_back_exactly(tmp_path, fa
     loaded, tokenizer = load_model(str(tmp_path / "m.gguf"))
     torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
     assert tokenizer.encode(TEXT) == bpe_tokenizer().encode(TEXT)
+    layout = load_config(str(tmp_path / "m.gguf")).loraprune_layout  # what `loraprune inspect` reads
+    assert [len(layer["kv_index"]) for layer in layout["layers"]] == heads
 
 
 def test_unevenly_shared_kv_heads_are_repeated_into_even_groups():

@@ -266,6 +266,9 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a server's user
     try:
         writer = gguf.GGUFWriter(partial, arch)
         _write_metadata(writer, config, shapes, head_dim, arch, file_type)
@@ -328,14 +331,15 @@ def gguf_architecture(path: str) -> str | None:
         return None
 
 
-def read_gguf(path: str, dtype: torch.dtype = torch.float32):
-    """A `deci` GGUF written by export_gguf as a per-layer Hugging Face model (and its tokenizer)."""
-    from transformers import AutoConfig, PreTrainedTokenizerFast
+def read_gguf_config(path: str, reader: gguf.GGUFReader | None = None):
+    """The per-layer Hugging Face config of a `deci` GGUF written by export_gguf (k/v heads as
+    written: evenly grouped, repeated where the pruned layer shared them unevenly)."""
+    from transformers import AutoConfig
 
-    from . import modeling_pruned
+    from .archs import arch_for
     from .modeling_pruned import LAYOUT_KEY
 
-    reader = gguf.GGUFReader(path)
+    reader = reader or gguf.GGUFReader(path)
     fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     prefix = f"{PER_LAYER_ARCH}."
     model_type = fields.get(SOURCE_KEY)
@@ -343,11 +347,10 @@ def read_gguf(path: str, dtype: torch.dtype = torch.float32):
         raise LoraPruneError(f"{path}: a deci GGUF not written by loraprune (no {SOURCE_KEY}); it cannot be loaded")
     heads, kv_heads = fields[prefix + "attention.head_count"], fields[prefix + "attention.head_count_kv"]
     channels, head_dim = fields[prefix + "feed_forward_length"], fields[prefix + "attention.key_length"]
-    tensors = {t.name: t for t in reader.tensors}
-    layout_layers = [
-        {"kv_heads": kv, "kv_index": [i * kv // h for i in range(h)], "intermediate_size": c}
-        for h, kv, c in zip(heads, kv_heads, channels, strict=True)
-    ]
+    tensors = {t.name for t in reader.tensors}
+    llama_biases = {}
+    if model_type == "llama":
+        llama_biases = {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors}
     config = AutoConfig.for_model(
         model_type,
         vocab_size=fields[prefix + "vocab_size"],
@@ -361,14 +364,32 @@ def read_gguf(path: str, dtype: torch.dtype = torch.float32):
         rms_norm_eps=fields[prefix + "attention.layer_norm_rms_epsilon"],
         rope_parameters={"rope_type": "default", "rope_theta": fields[prefix + "rope.freq_base"]},
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors and model_type == "llama",
+        **llama_biases,
     )
-    names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
-    from .archs import arch_for
-
+    layers = [
+        {"kv_heads": kv, "kv_index": [i * kv // h for i in range(h)], "intermediate_size": c}
+        for h, kv, c in zip(heads, kv_heads, channels, strict=True)
+    ]
     arch = arch_for(config)
+    names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
     modules = {name: getattr(arch, name) for name in names}
-    setattr(config, LAYOUT_KEY, {"modules": modules, "head_dim": head_dim, "layers": layout_layers})
+    setattr(config, LAYOUT_KEY, {"modules": modules, "head_dim": head_dim, "layers": layers})
+    return config
+
+
+def read_gguf(path: str, dtype: torch.dtype = torch.float32):
+    """A `deci` GGUF written by export_gguf as a per-layer Hugging Face model (and its tokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from . import modeling_pruned
+
+    reader = gguf.GGUFReader(path)
+    config = read_gguf_config(path, reader)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = config.loraprune_layout["layers"]
+    heads = [len(shape["kv_index"]) for shape in shapes]
+    kv_heads = [shape["kv_heads"] for shape in shapes]
+    model_type = config.model_type
     model_class = getattr(modeling_pruned, f"Pruned{_causal_lm_class(model_type)}")
     model = model_class(config).to(dtype)
     hf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(heads))

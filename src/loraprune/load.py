@@ -84,6 +84,10 @@ def load_config(spec: str):
     kind, path = _resolve(spec)
     try:
         if kind == "gguf":
+            from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf_config
+
+            if gguf_architecture(path) == PER_LAYER_ARCH:
+                return read_gguf_config(path)
             folder, name = os.path.split(os.path.abspath(path))
             return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=_has_remote_code(path))
