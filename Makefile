@@ -52,7 +52,7 @@ bench-questions: $(STAMP)
 	$(PY) -m bench.recovery $(QUESTIONS) --recovery-steps 60
 
 # GGUF export in llama.cpp itself (README "Serving"): builds llama.cpp from the llama-cpp-python sdist
-# on PyPI into .llamacpp/ (~N min with 2 jobs, once), prunes SmolLM2 briefly (10 steps, per-layer and
+# on PyPI into .llamacpp/ (8 min with 2 jobs, once), prunes SmolLM2 briefly (10 steps, per-layer and
 # --uniform), exports each to GGUF and compares llama.cpp's logits and greedy text with transformers.
 LLAMACPP := .llamacpp
 GGUF_RUNS := runs/gguf

@@ -91,18 +91,28 @@ def check(label: str, source: str, bin_dir: Path, work: Path, args) -> dict:
     return result
 
 
-def bench(bin_dir: Path, ggufs: dict[str, Path], threads: int, prompt: int, gen: int, reps: int) -> dict:
-    out = subprocess.run(
-        [str(bin_dir / "llama-bench"), "-m", ",".join(str(p) for p in ggufs.values()), "-t", str(threads),
-         "-p", str(prompt), "-n", str(gen), "-r", str(reps), "-o", "json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    by_file = {str(path): label for label, path in ggufs.items()}
-    results: dict[str, dict] = {label: {} for label in ggufs}
-    for row in json.loads(out.stdout):
-        test = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
-        results[by_file[row["model_filename"]]][test] = {"tokens_per_s": row["avg_ts"], "stdev": row["stddev_ts"]}
-    return results
+def bench(bin_dir: Path, ggufs: dict[str, Path], threads: int, prompt: int, gen: int, rounds: int) -> dict:
+    """llama-bench tokens/s: the models take turns, one repetition each per round, so that load from
+    other work falls on all of them alike; the best round is reported (the least disturbed), with
+    the median beside it."""
+    runs: dict[str, dict[str, list[float]]] = {label: {} for label in ggufs}
+    for _ in range(rounds):
+        for label, path in ggufs.items():
+            out = subprocess.run(
+                [str(bin_dir / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt),
+                 "-n", str(gen), "-r", "1", "-o", "json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            for row in json.loads(out.stdout):
+                test = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+                runs[label].setdefault(test, []).append(row["avg_ts"])
+    return {
+        label: {
+            test: {"tokens_per_s_best": max(values), "tokens_per_s_median": float(np.median(values)), "runs": values}
+            for test, values in tests.items()
+        }
+        for label, tests in runs.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", action="store_true", help="also llama-bench tokens/s")
     parser.add_argument("--bench-prompt", type=int, default=128)
     parser.add_argument("--bench-gen", type=int, default=64)
-    parser.add_argument("--bench-reps", type=int, default=3)
+    parser.add_argument("--bench-rounds", type=int, default=5, help="turns each model takes (best is reported)")
+    parser.add_argument("--bench-only", action="store_true", help="only llama-bench the GGUF files already in --work")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogit| / max |logit| to pass")
     args = parser.parse_args(argv)
@@ -127,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     results, started = {}, time.time()
     for spec in args.models:
         label, _, source = spec.partition("=")
-        results[label] = check(label, source, bin_dir, work, args)
-    if args.bench:
+        results[label] = {"model": source} if args.bench_only else check(label, source, bin_dir, work, args)
+    if args.bench or args.bench_only:
         print(f"llama-bench at {args.threads} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
         ggufs = {label: work / f"{label}.{args.outtype}.gguf" for label in results}
-        speeds = bench(bin_dir, ggufs, args.threads, args.bench_prompt, args.bench_gen, args.bench_reps)
+        speeds = bench(bin_dir, ggufs, args.threads, args.bench_prompt, args.bench_gen, args.bench_rounds)
         for label, speed in speeds.items():
             results[label]["llama_bench"] = speed
-            print(f"{label:8s} " + "  ".join(f"{test} {s['tokens_per_s']:8.1f} tok/s" for test, s in speed.items()))
-    failed = [label for label, r in results.items() if r["logits_max_abs_diff_relative"] > args.tolerance]
+            rates = (
+                f"{test} {s['tokens_per_s_best']:7.1f} tok/s (median {s['tokens_per_s_median']:.1f})"
+                for test, s in speed.items()
+            )
+            print(f"{label:8s} " + "  ".join(rates))
+    failed = [label for label, r in results.items() if r.get("logits_max_abs_diff_relative", 0) > args.tolerance]
     if args.json:
         record = {
             "prompt": args.prompt,
