@@ -32,7 +32,7 @@ def run_llamacpp(binary: Path, gguf: Path, prompt: str, n_gen: int, threads: int
     logits_file = work / f"{gguf.stem}.logits.bin"
     out = subprocess.run(
         [str(binary), str(gguf), prompt, str(n_gen), str(logits_file), str(threads), mode],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, errors="replace", check=True,
     )  # fmt: skip
     lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
     tokens = [int(t) for t in lines["tokens"].split()]
@@ -101,7 +101,7 @@ def bench(bin_dir: Path, ggufs: dict[str, Path], threads: int, prompt: int, gen:
             out = subprocess.run(
                 [str(bin_dir / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt),
                  "-n", str(gen), "-r", "1", "-o", "json"],
-                capture_output=True, text=True, check=True,
+                capture_output=True, text=True, errors="replace", check=True,
             )  # fmt: skip
             for row in json.loads(out.stdout):
                 test = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
@@ -112,6 +112,35 @@ def bench(bin_dir: Path, ggufs: dict[str, Path], threads: int, prompt: int, gen:
             for test, values in tests.items()
         }
         for label, tests in runs.items()
+    }
+
+
+def cpu_time(bin_dir: Path, ggufs: dict[str, Path], work: Path, gen: int, rounds: int) -> dict:
+    """Tokens per CPU second at 1 thread (lp-logits "time" mode: llama.cpp's default settings),
+    for a machine too busy for llama-bench's wall-clock rates: CPU time counts only this process's
+    own work. The models take turns; the best round is reported."""
+    prompt = " ".join(["the company said it expects to sell its shares at a lower price"] * 10)
+    runs: dict[str, dict[str, list[float]]] = {label: {"pp": [], "tg": []} for label in ggufs}
+    for _ in range(rounds):
+        for label, path in ggufs.items():
+            out = subprocess.run(
+                [str(bin_dir / "lp-logits"), str(path), prompt, str(gen), str(work / "timing.bin"), "1", "time"],
+                capture_output=True, text=True, errors="replace", check=True,
+            )  # fmt: skip
+            n_prompt, prompt_s, n_gen, gen_s = next(
+                line.split()[1:] for line in out.stdout.splitlines() if line.startswith("cpu:")
+            )
+            runs[label]["pp"].append(int(n_prompt) / float(prompt_s))
+            runs[label]["tg"].append(int(n_gen) / float(gen_s))
+            runs[label]["tokens"] = [int(n_prompt), int(n_gen)]
+    return {
+        label: {
+            "prompt_tokens": r["tokens"][0],
+            "generated_tokens": r["tokens"][1],
+            **{f"{test}_tokens_per_cpu_s_best": max(r[test]) for test in ("pp", "tg")},
+            **{f"{test}_runs": r[test] for test in ("pp", "tg")},
+        }
+        for label, r in runs.items()
     }
 
 
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-gen", type=int, default=64)
     parser.add_argument("--bench-rounds", type=int, default=5, help="turns each model takes (best is reported)")
     parser.add_argument("--bench-only", action="store_true", help="only llama-bench the GGUF files already in --work")
+    parser.add_argument("--cpu-time", action="store_true", help="tokens per CPU second at 1 thread (busy machine)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogit| / max |logit| to pass")
     args = parser.parse_args(argv)
@@ -138,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     results, started = {}, time.time()
     for spec in args.models:
         label, _, source = spec.partition("=")
-        results[label] = {"model": source} if args.bench_only else check(label, source, bin_dir, work, args)
+        only_speed = args.bench_only or (args.cpu_time and not args.bench)
+        results[label] = {"model": source} if only_speed else check(label, source, bin_dir, work, args)
     if args.bench or args.bench_only:
         print(f"llama-bench at {args.threads} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
         ggufs = {label: work / f"{label}.{args.outtype}.gguf" for label in results}
@@ -150,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 for test, s in speed.items()
             )
             print(f"{label:8s} " + "  ".join(rates))
+    if args.cpu_time:
+        ggufs = {label: work / f"{label}.{args.outtype}.gguf" for label in results}
+        for label, speed in cpu_time(bin_dir, ggufs, work, args.bench_gen, args.bench_rounds).items():
+            results[label]["cpu_time_1_thread"] = speed
+            pp, tg = speed["pp_tokens_per_cpu_s_best"], speed["tg_tokens_per_cpu_s_best"]
+            print(
+                f"{label:8s} pp{speed['prompt_tokens']} {pp:7.1f} tok/CPU-s  "
+                f"tg{speed['generated_tokens']} {tg:6.1f} tok/CPU-s"
+            )
     failed = [label for label, r in results.items() if r.get("logits_max_abs_diff_relative", 0) > args.tolerance]
     if args.json:
         record = {
