@@ -70,8 +70,9 @@ llamacpp-check: llamacpp $(GGUF_RUNS)/pl50/config.json $(GGUF_RUNS)/u50/config.j
 	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) \
 		dense=smollm2 pl50=$(GGUF_RUNS)/pl50 u50=$(GGUF_RUNS)/u50
 
-# the same plus 20% models and llama-bench tokens/s at 2 threads: bench/results/llamacpp.json
+# the same plus 20% models, llama-bench tokens/s at 2 threads and tokens per CPU second at 1 thread
+# (robust to other work on the machine): bench/results/llamacpp.json
 llamacpp-bench: llamacpp $(foreach r,pl20 pl50 u20 u50,$(GGUF_RUNS)/$(r)/config.json)
-	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --bench \
+	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --bench --cpu-time \
 		--json bench/results/llamacpp.json dense=smollm2 \
 		pl20=$(GGUF_RUNS)/pl20 pl50=$(GGUF_RUNS)/pl50 u20=$(GGUF_RUNS)/u20 u50=$(GGUF_RUNS)/u50
