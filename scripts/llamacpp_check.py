@@ -34,13 +34,13 @@ def run_llamacpp(binary: Path, gguf: Path, prompt: str, n_gen: int, threads: int
         [str(binary), str(gguf), prompt, str(n_gen), str(logits_file), str(threads), mode],
         capture_output=True, text=True, errors="replace", check=True,
     )  # fmt: skip
-    lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if line.startswith(("tokens:", "greedy:")))
     tokens = [int(t) for t in lines["tokens"].split()]
     logits = np.fromfile(logits_file, dtype=np.float32).reshape(len(tokens), -1)
     return {
         "tokens": tokens,
         "greedy": [int(t) for t in lines["greedy"].split()],
-        "text": lines["text"][1:],
+        "text": out.stdout.split("\ntext: ", 1)[1].split("\ncpu: ")[0].removesuffix("\n"),
         "logits": logits,
     }
 
