@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale
+.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -65,3 +65,29 @@ bench-questions: $(STAMP)
 	$(PY) -m bench.ema $(QUESTIONS)
 	$(PY) -m bench.schedules $(QUESTIONS)
 	$(PY) -m bench.recovery $(QUESTIONS) --recovery-steps 60
+
+# GGUF export in llama.cpp itself (README "Serving"): builds llama.cpp from the llama-cpp-python sdist
+# on PyPI into .llamacpp/ (8 min with 2 jobs, once), prunes SmolLM2 briefly (10 steps, per-layer and
+# --uniform), exports each to GGUF and compares llama.cpp's logits and greedy text with transformers.
+LLAMACPP := .llamacpp
+GGUF_RUNS := runs/gguf
+GGUF_PRUNE := --model smollm2 --data ptb --steps 10 --warmup 0.1 --cooldown 0.1 --prune-freq 2 --no-eval --quiet --overwrite
+llamacpp: $(STAMP)
+	PY=$(PY) bash scripts/llamacpp/build.sh $(LLAMACPP)
+
+$(GGUF_RUNS)/pl%/config.json: | $(STAMP)
+	$(VENV)/bin/loraprune prune $(GGUF_PRUNE) --ratio 0.$* --output $(GGUF_RUNS)/pl$*
+
+$(GGUF_RUNS)/u%/config.json: | $(STAMP)
+	$(VENV)/bin/loraprune prune $(GGUF_PRUNE) --uniform --ratio 0.$* --output $(GGUF_RUNS)/u$*
+
+llamacpp-check: llamacpp $(GGUF_RUNS)/pl50/config.json $(GGUF_RUNS)/u50/config.json
+	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) \
+		dense=smollm2 pl50=$(GGUF_RUNS)/pl50 u50=$(GGUF_RUNS)/u50
+
+# the same plus 20% models, llama-bench tokens/s at 2 threads and tokens per CPU second at 1 thread
+# (robust to other work on the machine): bench/results/llamacpp.json
+llamacpp-bench: llamacpp $(foreach r,pl20 pl50 u20 u50,$(GGUF_RUNS)/$(r)/config.json)
+	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --bench --cpu-time \
+		--json bench/results/llamacpp.json dense=smollm2 \
+		pl20=$(GGUF_RUNS)/pl20 pl50=$(GGUF_RUNS)/pl50 u20=$(GGUF_RUNS)/u20 u50=$(GGUF_RUNS)/u50

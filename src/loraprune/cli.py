@@ -16,7 +16,15 @@ from pathlib import Path
 
 from .config import PruneConfig
 from .errors import LoraPruneError
-from .settings import DiagnoseSettings, EstimateSettings, EvalSettings, InspectSettings, ReportSettings, RunSettings
+from .settings import (
+    DiagnoseSettings,
+    EstimateSettings,
+    EvalSettings,
+    ExportSettings,
+    InspectSettings,
+    ReportSettings,
+    RunSettings,
+)
 
 
 def prune_command(config: PruneConfig, run: RunSettings, resume) -> None:
@@ -70,6 +78,13 @@ def diagnose_command(settings: DiagnoseSettings, training: PruneConfig) -> None:
     run_diagnose(settings, training)
 
 
+def export_command(settings: ExportSettings) -> None:
+    from .pipeline.gguf_export import describe_export, export_gguf
+
+    s = settings
+    print(describe_export(export_gguf(s.model, Path(s.output), s.outtype, overwrite=s.overwrite)))
+
+
 def report_command(settings: ReportSettings) -> None:
     from .tools.report import write_report
 
@@ -89,6 +104,8 @@ COMMANDS = {
     "prune": Command("prune a model while fine-tuning LoRA, then save it", prune_command,
                      (RunSettings, PruneConfig), layered=True),
     "eval": Command("a model's perplexity (or its task's metrics) and parameters", eval_command, (EvalSettings,)),
+    "export": Command("write a saved model in another format (GGUF for llama.cpp)", export_command,
+                      (ExportSettings,)),
     "report": Command("rebuild report.md and its plots in a run folder", report_command, (ReportSettings,)),
     "estimate": Command("expected peak memory of a prune per criterion, and what is free (reads the config only)",
                         estimate_command,

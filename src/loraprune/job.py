@@ -14,6 +14,7 @@ from .config import PruneConfig
 from .errors import LoraPruneError
 from .pipeline.evaluate import count_parameters, count_prunable
 from .pipeline.export import check_output, save_pruned
+from .pipeline.gguf_export import check_gguf_output, describe_export, export_gguf
 from .pipeline.load import load_config, load_model
 from .pipeline.modeling_pruned import LAYOUT_KEY
 from .runtime import distributed, fsdp
@@ -35,6 +36,8 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     started = time.perf_counter()
     output, progress, evaluate = Path(run.output), not run.quiet, run.evaluate
     check_output(output, run.overwrite)  # every check that needs no weights comes first
+    if run.gguf is not None:
+        check_gguf_output(Path(run.gguf), run.overwrite)
     model_config = load_config(run.model)
     plan = check_compatible(model_config, config)
     if run.memory_check:  # from the config alone: a run that cannot fit fails in seconds
@@ -82,6 +85,8 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: nothing left to resume
     print(format_summary(report))
     print(_reload_check(task, pruned, tokenizer, output, eval_set))
+    if run.gguf is not None:
+        print(describe_export(export_gguf(output, Path(run.gguf), "f32", overwrite=run.overwrite)))
     return report
 
 

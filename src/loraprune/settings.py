@@ -17,7 +17,7 @@ from .errors import LoraPruneError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
-                     "gradient_checkpointing", "overwrite", "memory_check"}  # fmt: skip
+                     "gradient_checkpointing", "overwrite", "memory_check", "gguf"}  # fmt: skip
 REQUIRED = ("model", "data", "output")
 
 
@@ -48,6 +48,7 @@ class RunSettings:
     checkpoint_every: int | None = setting(
         None, "save a checkpoint to OUT.checkpoints every K steps (Ctrl-C always saves one)"
     )
+    gguf: str | None = setting(None, "also write the pruned model to this GGUF file (f32) for llama.cpp")
     memory_check: bool = setting(
         True,
         "before loading, refuse a run whose estimated peak memory (loraprune estimate) exceeds the free "
@@ -267,6 +268,18 @@ class DiagnoseSettings:
         if not steps or steps[0] < 0:
             raise LoraPruneError(f"--at-steps must be step numbers >= 0 (got {self.at_steps!r})")
         return steps
+
+
+@dataclass
+class ExportSettings:
+    """`export`'s settings: a saved model in another format."""
+
+    model: str = setting(None, "output folder of `loraprune prune` (or 'smollm2', a .gguf or a model folder)",
+                         positional=True)  # fmt: skip
+    output: str = setting(None, "file to write, e.g. model.gguf", required=True)
+    format: str = setting("gguf", "file format", choices=("gguf",))
+    outtype: str = setting("f32", "weight type", choices=("f32", "f16", "bf16", "q8_0"))
+    overwrite: bool = setting(False, "replace an existing output file")
 
 
 @dataclass

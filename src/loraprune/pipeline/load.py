@@ -100,6 +100,10 @@ def load_config(spec: str):
     kind, path = _resolve(spec)
     try:
         if kind == "gguf":
+            from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf_config
+
+            if gguf_architecture(path) == PER_LAYER_ARCH:
+                return read_gguf_config(path)
             return _gguf_config(path)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=_has_remote_code(path))
     except Exception as e:
@@ -143,6 +147,10 @@ def _gguf_config(path: str):
 
 
 def _load_gguf(path: str, dtype: torch.dtype):
+    from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf
+
+    if gguf_architecture(path) == PER_LAYER_ARCH:  # per-layer shapes, written by gguf_export
+        return read_gguf(path, dtype)
     folder, name = os.path.split(os.path.abspath(path))
     try:
         config = _gguf_config(path)

@@ -1,0 +1,433 @@
+"""Write a (pruned) llama / mistral / qwen2 model as a GGUF file that llama.cpp runs.
+
+What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cpp):
+- Its loader reads `head_count`, `head_count_kv` and `feed_forward_length` either as one number
+  or as one per layer, for every architecture. But the `llama` and `qwen2` architectures create
+  every layer's tensors with layer 0's sizes (and `qwen2` even assumes heads x head_dim = hidden),
+  so they only run layers of one shape. `deci` (NVIDIA's Nemotron-NAS, llama-shaped) creates and
+  runs each layer with its own head count, k/v head count and MLP width, and accepts the optional
+  q/k/v/o and MLP biases. So: layers of one shape are written as the family's own architecture
+  (`llama` for llama and mistral, as llama.cpp's converter does, `qwen2`), everything else as `deci`.
+- llama.cpp's attention lets query head h read k/v head h // (heads / kv_heads). A pruned layer
+  whose query heads share k/v heads unevenly (3, 1 of 4) is written with its k/v heads repeated
+  so that the groups are even: exact, and larger only in that layer's k/v projections.
+- `llama` and `deci` apply "normal" RoPE to consecutive pairs; Hugging Face's llama-style models
+  rotate halves. The q and k rows are permuted as the converter's LlamaModel.permute does. `qwen2`
+  rotates halves itself (no permutation).
+- The tokenizer is built from the Hugging Face tokenizer as convert_hf_to_gguf.py's gpt2 vocab
+  does (byte-level BPE: SmolLM2, Llama 3, Qwen2); merges and special ids come from gguf.SpecialVocab.
+
+`read_gguf` reads a `deci` file written here back into a per-layer model (`load.load_model` uses
+it, since transformers' GGUF loader does not know `deci`).
+"""
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import LoraPruneError, write_error
+
+OUTTYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+FAMILIES = ("llama", "mistral", "qwen2")
+PER_LAYER_ARCH = "deci"
+SOURCE_KEY = "loraprune.model_type"  # the Hugging Face model_type, for reading a deci file back
+
+# convert_hf_to_gguf.py's get_vocab_base_pre: the hash of this text's token ids names llama.cpp's
+# pre-tokenizer. A few byte-level BPE families; an unknown hash gets "default" and a warning.
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+}
+
+UNKNOWN_PRE_TOKENIZER = "pre-tokenizer not recognised: wrote 'default'; llama.cpp may split text differently"
+
+
+@dataclass
+class LayerShape:
+    heads: int
+    kv_source: list[int]  # for each k/v head written, the model's k/v head it copies
+    channels: int
+
+    @property
+    def kv_heads(self) -> int:
+        return len(self.kv_source)
+
+
+def layer_shapes(config) -> tuple[list[LayerShape], int]:
+    """Each layer's shape as llama.cpp runs it (even k/v groups), and the head size."""
+    from .modeling_pruned import LAYOUT_KEY
+
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout is not None:
+        head_dim = layout["head_dim"]
+        layers = [(shape["kv_index"], shape["intermediate_size"]) for shape in layout["layers"]]
+    else:
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = [([i * kv_heads // heads for i in range(heads)], config.intermediate_size)]
+        layers *= config.num_hidden_layers
+    return [LayerShape(len(kv), even_groups(kv), channels) for kv, channels in layers], head_dim
+
+
+def even_groups(kv_index: list[int]) -> list[int]:
+    """The k/v heads to write so that query heads read them in equal contiguous groups: the
+    largest group size g dividing the head count with every block of g heads on one k/v head."""
+    heads = len(kv_index)
+    for g in range(heads, 0, -1):
+        blocks = [kv_index[i : i + g] for i in range(0, heads, g)]
+        if heads % g == 0 and all(len(set(block)) == 1 for block in blocks):
+            return [block[0] for block in blocks]
+    return list(kv_index)  # no heads
+
+
+def choose_arch(config, shapes: list[LayerShape], head_dim: int) -> str:
+    """The family's own llama.cpp architecture when it runs these shapes, else deci."""
+    one_shape = all(
+        (s.heads, s.channels) == (shapes[0].heads, shapes[0].channels) and s.kv_source == list(range(s.kv_heads))
+        for s in shapes
+    )
+    if not one_shape:
+        return PER_LAYER_ARCH
+    if config.model_type == "qwen2":
+        # llama.cpp's qwen2 sizes q and o as hidden x hidden
+        return "qwen2" if shapes[0].heads * head_dim == config.hidden_size else PER_LAYER_ARCH
+    return "llama"
+
+
+def check_supported(config) -> list[str]:
+    """Refuse what the written file could not reproduce; return warnings for what it approximates."""
+    if config.model_type not in FAMILIES:
+        raise LoraPruneError(f"GGUF export supports {', '.join(FAMILIES)} models, not {config.model_type!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise LoraPruneError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise LoraPruneError(f"llama.cpp's llama graphs use SiLU, not {config.hidden_act!r}")
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    if window is not None and window < config.max_position_embeddings:
+        return [
+            f"the model attends within a sliding window of {window} tokens; llama.cpp's llama graph attends "
+            f"to the whole context, so outputs differ beyond {window} tokens"
+        ]
+    return []
+
+
+def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's rotate-half row order -> llama.cpp's pairwise one (convert_hf_to_gguf's
+    LlamaModel.permute), for q or k rows (weights or biases) of `heads` heads."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    return (
+        weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def _select_heads(weight: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
+    rows = torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], dtype=torch.long)
+    return weight.index_select(0, rows)
+
+
+def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp's names, k/v heads repeated and q/k permuted as needed."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(shapes))
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        stem, _, suffix = name.rpartition(".")
+        gguf_name = names.get_name(stem)
+        if gguf_name is None:
+            raise LoraPruneError(f"GGUF export: no llama.cpp name for the weight {name}")
+        tensor = tensor.detach().to(torch.float32)
+        if ".self_attn." in name and stem.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"):
+            shape = shapes[int(name.split(".layers.")[1].split(".")[0])]
+            role = stem.rsplit(".", 1)[-1]
+            if role in ("k_proj", "v_proj"):
+                tensor = _select_heads(tensor, shape.kv_source, head_dim)
+            if arch != "qwen2" and role in ("q_proj", "k_proj"):
+                tensor = permute_rope(tensor, shape.heads if role == "q_proj" else shape.kv_heads)
+        out[f"{gguf_name}.{suffix}"] = tensor
+    return out
+
+
+def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Norms and biases stay float32 (as in the converter); rows that Q8_0 cannot block become f16."""
+    data = tensor.contiguous().numpy()
+    if data.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
+        return data, gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = gguf.GGMLQuantizationType.F16
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), qtype
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> list[str]:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer, as convert_hf_to_gguf.py's _set_vocab_gpt2."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model_kind = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+    if model_kind != "BPE" or "ByteLevel" not in backend.to_str():
+        raise LoraPruneError(
+            f"GGUF export writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2) only, not {model_kind}"
+        )
+    warnings = []
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise LoraPruneError(f"the tokenizer has ids beyond the model's vocab_size {vocab_size}")
+    digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    pre = PRE_TOKENIZERS.get(digest)
+    if pre is None:
+        pre = "default"
+        warnings.append(UNKNOWN_PRE_TOKENIZER)
+    reverse = {i: token for token, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        kind = gguf.TokenType.NORMAL
+        if token in added:
+            if not decoder[i].normalized:  # llama.cpp expects added tokens pre-normalised
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            kind = gguf.TokenType.CONTROL if decoder[i].special else gguf.TokenType.USER_DEFINED
+        tokens.append(token)
+        types.append(kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as folder:  # SpecialVocab reads merges and ids from files
+        tokenizer.save_pretrained(folder)
+        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    return warnings
+
+
+def check_gguf_output(output: Path, overwrite: bool) -> None:
+    """Refuse a GGUF output path that is a folder, or an existing file unless overwriting."""
+    if output.is_dir():
+        raise LoraPruneError(f"GGUF output {output} is a folder; give a file name such as model.gguf")
+    if output.exists() and not overwrite:
+        raise LoraPruneError(f"{output} exists; pass --overwrite or choose another file")
+
+
+def describe_export(result: dict) -> str:
+    """The line printed after an export (warnings go to stderr)."""
+    import sys
+
+    for warning in result["warnings"]:
+        print(f"loraprune: warning: {warning}", file=sys.stderr)
+    kind = "per-layer shapes" if result["per_layer"] else "one shape for all layers"
+    return (
+        f"wrote {result['output']}: {result['architecture']} ({kind}), {result['outtype']}, {result['bytes']:,} bytes"
+    )
+
+
+def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite: bool = False) -> dict:
+    """Write `model` (a loraprune output folder, any llama/mistral/qwen2 folder, a .gguf or 'smollm2')
+    to the GGUF file `output`, atomically. Returns what was written: architecture, per-layer
+    shapes, tensor count, bytes, warnings."""
+    from .load import load_model
+
+    output = Path(output)
+    if outtype not in OUTTYPES:
+        raise LoraPruneError(f"--outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    check_gguf_output(output, overwrite)
+    hf_model, tokenizer = load_model(str(model))
+    config = hf_model.config
+    warnings = check_supported(config)
+    if tokenizer is None:
+        raise LoraPruneError(f"{model} has no tokenizer; llama.cpp needs one in the GGUF file")
+    shapes, head_dim = layer_shapes(config)
+    arch = choose_arch(config, shapes, head_dim)
+    qtype, file_type = OUTTYPES[outtype]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a server's user
+    try:
+        writer = gguf.GGUFWriter(partial, arch)
+        _write_metadata(writer, config, shapes, head_dim, arch, file_type)
+        warnings += tokenizer_metadata(writer, tokenizer, config.vocab_size)
+        tensors = gguf_tensors(hf_model, shapes, head_dim, arch)
+        for name, tensor in tensors.items():
+            data, kind = _encode(tensor, qtype)
+            writer.add_tensor(name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, output)
+    except OSError as error:
+        Path(partial).unlink(missing_ok=True)
+        raise write_error(error, f"writing {output}", f"nothing was written to {output}") from error
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    return {
+        "output": str(output),
+        "architecture": arch,
+        "outtype": outtype,
+        "per_layer": arch == PER_LAYER_ARCH,
+        "layers": [{"heads": s.heads, "kv_heads": s.kv_heads, "channels": s.channels} for s in shapes],
+        "repeated_kv_heads": sum(s.kv_heads - len(set(s.kv_source)) for s in shapes),
+        "tensors": len(tensors),
+        "bytes": output.stat().st_size,
+        "warnings": warnings,
+    }
+
+
+def _write_metadata(writer, config, shapes: list[LayerShape], head_dim: int, arch: str, file_type) -> None:
+    per_layer = arch == PER_LAYER_ARCH
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    # not "mistral": transformers' GGUF loader would then ask gguf-py for a mistral map it lacks
+    writer.add_name(Path(name).name or config.model_type)
+    writer.add_string(SOURCE_KEY, config.model_type)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(shapes))
+    writer.add_feed_forward_length([s.channels for s in shapes] if per_layer else shapes[0].channels)
+    writer.add_head_count([s.heads for s in shapes] if per_layer else shapes[0].heads)
+    writer.add_head_count_kv([s.kv_heads for s in shapes] if per_layer else shapes[0].kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def gguf_architecture(path: str) -> str | None:
+    """general.architecture of a GGUF file, or None when it cannot be read."""
+    try:
+        return gguf.GGUFReader(path).fields["general.architecture"].contents()
+    except Exception:  # a corrupt file: the caller's loader reports it
+        return None
+
+
+def read_gguf_config(path: str, reader: gguf.GGUFReader | None = None):
+    """The per-layer Hugging Face config of a `deci` GGUF written by export_gguf (k/v heads as
+    written: evenly grouped, repeated where the pruned layer shared them unevenly)."""
+    from transformers import AutoConfig
+
+    from ..archs import arch_for
+    from .modeling_pruned import LAYOUT_KEY
+
+    reader = reader or gguf.GGUFReader(path)
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    prefix = f"{PER_LAYER_ARCH}."
+    model_type = fields.get(SOURCE_KEY)
+    if model_type not in FAMILIES:
+        raise LoraPruneError(f"{path}: a deci GGUF not written by loraprune (no {SOURCE_KEY}); it cannot be loaded")
+    heads, kv_heads = fields[prefix + "attention.head_count"], fields[prefix + "attention.head_count_kv"]
+    channels, head_dim = fields[prefix + "feed_forward_length"], fields[prefix + "attention.key_length"]
+    tensors = {t.name for t in reader.tensors}
+    llama_biases = {}
+    if model_type == "llama":
+        llama_biases = {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors}
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=fields[prefix + "vocab_size"],
+        hidden_size=fields[prefix + "embedding_length"],
+        intermediate_size=max(channels),
+        num_hidden_layers=fields[prefix + "block_count"],
+        num_attention_heads=max(heads),
+        num_key_value_heads=max(kv_heads),
+        head_dim=head_dim,
+        max_position_embeddings=fields[prefix + "context_length"],
+        rms_norm_eps=fields[prefix + "attention.layer_norm_rms_epsilon"],
+        rope_parameters={"rope_type": "default", "rope_theta": fields[prefix + "rope.freq_base"]},
+        tie_word_embeddings="output.weight" not in tensors,
+        **llama_biases,
+    )
+    layers = [
+        {"kv_heads": kv, "kv_index": [i * kv // h for i in range(h)], "intermediate_size": c}
+        for h, kv, c in zip(heads, kv_heads, channels, strict=True)
+    ]
+    arch = arch_for(config)
+    names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
+    modules = {name: getattr(arch, name) for name in names}
+    setattr(config, LAYOUT_KEY, {"modules": modules, "head_dim": head_dim, "layers": layers})
+    return config
+
+
+def read_gguf(path: str, dtype: torch.dtype = torch.float32):
+    """A `deci` GGUF written by export_gguf as a per-layer Hugging Face model (and its tokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from . import modeling_pruned
+
+    reader = gguf.GGUFReader(path)
+    config = read_gguf_config(path, reader)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = config.loraprune_layout["layers"]
+    heads = [len(shape["kv_index"]) for shape in shapes]
+    kv_heads = [shape["kv_heads"] for shape in shapes]
+    model_type = config.model_type
+    model_class = getattr(modeling_pruned, f"Pruned{_causal_lm_class(model_type)}")
+    model = model_class(config).to(dtype)
+    hf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(heads))
+    state = {}
+    for name in model.state_dict():
+        stem, _, suffix = name.rpartition(".")
+        gguf_name = f"{hf_names.get_name(stem)}.{suffix}"
+        if gguf_name not in tensors:
+            continue  # the tied lm_head
+        data = torch.from_numpy(np.array(gguf.dequantize(tensors[gguf_name].data, tensors[gguf_name].tensor_type)))
+        data = data.reshape(list(reversed([int(n) for n in tensors[gguf_name].shape])))
+        layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+        if stem.endswith("q_proj"):
+            data = unpermute_rope(data, heads[layer])
+        elif stem.endswith("k_proj"):
+            data = unpermute_rope(data, kv_heads[layer])
+        state[name] = data.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:
+        raise LoraPruneError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def _causal_lm_class(model_type: str) -> str:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]

@@ -1,0 +1,189 @@
+"""GGUF export (gguf_export.py), checked by reading the file back: with transformers' own GGUF
+loader (layers of one shape) and with loraprune.load_model (per-layer shapes, llama.cpp's deci).
+No llama.cpp needed; `make llamacpp-check` runs the files in llama.cpp itself."""
+
+import gguf
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from loraprune.cli import main
+from loraprune.errors import LoraPruneError
+from loraprune.pipeline import gguf_export
+from loraprune.pipeline.export import save_pruned
+from loraprune.pipeline.gguf_export import even_groups, export_gguf, permute_rope, unpermute_rope
+from loraprune.pipeline.load import load_config, load_model
+from tiny import masked_then_pruned, tiny_encoder, tiny_model
+
+TEXT = "the cat sat on the mat, then it ate."
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of exactly 64 ids, the tiny models' vocab_size."""
+    specials = ["<|endoftext|>", "<|im_start|>"]
+    chars = [*"abcdefghijklmnopqrstuvwxyz", "Ġ", ".", ","]
+    pairs = "th Ġt Ġa he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve".split()
+    vocab = {token: i for i, token in enumerate(specials + chars + pairs)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(p[:-1], p[-1]) for p in pairs]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0])
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def saved(tmp_path, model, name: str = "model"):
+    return save_pruned(model, bpe_tokenizer(), tmp_path / name, {})
+
+
+def hf_gguf(path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha", "mistral-gqa"])
+def test_dense_llama_round_trips_through_transformers(tmp_path, family):
+    model = tiny_model(family)
+    result = export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")
+    assert result["architecture"] == "llama" and not result["per_layer"]
+    (tmp_path / "plain").write_text("")  # permissions as any new file (not mkstemp's 0600)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    loaded, tokenizer = hf_gguf(tmp_path / "m.gguf")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
+    assert tokenizer.encode(TEXT) == bpe_tokenizer().encode(TEXT)
+    assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+
+
+def test_dense_qwen2_is_written_as_qwen2(tmp_path):
+    model = tiny_model("qwen2-gqa")
+    assert export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")["architecture"] == "qwen2"
+    loaded, _ = hf_gguf(tmp_path / "m.gguf")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
+
+
+def test_uniform_pruned_llama_loads_in_stock_transformers(tmp_path):
+    _, _, pruned, _ = masked_then_pruned("llama-gqa", 0.5, uniform=True)
+    result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf")
+    assert result["architecture"] == "llama"
+    assert {(s["heads"], s["kv_heads"]) for s in result["layers"]} == {(2, 2)}
+    loaded, _ = hf_gguf(tmp_path / "m.gguf")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha", "mistral-gqa", "qwen2-gqa"])
+def test_per_layer_shapes_are_written_as_deci_and_read_back_exactly(tmp_path, family):
+    _, _, pruned, _ = masked_then_pruned(family, 0.5, uniform=False)
+    result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf")
+    assert result["architecture"] == "deci" and result["per_layer"]
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    heads = fields["deci.attention.head_count"].contents()
+    assert heads == [s["heads"] for s in result["layers"]] and len(set(heads)) > 1  # layer 0 is skipped
+    assert fields["deci.feed_forward_length"].contents() == [s["channels"] for s in result["layers"]]
+    loaded, tokenizer = load_model(str(tmp_path / "m.gguf"))
+    torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
+    assert tokenizer.encode(TEXT) == bpe_tokenizer().encode(TEXT)
+    layout = load_config(str(tmp_path / "m.gguf")).loraprune_layout  # what `loraprune inspect` reads
+    assert [len(layer["kv_index"]) for layer in layout["layers"]] == heads
+
+
+def test_unevenly_shared_kv_heads_are_repeated_into_even_groups():
+    assert even_groups([0, 0, 1, 1]) == [0, 1]
+    assert even_groups([0, 0, 0, 1]) == [0, 0, 0, 1]  # 3 + 1 readers: one k/v head per query head
+    assert even_groups([0, 0, 1, 1, 1, 1]) == [0, 1, 1]
+    assert even_groups([2, 2, 2]) == [2]
+
+
+def test_rope_permutation_is_the_converters_and_inverts():
+    weight = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of 8 rows
+    permuted = permute_rope(weight, 2)
+    # rows of one head: halves [0..3], [4..7] interleaved into pairs (0, 4), (1, 5), ...
+    assert permuted[:8, 0].tolist() == weight[[0, 4, 1, 5, 2, 6, 3, 7], 0].tolist()
+    assert torch.equal(unpermute_rope(permuted, 2), weight)
+    bias = torch.arange(16.0)
+    assert torch.equal(unpermute_rope(permute_rope(bias, 2), 2), bias)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_smaller_weight_types_stay_close(tmp_path, outtype):
+    _, _, pruned, _ = masked_then_pruned("llama-mha", 0.5, uniform=False)  # hidden 32: Q8_0 blocks fit
+    result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf", outtype=outtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert kinds["blk.1.attn_q.weight"] == outtype.upper() and kinds["blk.1.attn_norm.weight"] == "F32"
+    loaded, _ = load_model(str(tmp_path / "m.gguf"))
+    reference = logits(pruned)
+    assert (logits(loaded) - reference).abs().max() <= 0.02 * reference.abs().max()
+    assert result["bytes"] < export_gguf(tmp_path / "model", tmp_path / "f32.gguf")["bytes"]
+
+
+def test_refusals_are_one_line_and_write_nothing(tmp_path):
+    folder = saved(tmp_path, tiny_model("llama-gqa"))
+    with pytest.raises(LoraPruneError, match="outtype"):
+        export_gguf(folder, tmp_path / "m.gguf", outtype="q4_k")
+    with pytest.raises(LoraPruneError, match="is a folder"):
+        export_gguf(folder, tmp_path)
+    bert = tmp_path / "bert"
+    tiny_encoder("bert").save_pretrained(bert)
+    bpe_tokenizer().save_pretrained(bert)
+    with pytest.raises(LoraPruneError, match="not 'bert'"):
+        export_gguf(bert, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
+    (tmp_path / "old.gguf").write_text("old")
+    with pytest.raises(LoraPruneError, match="--overwrite"):
+        export_gguf(folder, tmp_path / "old.gguf")
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    folder = saved(tmp_path, tiny_model("llama-gqa"))
+    (tmp_path / "m.gguf").write_text("old")
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(LoraPruneError, match="disk is full"):
+        export_gguf(folder, tmp_path / "m.gguf", overwrite=True)
+    assert (tmp_path / "m.gguf").read_text() == "old"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_cli_export(tmp_path, capsys):
+    _, _, pruned, _ = masked_then_pruned("llama-gqa", 0.5, uniform=False)
+    folder = saved(tmp_path, pruned)
+    assert main(["export", str(folder), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 0
+    assert "deci (per-layer shapes), f32" in capsys.readouterr().out
+    assert main(["export", str(folder), "--output", str(tmp_path / "m.gguf")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_unrecognised_pre_tokenizer_is_a_warning(tmp_path):
+    result = export_gguf(saved(tmp_path, tiny_model("llama-gqa")), tmp_path / "m.gguf")
+    assert result["warnings"] == [gguf_export.UNKNOWN_PRE_TOKENIZER]
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == "default"
+
+
+def test_prune_gguf_writes_the_file_at_the_end_of_a_run(tmp_path, capsys):
+    folder = saved(tmp_path, tiny_model("llama-gqa"))
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    words = TEXT.replace(",", "").replace(".", "").split()
+    text.write_text(
+        "\n".join(" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(200))
+    )
+    out, gguf_file = tmp_path / "out", tmp_path / "out.gguf"
+    argv = ["prune", "--model", folder, "--data", text, "--output", out, "--gguf", gguf_file, "--ratio", "0.5"]
+    argv += ["--steps", "6", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet", "--no-eval"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "deci (per-layer shapes)" in capsys.readouterr().out
+    loaded, _ = load_model(str(gguf_file))
+    reference, _ = load_model(str(out))
+    torch.testing.assert_close(logits(loaded), logits(reference), rtol=0, atol=1e-5)
+    # an existing GGUF file is refused before any work, like a non-empty output folder
+    assert main([str(a) for a in [*argv, "--output", tmp_path / "other"]]) == 2
+    assert "exists" in capsys.readouterr().err and not (tmp_path / "other").exists()
