@@ -64,7 +64,9 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_spec():
-    with pytest.raises(LoraPruneError, match="unknown dataset 'wikitext'; choose 'ptb', a .txt file or a .jsonl file"):
+    with pytest.raises(
+        LoraPruneError, match="unknown dataset 'wikitext'; choose 'ptb', 'pydoc', a .txt file or a .jsonl file"
+    ):
         load_text("wikitext", "train")
 
 
@@ -147,3 +149,10 @@ def test_sampler_crosses_epochs_and_resumes():
 def test_sampler_bad_batch_size():
     with pytest.raises(LoraPruneError, match="batch_size must be at least 1"):
         BatchSampler(_windows(), 0)
+
+
+def test_pydoc_is_the_python_reference_for_every_split():
+    from loraprune.pipeline.data import load_text
+
+    text = load_text("pydoc", "test")
+    assert len(text) > 100_000 and "assert" in text and text == load_text("pydoc", "train")

@@ -17,7 +17,7 @@ from loraprune.errors import LoraPruneError
 from loraprune.pipeline.data import BatchSampler, load_images, pad_sentences
 from loraprune.pipeline.export import MODELING_FILE, save_pruned
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
-from loraprune.tasks import TASKS, embedding_loss, encode, neighbour_agreement, task_for
+from loraprune.tasks import TASKS, embed, embedding_loss, encode, neighbour_agreement, task_for
 from tiny import ENCODERS, masked_then_pruned, model_output, tiny_encoder, tiny_inputs
 
 AUTO = {"bert": "AutoModel", "vit": "AutoModelForImageClassification"}
@@ -128,7 +128,7 @@ def test_embedding_loss_is_zero_for_the_teacher_and_agreement_is_one(tiny_tokeni
     model = tiny_encoder("bert")
     inputs = pad_sentences(tiny_tokenizer, ["the cat sat", "a dog ran to the park", "it was big"], 16)
     teacher = encode(model, inputs)
-    assert embedding_loss(model, {**inputs, "target": teacher}).item() == pytest.approx(0, abs=1e-6)
+    assert embedding_loss(embed(model, inputs), inputs, teacher).item() == pytest.approx(0, abs=1e-6)
     assert neighbour_agreement(teacher, teacher, 1) == 1.0
 
 

@@ -66,11 +66,12 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str = "llama-gqa", layers: int = 3):
+def tiny_config(family: str = "llama-gqa", layers: int = 3, **overrides):
+    """`overrides`: other config values, e.g. head_dim (default hidden / heads = 8) or sliding_window."""
     config_class, heads, kv_heads, extra = FAMILIES[family]
     if "layer_types" in extra:
         extra = {**extra, "layer_types": extra["layer_types"][:layers]}
-    return config_class(
+    sizes = dict(
         vocab_size=64,
         hidden_size=heads * 8,
         intermediate_size=40,
@@ -81,10 +82,12 @@ def tiny_config(family: str = "llama-gqa", layers: int = 3):
         tie_word_embeddings=True,
         **extra,
     )
+    return config_class(**{**sizes, **overrides})
 
 
-def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
-    config = tiny_config(family, layers)
+def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0, **overrides):
+    """`overrides`: other config values, e.g. head_dim (default hidden / heads = 8) or sliding_window."""
+    config = tiny_config(family, layers, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     for name, p in model.named_parameters():
@@ -140,20 +143,35 @@ def randomize_lora(model, std: float = 0.05, seed: int = 1):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0, drop_kv_group: bool = False):
+def masked_then_pruned(
+    family: str,
+    ratio: float,
+    uniform: bool,
+    seed: int = 0,
+    model=None,
+    head_score=None,
+    skip_layers: str = "0",
+    drop_kv_group: bool = False,
+):
     """Logits of the masked LoRA model and of the shrunk, merged model on the same input.
+    `model`: a tiny model of `family` made by the caller (other config values); `head_score`: the
+    head scores to prune by ([layers, heads]; random by default); `skip_layers` unless uniform.
     `drop_kv_group` (6 heads sharing 2 k/v heads, ratio 0.5): the first pruned layer's lowest scores
     are the 3 query heads of k/v head 0, so it loses that k/v head entirely; the last layer's are heads
     0, 1 and 3, so its k/v heads keep 1 and 2 readers (uneven sharing)."""
-    model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
+    if model is None:
+        model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
     arch = arch_for(model.config)
-    config = PruneConfig(ratio=ratio, skip_layers="none" if uniform else "0", uniform=uniform, lora_dropout=0.0)
+    skip_layers = "none" if uniform else skip_layers
+    config = PruneConfig(ratio=ratio, skip_layers=skip_layers, uniform=uniform, lora_dropout=0.0)
     peft_model = attach_lora(model, arch, config)
     randomize_lora(peft_model)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
     g = torch.Generator().manual_seed(seed)
     pruner.head_score.uniform_(generator=g)
     pruner.channel_score.uniform_(generator=g)
+    if head_score is not None:
+        pruner.head_score.copy_(head_score)
     if drop_kv_group:
         pruner.head_score[pruner.prunable[0], pruner.groups.kv_of_head == 0] -= 10
         pruner.head_score[pruner.prunable[-1], [0, 1, 3]] -= 10

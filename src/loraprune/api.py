@@ -22,11 +22,11 @@ from .pipeline.pruner import Pruner
 from .pipeline.schedule import SparsitySchedule
 from .pipeline.shrink import shrink, stock_config_error
 from .pipeline.target import resolve_ratio
-from .pipeline.train import train
+from .pipeline.train import DenseTeacher, set_activation_checkpointing, train
 from .runtime import distributed, fsdp
 from .runtime.checkpoint import Checkpoint, Checkpointer
 from .runtime.quant import dequantize_base_layers
-from .tasks import Task, task_for
+from .tasks import Task, objective, task_for
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
     if config.seq_len > context:
         raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
     SparsitySchedule.of(config)  # fails here if the steps leave no pruning window
+    if config.distill and task.logits is None:
+        raise LoraPruneError(
+            f"--distill applies to tasks with logits; the {task.name} task already trains against the dense model"
+        )
+    if config.allocation == "global" and config.ratio > 1 - config.min_keep:
+        raise LoraPruneError(
+            f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
+            f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
+        )
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
@@ -90,8 +99,7 @@ def prune(
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
 
     if config.gradient_checkpointing:
-        # non-reentrant: the embeddings' output needs no requires_grad for LoRA's gradients to flow
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     if distributed.device() is not None:  # several processes on GPUs: each rank its own
         model.to(distributed.device())
     peft_model = attach_lora(model, arch, config)
@@ -99,6 +107,8 @@ def prune(
     if sharded:
         fsdp.shard(peft_model, pruner.layers)
 
+    teacher = DenseTeacher(peft_model, task.forward, pruner) if task.needs_teacher or config.distill else None
+    loss_fn = objective(task, teacher, config.distill, config.distill_temperature)
     torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
     rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed, rank=rank, world_size=world))
@@ -107,7 +117,7 @@ def prune(
         pruner,
         batches,
         config,
-        task.loss,
+        loss_fn,
         progress=progress,
         checkpointer=checkpointer,
         resume=resume,
@@ -115,7 +125,7 @@ def prune(
     )
     pruner.close()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     if sharded:  # the whole model on rank 0 from here on; the other ranks are done
         peft_model = fsdp.gather(peft_model, lambda: attach_lora(type(model)(model.config), arch, config))
         if peft_model is None:

@@ -88,19 +88,23 @@ class Arch:
         return rf"(?:.*\.)?{re.escape(self.layers)}\.\d+\.(?:{attention}|{mlp})"
 
 
+# the decoders' MLP keeps its own copy of the width (LlamaMLP.intermediate_size)
+DECODER_SIZES = (("mlp", "intermediate_size", "channels"),)
+
 ARCHS: dict[str, Arch] = {
-    "llama": Arch(),
-    "mistral": Arch(),
-    "qwen2": Arch(),  # q/k/v carry biases; sliced with their rows
+    "llama": Arch(size_attributes=DECODER_SIZES),
+    "mistral": Arch(size_attributes=DECODER_SIZES),
+    "qwen2": Arch(size_attributes=DECODER_SIZES),  # q/k/v carry biases; sliced with their rows
     # q/k RMSNorm per head, of head_dim and shared by every head: pruning leaves it unchanged
-    "qwen3": Arch(),
+    "qwen3": Arch(size_attributes=DECODER_SIZES),
     # embedding scale, pre/post feed-forward norms, logit soft-capping, sliding-window layers and a
     # head_dim of its own: all outside the pruned rows/columns, or per head
-    "gemma2": Arch(),
-    "gemma3_text": Arch(),  # as gemma2, plus per-head q/k norms (Gemma3ForCausalLM, e.g. Gemma 3 1B)
+    "gemma2": Arch(size_attributes=DECODER_SIZES),
+    # as gemma2, plus per-head q/k norms (Gemma3ForCausalLM, e.g. Gemma 3 1B)
+    "gemma3_text": Arch(size_attributes=DECODER_SIZES),
     # fused projections: a head's q, k, v rows and a channel's gate and up rows are row ranges of
     # one matrix each; the attention splits qkv by config.num_attention_heads and its own
-    # num_key_value_heads, so both are reset per layer
+    # num_key_value_heads, so both are reset per layer (Phi3MLP keeps no width of its own)
     "phi3": Arch(
         q=None,
         k=None,

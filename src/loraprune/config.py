@@ -13,7 +13,17 @@ from .errors import LoraPruneError
 
 CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch")  # importance.CRITERIA
 SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPES
+ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
+AGGREGATIONS = ("sum", "square")
 TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
+
+
+def round_half_up(x: float) -> int:
+    """floor(x + 0.5): the one rounding rule of every count (groups, warmup/cooldown steps, skipped
+    layers; schedule.py and groups.py use it from here). Python's round() is banker's rounding
+    (4.5 -> 4, 5.5 -> 6): counts should not depend on parity. The 1e-9 absorbs float error in
+    products such as 0.1 * 45."""
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def setting(default, help: str, **metadata):
@@ -45,6 +55,23 @@ class PruneConfig:
         "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0)",
     )
     normalize: bool = setting(True, "L2-normalise each module's group scores before summing a group")
+    aggregation: str = setting(
+        "sum", "how a group's element scores add up: sum (the paper's) or square (the sum of their squares)"
+    )
+    allocation: str = setting(
+        "layer",
+        "where the groups go: layer (the paper's: --ratio of every prunable layer) or global (the same total, "
+        "the lowest-scored groups across all prunable layers, heads and channels ranked separately)",
+    )
+    min_keep: float = setting(
+        0.1, "with --allocation global: the fraction of its heads and of its channels every pruned layer keeps"
+    )
+    distill: float = setting(
+        0.0,
+        "weight alpha of self-distillation from the dense model (the same weights, adapter off, masks lifted): "
+        "loss = (1 - alpha) task loss + alpha T^2 KL(dense || pruned); 0 turns it off",
+    )
+    distill_temperature: float = setting(1.0, "temperature T of the distillation's softmaxes")
     prune_freq: int = setting(10, "prune every this many optimizer steps inside the pruning window")
     warmup: float = setting(0.1, "fraction of steps fine-tuned before pruning starts")
     cooldown: float = setting(0.1, "fraction of steps fine-tuned after the target is reached")
@@ -64,7 +91,7 @@ class PruneConfig:
         "default: from the model type (llama/mistral/qwen2: causal-lm, bert: embedding, vit: image-classification)",
     )
     max_nan_steps: int = setting(
-        5, "stop after this many optimizer steps in a row whose loss is NaN/inf (a single one is skipped)"
+        5, "stop after this many optimizer steps in a row whose loss or a LoRA gradient is NaN/inf (one is skipped)"
     )
     gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
@@ -92,6 +119,15 @@ class PruneConfig:
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")
+        require(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
+        require(self.allocation in ALLOCATIONS, "allocation", f"must be one of {', '.join(ALLOCATIONS)}")
+        require(0 < self.min_keep < 1, "min_keep", "must be in (0, 1)")
+        require(0 <= self.distill <= 1, "distill", "must be in [0, 1]")
+        require(self.distill_temperature > 0 and math.isfinite(self.distill_temperature), "distill_temperature",
+                "must be a positive number")  # fmt: skip
+        if self.uniform and self.allocation == "global":
+            raise LoraPruneError("--allocation global puts different numbers of groups in each layer; "
+                                 "it cannot be combined with --uniform")  # fmt: skip
         require(self.schedule in SCHEDULE_NAMES, "schedule", f"must be one of {', '.join(SCHEDULE_NAMES)}")
         require(self.task is None or self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
@@ -105,7 +141,7 @@ class PruneConfig:
             if part == "none":
                 continue
             elif part == "first10pct":
-                skipped.update(range(round(0.1 * num_layers)))
+                skipped.update(range(round_half_up(0.1 * num_layers)))
             elif part == "last":
                 skipped.add(num_layers - 1)
             elif part.lstrip("-").isdigit() and -num_layers <= int(part) < num_layers:

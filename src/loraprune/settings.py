@@ -106,7 +106,7 @@ class EvalSettings:
             if self.data is None:
                 raise LoraPruneError("--data is required (or --tasks for lm-eval harness tasks)")
             return
-        if self.task is not None and self.task != TASK_NAMES[0]:
+        if self.task not in (None, "causal-lm"):  # lm-eval scores language models
             raise LoraPruneError(f"--tasks runs lm-eval on causal LMs; it does not combine with --task {self.task}")
         if self.eval_windows is not None:
             raise LoraPruneError("--eval-windows does not apply to --tasks; use --limit N (documents per task)")

@@ -1,8 +1,10 @@
 """Tasks: what a model is fine-tuned on while it is pruned, and how it is measured. One entry each.
 
-A task is data + functions: how a dataset split is read, how training examples are made
-(from the *dense* model, before LoRA is attached: the embedding task's teacher targets come
-from it), the loss of one batch, the evaluation, and what proves a saved folder reloads. The
+A task is data + functions: how a dataset split is read, how training examples are made, what
+the model computes on a batch and the loss of that, the evaluation, and what proves a saved
+folder reloads. Where a loss compares with the dense model (the embedding task always;
+`--distill` for tasks with logits), the dense model's output comes from the same weights with
+the adapter disabled and the masks lifted (train.DenseTeacher), one forward per step. The
 job (job.py) runs every task through the same steps; nothing outside this table and the
 architecture table (archs.py) needs to know a task by name. Each family's default task is
 `Arch.task`; `--task` overrides it.
@@ -51,7 +53,8 @@ class Task:
     processor: str  # what preprocesses its inputs: "tokenizer" (text) or "image" (an image processor)
     load: Callable[[str, str], Any]  # (data spec, split) -> raw data (text, sentences, images)
     examples: Callable[..., Tensor | dict]  # (dense model, tokenizer, raw, config) -> training examples
-    loss: Callable[[nn.Module, Any], Tensor]  # (model, batch on the CPU) -> scalar loss
+    forward: Callable[[nn.Module, Any], Any]  # (model, batch on the CPU) -> what the loss reads
+    loss: Callable[[Any, Any, Any], Tensor]  # (output, batch, the dense model's output or None) -> scalar
     # (teacher or None, tokenizer, raw, seq_len, limit) -> what evaluate reads; the teacher is the
     # dense model where the task compares with it (embedding), unused otherwise
     eval_set: Callable[..., Any]
@@ -65,6 +68,8 @@ class Task:
     speed_key: str | None = None
     sample: Callable[[nn.Module, Any], str] | None = None  # (model, tokenizer) -> text printed after a run
     compares_to_dense: bool = False  # evaluation needs the dense model (eval: --reference)
+    needs_teacher: bool = False  # the loss itself compares with the dense model's output
+    logits: Callable[[Any], Tensor] | None = None  # an output's logits, for --distill (None: it does not apply)
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
 
 
@@ -81,9 +86,21 @@ def _to(batch: dict, device) -> dict:
 PROMPT = "the company said it expects"  # the greedy sample printed after a run
 
 
-def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+def _lm_forward(model: nn.Module, batch: Tensor):
     batch = batch.to(_device(model))
-    return model(input_ids=batch, labels=batch).loss
+    return model(input_ids=batch, labels=batch)  # the model's own next-token loss, as transformers computes it
+
+
+def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    return _lm_forward(model, batch).loss
+
+
+def _own_loss(output, batch, dense) -> Tensor:
+    return output.loss
+
+
+def _logits(output) -> Tensor:
+    return output.logits
 
 
 def _lm_examples(model, tokenizer, text: str, config) -> Tensor:
@@ -139,25 +156,22 @@ def encode(model: nn.Module, inputs: dict, batch_size: int = 64) -> Tensor:
     return torch.cat(parts)
 
 
-def embedding_loss(model: nn.Module, batch: dict) -> Tensor:
-    """1 − cosine between the model's embedding and the dense teacher's ("target") per sentence."""
-    embeddings = embed(model, batch)
-    return 1 - F.cosine_similarity(embeddings, batch["target"].to(embeddings.device), dim=-1).mean()
+def embedding_loss(embeddings: Tensor, batch: dict, dense: Tensor) -> Tensor:
+    """1 − cosine between the model's embedding and the dense model's, per sentence."""
+    return 1 - F.cosine_similarity(embeddings, dense, dim=-1).mean()
 
 
 def _embedding_examples(model, tokenizer, sentences: list[str] | str, config) -> dict:
-    """The sentences training will see, with their dense teacher embeddings (computed once, here).
-    Training draws steps × batch size × grad accum sentences: when the data has more, a sample
-    of that many (seeded by --seed) is encoded, not all of it (PTB train has 42k sentences).
-    A text is one sentence per non-empty line."""
+    """The sentences training will see, padded. Training draws steps × batch size × grad accum
+    sentences: when the data has more, a sample of that many (seeded by --seed) is kept, not all
+    of it (PTB train has 42k sentences). A text is one sentence per non-empty line."""
     if isinstance(sentences, str):
         sentences = [line.strip() for line in sentences.split("\n") if line.strip()]
     needed = config.steps * config.batch_size * config.grad_accum
     if len(sentences) > needed:
         picked = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(config.seed))[:needed]
         sentences = [sentences[i] for i in picked.sort().values.tolist()]
-    inputs = pad_sentences(tokenizer, sentences, config.seq_len)
-    return {**inputs, "target": encode(model, inputs)}  # the dense teacher, computed once up front
+    return pad_sentences(tokenizer, sentences, config.seq_len)
 
 
 def _embedding_eval_set(teacher, tokenizer, sentences: list[str], seq_len: int, limit: int | None) -> dict:
@@ -242,8 +256,8 @@ def _embedding_evaluate(model, eval_set: dict, batch_size: int = 64, progress: b
 # ---- image classification ----
 
 
-def classification_loss(model: nn.Module, batch: dict) -> Tensor:
-    return model(**_to(batch, _device(model))).loss
+def _classify(model: nn.Module, batch: dict):
+    return model(**_to(batch, _device(model)))  # with labels: the model's own cross-entropy
 
 
 def _image_examples(model, processor, images: tuple[Tensor, Tensor], config) -> dict:
@@ -296,7 +310,8 @@ TASKS: dict[str, Task] = {
         "tokenizer",
         load_text,
         _lm_examples,
-        causal_lm_loss,
+        _lm_forward,
+        _own_loss,
         _lm_eval_set,
         _lm_evaluate,
         _lm_probe,
@@ -306,6 +321,7 @@ TASKS: dict[str, Task] = {
         ),
         sample=_lm_sample,
         multi_process=True,
+        logits=_logits,
     ),
     "embedding": Task(
         "embedding",
@@ -313,6 +329,7 @@ TASKS: dict[str, Task] = {
         "tokenizer",
         load_sentences,
         _embedding_examples,
+        embed,
         embedding_loss,
         _embedding_eval_set,
         _embedding_evaluate,
@@ -328,6 +345,7 @@ TASKS: dict[str, Task] = {
         timed_pass=_embedding_pass,
         speed_key="sentences_per_second",
         compares_to_dense=True,
+        needs_teacher=True,
     ),
     "image-classification": Task(
         "image-classification",
@@ -335,7 +353,8 @@ TASKS: dict[str, Task] = {
         "image",
         load_images,
         _image_examples,
-        classification_loss,
+        _classify,
+        _own_loss,
         _image_eval_set,
         _image_evaluate,
         _input_probe,
@@ -347,11 +366,42 @@ TASKS: dict[str, Task] = {
         ),
         timed_pass=_image_pass,
         speed_key="images_per_second",
+        logits=_logits,
     ),
 }
 
 
 assert tuple(TASKS) == TASK_NAMES  # the names config validates --task against
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, rows: int = 1024) -> Tensor:
+    """T²·KL(teacher ‖ student) per position, averaged over positions, of logits [..., vocab]. In
+    chunks of `rows` positions, so that the teacher's log-probabilities never exist for more than
+    one chunk beside its logits (the student's are kept for backward, as cross-entropy keeps them)."""
+    student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
+    total = student.new_zeros((), dtype=torch.float32)
+    for s, t in zip(student.split(rows), teacher.split(rows), strict=True):
+        log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
+        log_p_student = F.log_softmax(s.float() / temperature, dim=-1)
+        total = total + F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+    return total * temperature**2 / len(student)
+
+
+def objective(task: Task, teacher=None, distill: float = 0.0, temperature: float = 1.0):
+    """The loss train() minimises on (model, batch): the task's, mixed with distillation from the
+    dense model when `distill` > 0. `teacher(batch)` is the dense model's output (train.DenseTeacher),
+    needed by tasks whose loss compares with it and by distillation."""
+
+    def loss(model: nn.Module, batch) -> Tensor:
+        output = task.forward(model, batch)
+        dense = teacher(batch) if teacher is not None else None
+        value = task.loss(output, batch, dense)
+        if distill:
+            kl = distillation_loss(task.logits(output), task.logits(dense), temperature)
+            value = (1 - distill) * value + distill * kl
+        return value
+
+    return loss
 
 
 def task_for(model_config, name: str | None = None) -> Task:

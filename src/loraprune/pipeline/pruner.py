@@ -7,6 +7,9 @@ compute. (Masking q would not do: a zero query still attends uniformly and outpu
 of the values.)
 """
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,29 +21,28 @@ from .importance import Criterion
 from .scoring import make_criterion, projection_scores
 
 
-def _mask_input(mask: Tensor):
-    def hook(module, args):
-        return (args[0] * mask.to(args[0].dtype), *args[1:])
-
-    return hook
-
-
 @torch.no_grad()
 def group_scores(
-    projections: dict[str, nn.Module], groups: LayerGroups, criterion: Criterion, head_alive: Tensor, normalize: bool
+    projections: dict[str, nn.Module],
+    groups: LayerGroups,
+    criterion: Criterion,
+    head_alive: Tensor,
+    normalize: bool,
+    square: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One layer's (head, channel) scores: each projection's element scores summed per group
-    (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module if `normalize`."""
+    """One layer's (head, channel) scores: each projection's element scores (or their squares)
+    summed per group (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module if
+    `normalize`."""
 
     parts, row_scores = groups.row_parts(projections), {}
 
     def score(role: str, dim: int, units: int) -> Tensor:
         if dim == 0:  # columns of o or down
-            s = projection_scores(projections[role], criterion, 0)
+            s = projection_scores(projections[role], criterion, 0, square=square)
         else:  # rows of q, k, v, gate, up: a projection of their own or a row range of a fused one
             name, start, rows = parts[role]
             if name not in row_scores:
-                row_scores[name] = projection_scores(projections[name], criterion, 1)
+                row_scores[name] = projection_scores(projections[name], criterion, 1, square=square)
             s = row_scores[name][start : start + rows]
         s = per_unit(s, units)
         return F.normalize(s, dim=0) if normalize else s
@@ -71,6 +73,7 @@ class Pruner:
         self.channel_score = torch.zeros(n, g.channels)
         self.score_updates = 0
         self.skipped_updates = 0  # updates dropped because a score was NaN/inf
+        self.masks_off = False  # inside masks_lifted(): the hooks pass their inputs through
 
         device = next(model.parameters()).device
         self.head_masks = torch.ones(n, g.heads * g.head_dim, device=device)
@@ -78,14 +81,31 @@ class Pruner:
         self.hooks = []
         for i in self.prunable:
             o, down = self.projections(i)["o"], self.projections(i)["down"]
-            self.hooks.append(o.register_forward_pre_hook(_mask_input(self.head_masks[i])))
-            self.hooks.append(down.register_forward_pre_hook(_mask_input(self.channel_masks[i])))
+            self.hooks.append(o.register_forward_pre_hook(self._mask_input(self.head_masks[i])))
+            self.hooks.append(down.register_forward_pre_hook(self._mask_input(self.channel_masks[i])))
 
         # the 'gradient' criterion reads the true dL/dW0: the base weights it scores get a .grad
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         for weight in self.scored_weights:
             weight.requires_grad_(True)
         self.criterion.attach([m for i in self.prunable for m in self.projections(i).values()])
+
+    def _mask_input(self, mask: Tensor):
+        def hook(module, args):
+            if self.masks_off:
+                return None
+            return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+        return hook
+
+    @contextlib.contextmanager
+    def masks_lifted(self):
+        """Inside, the model computes as if nothing were pruned (the dense teacher: train.DenseTeacher)."""
+        self.masks_off = True
+        try:
+            yield
+        finally:
+            self.masks_off = False
 
     @property
     def scored_weights(self) -> list[nn.Parameter]:
@@ -100,7 +120,10 @@ class Pruner:
 
     def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
         """This step's (head, channel) scores of layer i, by the configured criterion."""
-        return group_scores(self.projections(i), self.groups, self.criterion, self.head_alive[i], self.config.normalize)
+        square = self.config.aggregation == "square"
+        return group_scores(
+            self.projections(i), self.groups, self.criterion, self.head_alive[i], self.config.normalize, square
+        )
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
@@ -120,15 +143,37 @@ class Pruner:
         return True
 
     def prune_to(self, sparsity: float) -> None:
-        """Raise every prunable layer to `sparsity`, removing its lowest-scored live groups."""
+        """Raise the prunable layers to `sparsity`, removing the lowest-scored live groups: in every
+        layer (allocation 'layer'), or as many in all, anywhere above each layer's floor ('global')."""
+        if self.config.allocation == "global":
+            heads = self.groups.head_targets(sparsity, uniform=False)[0]  # global excludes --uniform
+            self._remove_globally(self.head_alive, self.head_score, heads)
+            self._remove_globally(self.channel_alive, self.channel_score, self.groups.channel_target(sparsity))
         for i in self.prunable:
-            for pool, target in zip(
-                self.head_pools, self.groups.head_targets(sparsity, self.config.uniform), strict=True
-            ):
-                _remove_lowest(self.head_alive[i], self.head_score[i], pool, target)
-            _remove_lowest(self.channel_alive[i], self.channel_score[i], None, self.groups.channel_target(sparsity))
+            if self.config.allocation == "layer":
+                targets = self.groups.head_targets(sparsity, self.config.uniform)
+                for pool, target in zip(self.head_pools, targets, strict=True):
+                    _remove_lowest(self.head_alive[i], self.head_score[i], pool, target)
+                _remove_lowest(self.channel_alive[i], self.channel_score[i], None, self.groups.channel_target(sparsity))
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
+
+    def _remove_globally(self, alive: Tensor, score: Tensor, per_layer: int) -> None:
+        """Mark dead the lowest-scored live groups of all prunable layers until `per_layer` times
+        their number are dead, never leaving a layer fewer than --min-keep of its groups."""
+        rows = torch.tensor(self.prunable)
+        floor = max(1, math.ceil(self.config.min_keep * alive.shape[1]))
+        missing = per_layer * len(rows) - int((~alive[rows]).sum())
+        live = alive[rows].nonzero()  # (layer position, group) pairs
+        order = torch.argsort(score[rows][alive[rows]], stable=True)
+        left = alive[rows].sum(1)
+        for position, group in live[order].tolist():
+            if missing <= 0:
+                break
+            if left[position] > floor:
+                alive[rows[position], group] = False
+                left[position] -= 1
+                missing -= 1
 
     def sparsity(self) -> tuple[float, float]:
         """Fraction of heads and of channels removed, over the prunable layers."""

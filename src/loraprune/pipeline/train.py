@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..config import PruneConfig
 from ..errors import LoraPruneError
-from ..runtime import distributed
+from ..runtime import distributed, fsdp
 from ..runtime.checkpoint import Checkpoint, Checkpointer
 from .pruner import Pruner
 from .schedule import SparsitySchedule
@@ -26,7 +26,51 @@ class History:
     head_sparsity: list[float] = field(default_factory=list)
     channel_sparsity: list[float] = field(default_factory=list)
     pruning_steps: list[int] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)  # NaN/inf loss: no score update, no optimizer step
+    # NaN/inf loss or LoRA gradient: no score update, no optimizer step
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: the embeddings' output needs no
+    requires_grad for LoRA's gradients to flow), or stop. transformers 5.24 renamed
+    gradient_checkpointing_enable/_disable to activation_checkpointing_* and deprecated the old names;
+    earlier 5.x releases have only the old ones."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    """Whether `model` recomputes activations in backward (by the name its transformers version has)."""
+    current = hasattr(type(model), "is_activation_checkpointing")
+    return getattr(model, "is_activation_checkpointing" if current else "is_gradient_checkpointing")
+
+
+class DenseTeacher:
+    """The dense model inside the one being pruned: the same base weights with the LoRA adapter
+    disabled and the masks lifted, in eval mode, without gradients. One extra forward per step
+    and no second copy of the weights. Called with a batch, it returns `forward(model, batch)`."""
+
+    def __init__(self, peft_model: nn.Module, forward: Callable[[nn.Module, Any], Any], pruner: Pruner | None = None):
+        self.peft_model, self.forward, self.pruner = peft_model, forward, pruner
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        model, was_training = self.peft_model, self.peft_model.training
+        lifted = self.pruner.masks_lifted() if self.pruner is not None else contextlib.nullcontext()
+        model.eval()  # no dropout: the teacher is the dense model as it is evaluated
+        try:
+            with model.disable_adapter(), lifted:
+                return self.forward(model, batch)
+        finally:
+            model.train(was_training)
 
 
 def lora_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -64,15 +108,17 @@ def train(
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
-            loss = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
-            nan_run = 0 if math.isfinite(loss) else nan_run + 1
+            # after the last pruning step no score can change a mask: skip the scoring
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
+            nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
             if nan_run >= config.max_nan_steps:
                 last = checkpointer.last if checkpointer is not None else None
                 kept = f"; the last good checkpoint is {last}" if last else ""
                 raise LoraPruneError(
-                    f"the loss was NaN or infinite for {nan_run} steps in a row (steps {step - nan_run + 1}-{step}): "
+                    f"the loss or a LoRA gradient was NaN or infinite for {nan_run} steps in a row "
+                    f"(steps {step - nan_run + 1}-{step}): "
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
@@ -100,8 +146,11 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn) -> float:
-    """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
+def _step(
+    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn, score=True
+) -> tuple[float, bool]:
+    """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
+    finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
     for micro in range(config.grad_accum):
         # DDP: gradients are all-reduced once, in the last micro-batch's backward
@@ -111,13 +160,24 @@ def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneCon
             micro_loss.backward()
         loss += micro_loss.item()
     loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all
-    if math.isfinite(loss):
-        pruner.update_scores()  # from the accumulated gradients, before they are consumed
+    bad_gradient = distributed.any_rank(not _gradients_finite(optimizer))  # FSDP: each rank checks its shards
+    updated = math.isfinite(loss) and not bad_gradient
+    if updated:
+        if score:
+            pruner.update_scores()  # from the accumulated gradients, before they are consumed
+        else:
+            pruner.clear_step_gradients()
         optimizer.step()
     else:
         pruner.clear_step_gradients()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss, updated
+
+
+def _gradients_finite(optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters (this rank's rows under FSDP) is finite."""
+    grads = [fsdp.local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _after_step(step: int, loss: float, schedule: SparsitySchedule, pruner: Pruner, history: History, bar) -> None:

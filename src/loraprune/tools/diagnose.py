@@ -23,16 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ..archs import Arch, arch_for
-from ..config import PruneConfig
+from ..config import PruneConfig, round_half_up
 from ..pipeline.data import BatchSampler
 from ..pipeline.groups import LayerGroups
 from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
 from ..pipeline.lora import attach_lora
 from ..pipeline.pruner import group_scores
-from ..pipeline.schedule import round_half_up
 from ..pipeline.scoring import read_factors
 from ..pipeline.sketch import SketchScores
-from ..pipeline.train import lora_optimizer
+from ..pipeline.train import DenseTeacher, lora_optimizer
+from ..tasks import objective
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
 SPEARMANS = ("spearman", "magnitude_spearman", "sketch_spearman")  # lora, magnitude, sketch vs gradient
@@ -147,14 +147,14 @@ def diagnose(
     model: nn.Module,
     train_windows,
     config: PruneConfig,
-    loss_fn,
+    task,
     at_steps: list[int],
     probe_batches: int = 2,
     layers_per_pass: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune LoRA on `train_windows` (no pruning; config's lr, batch, LoRA settings) with the
-    task's `loss_fn` and measure the estimate at each of `at_steps` (0: before any step) on fixed
+    """Fine-tune LoRA on `train_windows` (no pruning; config's lr, batch, LoRA settings) on the
+    task's loss (tasks.py) and measure the estimate at each of `at_steps` (0: before any step) on fixed
     probe batches."""
     from tqdm.auto import tqdm
 
@@ -162,6 +162,7 @@ def diagnose(
     groups = LayerGroups.from_config(model.config, arch)
     peft_model = attach_lora(model, arch, config)
     base = peft_model.get_base_model()
+    loss_fn = objective(task, DenseTeacher(peft_model, task.forward) if task.needs_teacher else None)
     # the probe: fixed batches, drawn with another seed than the training stream
     probe_sampler = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed + 1))
     probe = [next(probe_sampler) for _ in range(probe_batches)]
@@ -211,7 +212,7 @@ def run_diagnose(settings, training: PruneConfig) -> dict:
     data = task.load(settings.data, "train")
     model, tokenizer = load_model(settings.model, task=task)
     examples = task.examples(model, tokenizer, data, config)
-    result = diagnose(model, examples, config, task.loss, at_steps, settings.probe_batches,
+    result = diagnose(model, examples, config, task, at_steps, settings.probe_batches,
                       settings.layers_per_pass, progress=not settings.quiet)  # fmt: skip
     result.update(model=settings.model, data=settings.data)
     tables = format_diagnosis(result)

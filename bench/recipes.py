@@ -1,0 +1,112 @@
+"""Recipes: the best pruned model inside LoRA's memory, each recipe beside the `gradient` criterion
+under the same recipe, at one fine-tuning budget.
+
+A run is `NAME=CRITERION:RATIO[:setting=value,...]` (PruneConfig settings, e.g.
+`lora-kd=lora:0.5:distill=0.5,allocation=global`); ratio 0 is dense + LoRA, `none` the model as
+shipped. Each run writes its own JSON into bench/results/recipes-LABEL/ and is skipped when that
+file exists, so a long list resumes where it stopped; the table is built from every JSON there.
+Perplexity: non-overlapping 128-token windows of PTB test and valid, and of `pydoc` (the Python
+reference as the interpreter ships it): text from another domain than the tuning data.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from loraprune import prune
+from loraprune.archs import arch_for
+from loraprune.pipeline.data import load_text
+from loraprune.pipeline.evaluate import count_parameters, count_prunable
+
+from . import common
+
+NAME = "recipes"
+EVALS = (("ptb", "test"), ("ptb", "valid"), ("pydoc", "test"))
+
+
+def arguments():
+    p = common.budget_arguments(common.parser(__doc__.splitlines()[0]))
+    p.add_argument("runs", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] (none: rebuild the table)")
+    return p
+
+
+def parse_run(spec: str) -> tuple[str, str | None, float | None, dict]:
+    name, _, what = spec.partition("=")
+    if what == "none":
+        return name, None, None, {}
+    criterion, ratio, *rest = what.split(":")
+    settings = {}
+    for item in filter(None, ",".join(rest).split(",")):
+        key, value = item.split("=")
+        settings[key] = value if not value.replace(".", "", 1).isdigit() else float(value)
+    return name, criterion, float(ratio), settings
+
+
+def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None:
+    name, criterion, ratio, settings = parse_run(spec)
+    path = folder / f"{name}.json"
+    if path.exists():
+        print(f"[recipes] {name}: done before ({path})", flush=True)
+        return
+    started = time.perf_counter()
+    model, report = common.fresh(base), None
+    if ratio is not None:
+        config = common.budget(args, ratio, criterion, **settings)
+        model, report = prune(model, tokenizer, load_text(args.data, "train"), config, progress=False)
+    seconds = time.perf_counter() - started
+    row = {
+        "name": name,
+        "spec": spec,
+        "perplexity": common.perplexities(model, evals),
+        "parameters": {"total": count_parameters(model), "prunable": count_prunable(model, arch_for(model.config))},
+        "layers": None if report is None else report["layers"],
+        "config": None if report is None else report["config"],
+        "prune_seconds": seconds,
+        "machine": common.machine(),
+        "command": common.command(None, "bench.recipes"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2) + "\n")
+    print(f"[recipes] {name}: {row['perplexity']} ({seconds:.0f} s to prune)", flush=True)
+
+
+def main(argv=None, model=None, tokenizer=None) -> None:
+    args = arguments().parse_args(argv)
+    common.setup(args)
+    folder = Path(args.results) / f"{NAME}-{args.label}"
+    if args.runs:
+        base, tokenizer = common.load(args, model, tokenizer)
+        limit = args.eval_windows or None
+        evals = {
+            f"{data} {split}": common.token_windows(tokenizer, data, split, args.eval_seq, limit)
+            for data, split in EVALS
+        }
+        for spec in args.runs:
+            run_one(args, spec, base, tokenizer, evals, folder)
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    if not rows:
+        return
+    keys = [f"{data} {split}" for data, split in EVALS]
+    dense = max(r["parameters"]["total"] for r in rows)
+    table = common.table(
+        ["run", "recipe", *[f"ppl {k}" for k in keys], "params removed", "prune s"],
+        [
+            [
+                r["name"],
+                r["spec"].partition("=")[2],
+                *[r["perplexity"].get(k) for k in keys],
+                f"{1 - r['parameters']['total'] / dense:.1%}",
+                round(r["prune_seconds"]),
+            ]
+            for r in rows
+        ],
+    )
+    body = (
+        f"{common.provenance(rows[-1]['machine'], rows[-1]['command'])}\n\n"
+        f"{common.budget_text(args)} `pydoc`: the Python reference (out of the tuning domain).\n\n{table}"
+    )
+    common.update_markdown(args, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})", body)
+
+
+if __name__ == "__main__":
+    main()

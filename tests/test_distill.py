@@ -1,0 +1,100 @@
+"""Self-distillation from the dense model (tasks.distillation_loss, tasks.objective, train.DenseTeacher)."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraprune import LoraPruneError, PruneConfig, prune
+from loraprune.archs import arch_for
+from loraprune.cli import main
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.train import DenseTeacher
+from loraprune.tasks import TASKS, distillation_loss, objective
+from tiny import randomize_lora, tiny_encoder, tiny_model
+
+CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+
+
+def test_distillation_loss_is_t_squared_kl_per_position():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    T = 2.0
+    p = F.softmax(teacher / T, -1)
+    expected = T**2 * (p * (p.log() - F.log_softmax(student / T, -1))).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(student, teacher, T), expected)
+    torch.testing.assert_close(distillation_loss(student, teacher, T, rows=3), expected)  # chunking changes nothing
+    assert distillation_loss(teacher, teacher, T).abs().item() < 1e-6
+
+
+def test_dense_teacher_is_the_model_before_lora_and_masks():
+    model = tiny_model("llama-gqa")
+    dense = copy.deepcopy(model)
+    config = PruneConfig(lora_dropout=0.0, skip_layers="none")
+    peft_model = attach_lora(model, arch_for(model.config), config)
+    randomize_lora(peft_model)
+    pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    pruner.head_score.uniform_(generator=torch.Generator().manual_seed(1))
+    pruner.channel_score.uniform_(generator=torch.Generator().manual_seed(2))
+    pruner.prune_to(0.5)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    forward = TASKS["causal-lm"].forward
+
+    peft_model.train()
+    teacher = DenseTeacher(peft_model, forward, pruner)(tokens)
+    torch.testing.assert_close(teacher.logits, dense(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+    assert peft_model.training and not pruner.masks_off  # everything as it was after the call
+    student = forward(peft_model, tokens).logits
+    assert (student - teacher.logits).abs().max() > 1e-2  # the adapter and the masks are back on
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_objective_mixes_task_loss_and_distillation(alpha):
+    model = tiny_model("llama-gqa")
+    config = PruneConfig(lora_dropout=0.0)
+    peft_model = attach_lora(model, arch_for(model.config), config)
+    randomize_lora(peft_model)
+    task, tokens = TASKS["causal-lm"], torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    teacher = DenseTeacher(peft_model, task.forward)
+    loss = objective(task, teacher, alpha, 2.0)(peft_model, tokens)
+    output = task.forward(peft_model, tokens)
+    kl = distillation_loss(output.logits, teacher(tokens).logits, 2.0)
+    torch.testing.assert_close(loss, (1 - alpha) * output.loss + alpha * kl)
+    loss.backward()  # the gradient reaches the LoRA factors through both terms
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_prune_with_distillation(tiny_tokenizer):
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=0.5)
+    pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False)
+    assert report["config"]["distill"] == 0.5 and report["history"]["pruning_steps"] == [3, 5]
+    assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
+
+
+def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
+    config = PruneConfig(distill=0.5, seq_len=16)
+    with pytest.raises(LoraPruneError, match="--distill applies to tasks with logits"):
+        prune(tiny_encoder("bert"), tiny_tokenizer, ["the cat sat"] * 8, config, progress=False)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--distill", "1.5"], r"--distill must be in \[0, 1\]"),
+        (["--distill-temperature", "0"], "--distill-temperature must be a positive number"),
+        (["--min-keep", "1"], r"--min-keep must be in \(0, 1\)"),
+        (["--allocation", "global", "--uniform"], "cannot be combined with --uniform"),
+        (["--allocation", "global", "--ratio", "0.95"], "lower --min-keep"),
+    ],
+)
+def test_bad_distill_and_allocation_flags(tmp_path, capsys, tiny_folder, text_file, flags, message):
+    out = tmp_path / "out"
+    argv = ["prune", "--model", tiny_folder, "--data", text_file, "--output", out, "--steps", "6", *flags]
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("loraprune: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert not out.exists()
