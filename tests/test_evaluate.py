@@ -147,10 +147,9 @@ def bigram_folder(folder, words: list[str], successor_probability: dict[str, flo
 
 def test_evaluation_protocol_against_a_hand_computed_perplexity(tmp_path, capsys):
     """`loraprune eval` on a .jsonl of two texts with --seq-len 4: the texts are joined with "\\n\\n",
-    tokenized without special tokens and, as this tokenizer adds a BOS, cut into non-overlapping
-    windows of a BOS and the next 3 text tokens (the remainder dropped); each window scores its last 3
-    tokens. With P(successor | x) = p[x] known (after the BOS: 1 / vocabulary), the perplexity is
-    exp(mean of -log P) over exactly the scored pairs, written out below."""
+    tokenized without BOS, cut into non-overlapping windows of 4 from the first token (the remainder
+    dropped), and each window scores its last 3 tokens. With P(successor | x) = p[x] known, the
+    perplexity is exp(mean of -log p[x]) over exactly the scored pairs, written out below."""
     from loraprune.cli import main
 
     words = ["the", "cat", "sat", "\n\n", "on", "a", "mat", "dog", "ran"]
@@ -160,11 +159,12 @@ def test_evaluation_protocol_against_a_hand_computed_perplexity(tmp_path, capsys
     data.write_text('{"text": "the cat sat"}\n{"text": "on a mat dog ran"}\n')
     assert main(["eval", "--model", str(folder), "--data", str(data), "--seq-len", "4", "--json"]) in (0, None)
     result = json.loads(capsys.readouterr().out)
-    # windows: <s> the cat sat | <s> \n\n on a | <s> mat dog ran; scored pairs: <s>->the, the->cat,
-    # cat->sat, <s>->\n\n, \n\n->on, on->a, <s>->mat, mat->dog, dog->ran (not sat->\n\n, a->mat)
-    scored = ["the", "cat", "\n\n", "on", "mat", "dog"]
-    vocabulary = 3 + len(words)  # <unk> <s> </s> and the words
-    expected_loss = (3 * math.log(vocabulary) + sum(-math.log(p[x]) for x in scored)) / 9
+    # the tokenizer adds a BOS, so every window does (issue 15): BOS + 3 text tokens each.
+    # tokens: the cat sat | \n\n on a | mat dog ran; windows 3; scored pairs: BOS->the, the->cat,
+    # cat->sat, BOS->\n\n, \n\n->on, on->a, BOS->mat, mat->dog, dog->ran (BOS: uniform over the vocabulary)
+    uniform = 1 / (len(words) + 3)
+    probabilities = [uniform, p["the"], p["cat"], uniform, p["\n\n"], p["on"], uniform, p["mat"], p["dog"]]
+    expected_loss = sum(-math.log(q) for q in probabilities) / len(probabilities)
     assert (result["windows"], result["tokens"], result["seq_len"], result["bos"]) == (3, 9, 4, True)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-5)

@@ -86,7 +86,6 @@ def tiny_config(family: str = "llama-gqa", layers: int = 3, **overrides):
 
 
 def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0, **overrides):
-    """`overrides`: other config values, e.g. head_dim (default hidden / heads = 8) or sliding_window."""
     config = tiny_config(family, layers, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
