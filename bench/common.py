@@ -133,9 +133,9 @@ def fresh(model):
 
 
 def token_windows(tokenizer, data: str, split: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    from loraprune.pipeline.data import load_text, tokenize, windows
+    from loraprune.pipeline.data import bos_token_id, load_text, tokenize, windows
 
-    w = windows(tokenize(tokenizer, load_text(data, split)), seq_len)
+    w = windows(tokenize(tokenizer, load_text(data, split)), seq_len, bos_token_id(tokenizer))
     return w if not limit else w[:limit]
 
 

@@ -26,7 +26,7 @@ from loraprune.pipeline.pruner import group_scores
 from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.target import ParameterCounts
 from loraprune.tasks import TASKS
-from loraprune.tools.diagnose import diagnose
+from loraprune.tools.diagnose import diagnose, format_diagnosis
 from loraprune.tools.inspect_model import describe
 from loraprune.tools.memory import estimate
 from tiny import (
@@ -132,9 +132,9 @@ def test_modern_family_trains_prunes_and_inspects(tiny_tokenizer, family, criter
         result = diagnose(tiny_model(family), windows, config, TASKS["causal-lm"], [0, 2], 1, 3, progress=False)
         summary = result["points"][-1]["summary"]
         assert all(-1 <= value <= 1 for key, value in summary.items() if "spearman" in key or "cosine" in key)
-        assert {key.split("/")[1] for key in summary if key.startswith("cosine/")} == set(
-            arch_for(model_config).projections(tiny_model(family).model.layers[0])
-        )
+        roles = set(arch_for(model_config).projections(tiny_model(family).model.layers[0]))
+        assert {key.split("/")[1] for key in summary if key.startswith("cosine/")} == roles
+        assert all(f"cos {role}" in format_diagnosis(result) for role in roles)  # phi3: qkv, gate_up
 
 
 def test_phi3_fused_projections_are_an_unfused_llama():

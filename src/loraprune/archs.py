@@ -104,7 +104,7 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch(size_attributes=DECODER_SIZES),
     # fused projections: a head's q, k, v rows and a channel's gate and up rows are row ranges of
     # one matrix each; the attention splits qkv by config.num_attention_heads and its own
-    # num_key_value_heads, so both are reset per layer
+    # num_key_value_heads, so both are reset per layer (Phi3MLP keeps no width of its own)
     "phi3": Arch(
         q=None,
         k=None,
