@@ -167,8 +167,10 @@ def render(args) -> dict:
     err = numbers["max_estimate_error"]
     worst = f"{err[0]:.1%} ({err[1]['size']} {err[1]['criterion']} {err[1]['point']})" if err else "n/a"
     total = sum(p.get("seconds", 0) for p in payloads)
+    commands = "\n".join(f"- {p['size']}: `{p['command']}`" for p in payloads)
     body = (
-        f"{common.provenance(info, payloads[-1]['command'])}\n\n"
+        f"{common.provenance(info, '.venv/bin/python -m bench.scale --render-only --label ' + args.label)}\n\n"
+        f"One process per size, as run:\n{commands}\n\n"
         f"Sizes present: {', '.join(p['size'] for p in payloads)} ({total / 60:.0f} min in all). Random weights in "
         f"{payloads[0]['args']['dtype']}, built from each model's published config (bench/scale.py); every size "
         "and criterion in one fresh process, which measures its points in the order of the table; "

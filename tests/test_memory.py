@@ -20,14 +20,21 @@ torch.set_num_threads(1)
 from loraprune.tools.memory import return_freed_memory
 return_freed_memory()  # as `loraprune prune` does
 from transformers import LlamaConfig
-from bench.scale import Stepper, build, release, peak_bytes
+from bench.scale import Stepper, build, release, peak_bytes, rss_kib
 
 config, dtype, criterion, checkpointing = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "on"
+# the runtime: imports, and the first steps' kernel code and thread pools (a toy model's, then freed)
+small = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2}
+toy = Stepper(build(LlamaConfig(**{**config, **small}), getattr(torch, dtype)), criterion)
+toy.checkpointing(checkpointing)
+toy.measure(torch.randint(0, 320, (2, 64)), 1, "cpu")
+del toy
 release()
+runtime = rss_kib("VmRSS") * 1024
 stepper = Stepper(build(LlamaConfig(**config), getattr(torch, dtype)), criterion)
 stepper.checkpointing(checkpointing)
 stepper.measure(torch.randint(0, config["vocab_size"], (2, 64)), 2, "cpu")
-print(peak_bytes("cpu"))  # the whole process's peak: the estimate includes the runtime
+print(runtime, peak_bytes("cpu"))
 """
 
 
@@ -35,17 +42,20 @@ print(peak_bytes("cpu"))  # the whole process's peak: the estimate includes the 
     "dtype,criterion,checkpointing",
     [("float32", "lora", "off"), ("bfloat16", "gradient", "off"), ("bfloat16", "sketch", "on")],
 )
-def test_estimate_is_within_10_percent_of_a_measured_run(dtype, criterion, checkpointing):
+def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype, criterion, checkpointing):
     from transformers import LlamaConfig
 
     from loraprune.tools.memory import estimate
 
-    predicted = estimate(LlamaConfig(**CONFIG), 2, 64, dtype=dtype, criterion=criterion,
-                         gradient_checkpointing=checkpointing == "on").peak  # fmt: skip
+    est = estimate(LlamaConfig(**CONFIG), 2, 64, dtype=dtype, criterion=criterion,
+                   gradient_checkpointing=checkpointing == "on")  # fmt: skip
     argv = [sys.executable, "-c", MEASURE, json.dumps(CONFIG), dtype, criterion, checkpointing]
     run = subprocess.run(argv, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    measured = int(run.stdout.split()[-1])
+    runtime, measured = map(int, run.stdout.split()[-2:])
+    # the runtime differs between processes (this one imports less than `prune` and bench/scale.py,
+    # whose measured runtime is the estimate's RUNTIME_BYTES): the test checks what the model adds
+    predicted = est.peak - est.runtime + runtime
     assert abs(predicted - measured) / measured < 0.10, (predicted / 2**20, measured / 2**20)
 
 
@@ -153,4 +163,4 @@ def test_preflight_counts_processes_on_cpu_and_names_the_device():
     with pytest.raises(LoraPruneError, match=r"for 4 processes \(.* of RAM available; levers: "):
         preflight(config, run_config, "float32", processes=4, available=int(est.peak * 3.5))
     with pytest.raises(LoraPruneError, match="free on cuda:0 per process"):
-        preflight(config, run_config, "float32", device="cuda:0", processes=4, available=est.peak // 2)
+        preflight(config, run_config, "float32", device="cuda:0", processes=4, available=1)

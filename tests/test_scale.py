@@ -5,6 +5,7 @@ import json
 
 import pytest
 from bench import scale
+from bench.scale_report import cell
 
 
 def test_the_scale_benchmark_runs_at_a_toy_shape(tmp_path):
@@ -16,7 +17,7 @@ def test_the_scale_benchmark_runs_at_a_toy_shape(tmp_path):
     }
     for r in rows:
         assert r["fits"] and r["peak_bytes"] > 0 and 0 < r["score_share"] < 1
-        assert abs(r["estimate_bytes"] / r["peak_bytes"] - 1) < 0.25  # the runtime dominates a toy
+        assert 0.5 < r["estimate_bytes"] / r["peak_bytes"] < 2  # a toy: the runtime is all there is
     text = (tmp_path / "B.md").read_text()
     assert "<!-- bench:memory-scale -->" in text and "| tiny |" in text and "scale-smoke.png" in text
     assert (tmp_path / "scale-smoke.png").stat().st_size > 0 and payload["rows"]
@@ -28,7 +29,7 @@ def test_a_point_that_does_not_fit_is_not_run_and_shows_its_estimate(tmp_path, m
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1)
     rows = scale.run_size(scale.arguments().parse_args(["--criteria", "lora", "--points", "1x16:off"]), "tiny")
     assert [r["fits"] for r in rows] == [False] and "peak_bytes" not in rows[0]
-    assert "does not fit (est." in scale.__import__("bench.scale_report").scale_report.cell(rows[0])
+    assert "does not fit (est." in cell(rows[0])
 
 
 @pytest.mark.parametrize(
