@@ -40,7 +40,7 @@ def child(args) -> dict:
     from loraprune.tasks import causal_lm_loss
     from loraprune.tools.memory import return_freed_memory
 
-    return_freed_memory()  # as `loraprune prune` does
+    return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
     criterion, b, s = args.child.split(",")
     b, s = int(b), int(s)
     cuda = args.device.startswith("cuda")

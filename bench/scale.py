@@ -230,7 +230,7 @@ def child(args) -> None:
     """One size and criterion: print 'RESULT {json}' after each point (a later crash keeps them)."""
     from loraprune.tools.memory import return_freed_memory
 
-    return_freed_memory()  # as `loraprune prune` does
+    return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
     size, criterion = args.child.split(",")
     runtime = rss_kib("VmRSS") * 1024
     started = time.perf_counter()

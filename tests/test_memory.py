@@ -18,7 +18,7 @@ MEASURE = """
 import gc, json, sys, torch
 torch.set_num_threads(1)
 from loraprune.tools.memory import return_freed_memory
-return_freed_memory()  # as `loraprune prune` does
+return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
 from transformers import LlamaConfig
 from bench.scale import Stepper, build, release, peak_bytes, rss_kib
 
@@ -164,3 +164,22 @@ def test_preflight_counts_processes_on_cpu_and_names_the_device():
         preflight(config, run_config, "float32", processes=4, available=int(est.peak * 3.5))
     with pytest.raises(LoraPruneError, match="free on cuda:0 per process"):
         preflight(config, run_config, "float32", device="cuda:0", processes=4, available=1)
+
+
+@pytest.mark.parametrize("free_over_needed,tight", [(1.5, True), (3.0, False)])
+def test_preflight_returns_freed_memory_only_on_a_tight_run(tmp_path, monkeypatch, free_over_needed, tight):
+    from transformers import LlamaConfig
+
+    from loraprune.config import PruneConfig
+    from loraprune.settings import RunSettings
+    from loraprune.tools import memory
+
+    LlamaConfig(**CONFIG).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()
+    config = PruneConfig(batch_size=2, seq_len=64)
+    needed = memory.run_estimate(LlamaConfig(**CONFIG), config, "float32", "cpu", 1, None).peak
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * free_over_needed))
+    calls = []
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1))
+    memory.check_memory(LlamaConfig(**CONFIG), config, RunSettings(model=str(tmp_path), data="ptb", output="x"))
+    assert calls == ([1] if tight else [])

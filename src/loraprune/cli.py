@@ -30,9 +30,7 @@ from .settings import (
 def prune_command(config: PruneConfig, run: RunSettings, resume) -> None:
     from .job import prune_job
     from .runtime import distributed
-    from .tools.memory import return_freed_memory
 
-    return_freed_memory()  # resident memory then follows what is live, which the pre-flight estimates
     if run.quiet:
         from transformers.utils import logging as hf_logging
 
