@@ -155,6 +155,7 @@ def _state(seed=0):
         "channel_alive": torch.rand(3, 40, generator=g) > 0.3,
         "head_score": torch.rand(3, 6, generator=g),
         "channel_score": torch.rand(3, 40, generator=g),
+        "shapes": torch.tensor([[48, 16, 48, 40]] * 3),
     }
 
 
