@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, prune
+from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.runtime import checkpoint
 from tiny import ENCODERS, tiny_encoder, tiny_model
@@ -110,3 +111,10 @@ def test_progressive_default_and_refusals(tiny_tokenizer):
         _run("llama-gqa", tiny_tokenizer, "progressive", steps=6, distill=0.5)
     with pytest.raises(LoraPruneError, match="--shrink must be one of progressive, end"):
         PruneConfig(shrink="sometimes")
+
+
+def test_fsdp_refuses_progressive_before_loading(tmp_path, tiny_folder, text_file, capsys):
+    argv = ["prune", "--model", tiny_folder, "--data", text_file, "--output", tmp_path / "out", "--fsdp"]
+    assert main([*map(str, argv), "--shrink", "progressive"]) == 2
+    err = capsys.readouterr().err
+    assert "--shrink progressive cannot be combined with --fsdp: FSDP shards the layers once" in err
