@@ -118,3 +118,16 @@ def test_fsdp_refuses_progressive_before_loading(tmp_path, tiny_folder, text_fil
     assert main([*map(str, argv), "--shrink", "progressive"]) == 2
     err = capsys.readouterr().err
     assert "--shrink progressive cannot be combined with --fsdp: FSDP shards the layers once" in err
+
+
+def test_gradient_checkpointing_and_bfloat16(tiny_tokenizer):
+    """Recomputed activations see the shrunk layers like the first forward did; bfloat16 weights are
+    sliced as they are (the factors and moments keep their own dtype)."""
+    assert_same_run(_run("llama-gqa", tiny_tokenizer, "end"),
+                    _run("llama-gqa", tiny_tokenizer, "progressive", gradient_checkpointing=True))  # fmt: skip
+    config = PruneConfig(**SETTINGS, shrink="progressive")
+    model = tiny_model("mistral-gqa").to(torch.bfloat16)
+    pruned, report = prune(model, tiny_tokenizer, CORPUS, config, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in pruned.parameters())
+    assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
+    assert report["history"]["parameters"][-1] == report["parameters"]["after"]["total"]
