@@ -27,7 +27,7 @@ from loraprune.pipeline.groups import LayerGroups
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.shrink import shrink
-from loraprune.pipeline.train import lora_optimizer
+from loraprune.pipeline.train import lora_optimizer, set_activation_checkpointing
 from loraprune.tasks import causal_lm_loss
 
 from . import common
@@ -87,7 +87,7 @@ def training_step(args, criterion: str, checkpointing: bool, batch: torch.Tensor
     model = build(args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     config = PruneConfig(ratio=0.5, criterion=criterion, seed=args.seed)
     arch = arch_for(model.config)
     peft_model = attach_lora(model, arch, config)

@@ -167,3 +167,11 @@ def test_inspect_predicts_what_prune_removes(tmp_path, capsys, tiny_folder, text
     # inspect assumes k/v heads stay; the run may also drop a k/v head whose readers all went
     kv_head_fraction = 2 * 8 * 48 * 2 / info["parameters"]  # k and v rows of one k/v head, 2 pruned layers
     assert row["removed_total"] <= actual <= row["removed_total"] + 2 * kv_head_fraction
+
+
+def test_invalid_yaml_config_is_one_line_with_its_place(tmp_path, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("model: m\nratio: [0.5\nsteps: 6\n")
+    code, _, err = run(capsys, "prune", "--config", settings, "--output", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"--config file .*run.yaml is not valid YAML at line \d+, column \d+", err), err

@@ -207,3 +207,62 @@ def test_diverged_ranks_fail_with_a_clear_error(tmp_path):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("ranks diverged at step 7: head_alive (checksums"), message
         assert "between the 2 processes" in message
+
+
+def _uneven_rows_rank(rank: int, port: int, folder: str) -> None:
+    """One rank of a 2-process FSDP2 group scoring a LoRA projection of 3 rows in blocks of 1 row:
+    FSDP2 gives rank 0 two rows (two blocks) and rank 1 one. Writes 'ok' or what went wrong."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.distributed.fsdp import fully_shard
+
+    from loraprune.pipeline.importance import lora_guided
+    from loraprune.pipeline.scoring import projection_scores
+    from tiny import randomize_lora
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(port), LORAPRUNE_DIST_TIMEOUT="30")  # a mismatch times out, not hangs
+    torch.set_num_threads(1)
+    try:
+        assert distributed.init()
+        torch.manual_seed(0)
+        net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["proj"]), Net())
+        randomize_lora(net)
+        for name, p in net.named_parameters():
+            p.requires_grad_("lora_" in name)
+        whole = copy.deepcopy(net)
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+        (whole(x) ** 2).sum().backward()
+        expected = [projection_scores(whole.proj, lora_guided, dim) for dim in (1, 0)]
+        fully_shard(net)
+        (net(x) ** 2).sum().backward()  # the same batch on both ranks: the averaged gradient is the same
+        assert net.proj.base_layer.weight.to_local().shape[0] == 2 - rank
+        for dim, reference in zip((1, 0), expected, strict=True):
+            scores = projection_scores(net.proj, lora_guided, dim, block_rows=1)
+            torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-9)
+        message = "ok"
+    except Exception as error:  # reported to the test in the parent process
+        message = f"{type(error).__name__}: {error}"
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    distributed.finish()
+
+
+def test_fsdp_scores_with_an_uneven_split_of_row_blocks(tmp_path):
+    """A and dL/dA are gathered (collectives) once per module, not once per row block: ranks holding
+    different numbers of blocks used to issue different numbers of collectives and hang. The sharded
+    scores equal those of the whole module."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_uneven_rows_rank, args=(port, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["ok", "ok"]

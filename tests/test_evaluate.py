@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -95,3 +96,73 @@ def test_greedy_generate(tiny_tokenizer):
     assert isinstance(text, str)
     assert text == tiny_tokenizer.decode(new, skip_special_tokens=True)
     assert text == greedy_generate(model, tiny_tokenizer, prompt, max_new_tokens=6)
+
+
+def bigram_folder(folder, words: list[str], successor_probability: dict[str, float]):
+    """A saved 1-layer llama whose next-token distribution depends on the current token alone and is
+    known exactly: P(successor of x | x) = successor_probability[x], the rest spread evenly; the
+    successor of each word is the next one in `words`. Its tokenizer splits on spaces, keeps "\\n\\n"
+    as a token, and adds a BOS token by default (evaluation must not)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>", *words]
+    V, H, eps = len(vocab), 16, 1e-12
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split(Regex("\\n\\n"), "isolated")]
+    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert tokenizer("the cat")["input_ids"][0] == 1  # a BOS by default
+
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=eps, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    log_p = torch.full((V, V), 0.0, dtype=torch.float64)  # log P(next | current), column = current
+    for x in range(V):
+        succ = vocab.index(words[words.index(vocab[x]) + 1]) if vocab[x] in words[:-1] else None
+        p = successor_probability.get(vocab[x], 0.5) if succ is not None else 1 / V
+        rest = (1 - p) / (V - 1) if succ is not None else 1 / V
+        log_p[:, x] = math.log(rest)
+        if succ is not None:
+            log_p[succ, x] = math.log(p)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # attention and MLP add nothing: the last hidden state is the token's embedding
+        model.model.embed_tokens.weight[:, :V] = torch.eye(V)  # one-hot
+        model.model.norm.weight.fill_(1.0)  # RMSNorm turns a one-hot into scale * one-hot
+        scale = 1 / math.sqrt(1 / H + eps)
+        model.lm_head.weight[:, :V] = (log_p / scale).float()
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_evaluation_protocol_against_a_hand_computed_perplexity(tmp_path, capsys):
+    """`loraprune eval` on a .jsonl of two texts with --seq-len 4: the texts are joined with "\\n\\n",
+    tokenized without BOS, cut into non-overlapping windows of 4 from the first token (the remainder
+    dropped), and each window scores its last 3 tokens. With P(successor | x) = p[x] known, the
+    perplexity is exp(mean of -log p[x]) over exactly the scored pairs, written out below."""
+    from loraprune.cli import main
+
+    words = ["the", "cat", "sat", "\n\n", "on", "a", "mat", "dog", "ran"]
+    p = {"the": 0.5, "cat": 0.4, "sat": 0.3, "\n\n": 0.2, "on": 0.6, "a": 0.7, "mat": 0.8, "dog": 0.1}
+    folder = bigram_folder(tmp_path / "model", words, p)
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"text": "the cat sat"}\n{"text": "on a mat dog ran"}\n')
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--seq-len", "4", "--json"]) in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    # tokens: the cat sat \n\n | on a mat dog | ran (dropped); windows 2; scored pairs: the->cat,
+    # cat->sat, sat->\n\n, on->a, a->mat, mat->dog (not \n\n->on across the windows, nor dog->ran)
+    scored = ["the", "cat", "sat", "on", "a", "mat"]
+    expected_loss = sum(-math.log(p[x]) for x in scored) / len(scored)
+    assert (result["windows"], result["tokens"], result["seq_len"]) == (2, 6, 4)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-5)

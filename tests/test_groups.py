@@ -51,3 +51,10 @@ def test_skip_layers_spec():
     assert PruneConfig(uniform=True).skipped_layers(30) == set()
     with pytest.raises(LoraPruneError, match="--uniform prunes every layer alike"):
         PruneConfig(uniform=True, skip_layers="0,1")
+
+
+def test_first10pct_rounds_half_up():
+    """10% of 5 and of 25 layers are exact halves (0.5, 2.5): round() would keep 0 and 2 layers."""
+    assert PruneConfig().skipped_layers(5) == {0, 4}
+    assert PruneConfig().skipped_layers(25) == {0, 1, 2, 24}
+    assert PruneConfig().skipped_layers(4) == {3}  # 0.4 rounds down

@@ -1,7 +1,8 @@
 import pytest
 
+from loraprune.config import round_half_up
 from loraprune.errors import LoraPruneError
-from loraprune.pipeline.schedule import SHAPES, SparsitySchedule, round_half_up
+from loraprune.pipeline.schedule import SHAPES, SparsitySchedule
 
 
 def test_cubic_values_at_known_steps():
@@ -53,6 +54,14 @@ def test_last_pruning_step_reaches_the_target_exactly():
 
 def test_round_half_up():
     assert [round_half_up(x) for x in (4.5, 5.5, 0.49, 2.0)] == [5, 6, 0, 2]
+
+
+@pytest.mark.parametrize(("total", "start", "end"), [(45, 5, 40), (25, 3, 22), (35, 4, 31)])
+def test_warmup_and_cooldown_steps_round_half_up(total, start, end):
+    """0.1 * 45 = 4.5 and 0.1 * 25 = 2.5 are exact halves: round() would give 4 and 2 (banker's)."""
+    s = SparsitySchedule(target=0.5, total=total, warmup=0.1, cooldown=0.1, every=10)
+    assert (s.start, s.end) == (start, end)
+    assert s.sparsity(start) == 0 and s.sparsity(start + 1) > 0 and s.pruning_steps()[-1] == end
 
 
 def test_too_few_steps_for_warmup_and_cooldown():

@@ -27,9 +27,10 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
+def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0, **overrides):
+    """`overrides`: other config values, e.g. head_dim (default hidden / heads = 8) or sliding_window."""
     config_class, heads, kv_heads = FAMILIES[family]
-    config = config_class(
+    sizes = dict(
         vocab_size=64,
         hidden_size=heads * 8,
         intermediate_size=40,
@@ -39,6 +40,7 @@ def tiny_model(family: str = "llama-gqa", layers: int = 3, seed: int = 0):
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )
+    config = config_class(**{**sizes, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     for name, p in model.named_parameters():
@@ -94,17 +96,25 @@ def randomize_lora(model, std: float = 0.05, seed: int = 1):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def masked_then_pruned(family: str, ratio: float, uniform: bool, seed: int = 0):
-    """Logits of the masked LoRA model and of the shrunk, merged model on the same input."""
-    model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
+def masked_then_pruned(
+    family: str, ratio: float, uniform: bool, seed: int = 0, model=None, head_score=None, skip_layers: str = "0"
+):
+    """Logits of the masked LoRA model and of the shrunk, merged model on the same input.
+    `model`: a tiny model of `family` made by the caller (other config values); `head_score`: the
+    head scores to prune by ([layers, heads]; random by default); `skip_layers` unless uniform."""
+    if model is None:
+        model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
     arch = arch_for(model.config)
-    config = PruneConfig(ratio=ratio, skip_layers="none" if uniform else "0", uniform=uniform, lora_dropout=0.0)
+    skip_layers = "none" if uniform else skip_layers
+    config = PruneConfig(ratio=ratio, skip_layers=skip_layers, uniform=uniform, lora_dropout=0.0)
     peft_model = attach_lora(model, arch, config)
     randomize_lora(peft_model)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
     g = torch.Generator().manual_seed(seed)
     pruner.head_score.uniform_(generator=g)
     pruner.channel_score.uniform_(generator=g)
+    if head_score is not None:
+        pruner.head_score.copy_(head_score)
     pruner.prune_to(ratio)
     inputs = tiny_inputs(family, g)
     peft_model.eval()

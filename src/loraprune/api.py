@@ -22,7 +22,7 @@ from .pipeline.pruner import Pruner
 from .pipeline.schedule import SparsitySchedule
 from .pipeline.shrink import shrink, stock_config_error
 from .pipeline.target import resolve_ratio
-from .pipeline.train import DenseTeacher, train
+from .pipeline.train import DenseTeacher, set_activation_checkpointing, train
 from .runtime import distributed, fsdp
 from .runtime.checkpoint import Checkpoint, Checkpointer
 from .runtime.quant import dequantize_base_layers
@@ -124,8 +124,7 @@ def prune(
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
 
     if config.gradient_checkpointing:
-        # non-reentrant: the embeddings' output needs no requires_grad for LoRA's gradients to flow
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     if distributed.device() is not None:  # several processes on GPUs: each rank its own
         model.to(distributed.device())
     peft_model = attach_lora(model, arch, config)
@@ -151,7 +150,7 @@ def prune(
     )
     pruner.close()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     if sharded:  # the whole model on rank 0 from here on; the other ranks are done
         peft_model = fsdp.gather(peft_model, lambda: attach_lora(type(model)(model.config), arch, config))
         if peft_model is None:

@@ -80,10 +80,13 @@ class Arch:
         return rf"(?:.*\.)?{re.escape(self.layers)}\.\d+\.(?:{attention}|{mlp})"
 
 
+# the decoders' MLP keeps its own copy of the width (LlamaMLP.intermediate_size)
+DECODER_SIZES = (("mlp", "intermediate_size", "channels"),)
+
 ARCHS: dict[str, Arch] = {
-    "llama": Arch(),
-    "mistral": Arch(),
-    "qwen2": Arch(),  # q/k/v carry biases; sliced with their rows
+    "llama": Arch(size_attributes=DECODER_SIZES),
+    "mistral": Arch(size_attributes=DECODER_SIZES),
+    "qwen2": Arch(size_attributes=DECODER_SIZES),  # q/k/v carry biases; sliced with their rows
     # BertModel (sentence embeddings, e.g. all-MiniLM-L6-v2): the MLP lives in the layer itself
     "bert": Arch(
         layers="encoder.layer",

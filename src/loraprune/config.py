@@ -19,6 +19,14 @@ TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
 SHRINK_MODES = ("progressive", "end")
 
 
+def round_half_up(x: float) -> int:
+    """floor(x + 0.5): the one rounding rule of every count (groups, warmup/cooldown steps, skipped
+    layers; schedule.py and groups.py use it from here). Python's round() is banker's rounding
+    (4.5 -> 4, 5.5 -> 6): counts should not depend on parity. The 1e-9 absorbs float error in
+    products such as 0.1 * 45."""
+    return math.floor(x + 0.5 + 1e-9)
+
+
 def setting(default, help: str, **metadata):
     """A settings field: its default and its flag's help; `metadata` may add `flag` (another flag
     name), `choices` and `positional` for the generated command line (cli.py)."""
@@ -84,7 +92,7 @@ class PruneConfig:
         "default: from the model type (llama/mistral/qwen2: causal-lm, bert: embedding, vit: image-classification)",
     )
     max_nan_steps: int = setting(
-        5, "stop after this many optimizer steps in a row whose loss is NaN/inf (a single one is skipped)"
+        5, "stop after this many optimizer steps in a row whose loss or a LoRA gradient is NaN/inf (one is skipped)"
     )
     gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
@@ -143,7 +151,7 @@ class PruneConfig:
             if part == "none":
                 continue
             elif part == "first10pct":
-                skipped.update(range(round(0.1 * num_layers)))
+                skipped.update(range(round_half_up(0.1 * num_layers)))
             elif part == "last":
                 skipped.add(num_layers - 1)
             elif part.lstrip("-").isdigit() and -num_layers <= int(part) < num_layers:

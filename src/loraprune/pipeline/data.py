@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..config import round_half_up
 from ..errors import LoraPruneError
 
 SPLITS = ("train", "valid", "test")
@@ -169,7 +170,7 @@ def load_images(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values [n, 1, 8, 8] in [-1, 1], labels [n]) of an image dataset.
 
     'digits' is scikit-learn's load_digits (1797 8×8 gray images of 10 digits, values 0..16),
-    split once by a fixed seed: 80% train (1437 images), 20% test (360); 'valid' is the test split.
+    split once by a fixed seed: 80% train (1438 images), 20% test (359); 'valid' is the test split.
     Pixels are v / 16 normalised with mean 0.5, std 0.5 (what the saved image processor does).
     """
     if split not in SPLITS:
@@ -182,7 +183,7 @@ def load_images(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None]  # [n, 1, 8, 8]
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SEED))
-    cut = round(DIGITS_TRAIN_FRACTION * len(labels))
+    cut = round_half_up(DIGITS_TRAIN_FRACTION * len(labels))
     index = order[:cut] if split == "train" else order[cut:]
     return (images[index] / 16 - 0.5) / 0.5, labels[index]
 

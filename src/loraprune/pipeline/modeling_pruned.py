@@ -11,6 +11,9 @@ config.json carries the layout under "loraprune_layout":
      "head_dim": 64,
      "layers": [{"kv_heads": 2, "kv_index": [0, 0, 1], "intermediate_size": 768}, ...]}
 A layer keeps len(kv_index) query heads; query head i reads kept key/value head kv_index[i].
+The family's own size fields (num_attention_heads, num_key_value_heads, intermediate_size) hold
+the largest any layer keeps (heads: rounded up to a count the config class accepts), head_dim
+is explicit; the layout is the per-layer truth.
 Module paths are dotted and relative ('self.query'; '' is the layer itself); "size_attributes"
 lists module attributes holding sizes ([path, attribute, 'heads' | 'head_rows' | 'channels']).
 """
@@ -155,7 +158,17 @@ def _pruned_class(base: type) -> type:
         base.__init__(self, config)
         resize_layers(self, getattr(config, LAYOUT_KEY))
 
-    return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
+    def _get_static_cache_init_shape(self):
+        # a static KV cache allocated up front (generate's prefill_chunk_size): each layer's own
+        # k/v heads, which is what reaches the cache (the gathering happens after it)
+        # (only transformers versions that have this method call it)
+        if base._get_static_cache_init_shape(self) is None:  # e.g. layers on several devices
+            return None
+        layout = getattr(self.config, LAYOUT_KEY)
+        return [shape["kv_heads"] for shape in layout["layers"]], layout["head_dim"]
+
+    members = {"__init__": __init__, "_get_static_cache_init_shape": _get_static_cache_init_shape}
+    return type(f"Pruned{base.__name__}", (base,), members)
 
 
 # One class per supported family; config.json's auto_map names the right one.

@@ -9,18 +9,12 @@ window, 0..1):
 - oneshot: everything at the window's first pruning step, then fine-tuning only (recovery).
 """
 
-import math
 from dataclasses import dataclass
 
-from ..config import SCHEDULE_NAMES
+from ..config import SCHEDULE_NAMES, round_half_up
 from ..errors import LoraPruneError
 
 SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; config.py validates --schedule against them
-
-
-def round_half_up(x: float) -> int:
-    # Python's round() is banker's rounding: 4.5 -> 4, 5.5 -> 6; counts should not depend on parity
-    return math.floor(x + 0.5 + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -42,18 +36,18 @@ class SparsitySchedule:
 
     @property
     def start(self) -> int:
-        return round(self.warmup * self.total)
+        return round_half_up(self.warmup * self.total)
 
     @property
     def end(self) -> int:
         """The last pruning step (oneshot: its only one)."""
-        window_end = self.total - round(self.cooldown * self.total)
+        window_end = self.total - round_half_up(self.cooldown * self.total)
         return min(self.start + self.every, window_end) if self.shape == "oneshot" else window_end
 
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise LoraPruneError(f"--schedule must be one of {', '.join(SHAPES)} (got {self.shape!r})")
-        if self.total - round(self.cooldown * self.total) <= self.start:
+        if self.total - round_half_up(self.cooldown * self.total) <= self.start:
             raise LoraPruneError(
                 f"--steps {self.total} is too few: warmup {self.warmup} and cooldown {self.cooldown} leave "
                 "no step to prune in; raise --steps or lower --warmup/--cooldown"

@@ -36,10 +36,12 @@ def read_factors(
     adapter: str = "default",
     lora_grads: bool = True,
     weight: Tensor | None = None,
+    whole_A: tuple[Tensor, Tensor | None] | None = None,
 ) -> LoraFactors:
     """A peft LoRA layer's factors for output rows `rows` of this rank's rows (all of them
     unless FSDP shards the module); gradients are None where absent (an error if `lora_grads`
-    asks for the LoRA ones). `weight`: W0 already dequantized."""
+    asks for the LoRA ones). `weight`: W0 already dequantized. `whole_A`: (A, dL/dA) already
+    gathered by `gather_A` (under FSDP a collective, so issued once per module, not per block)."""
     A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     W = module.base_layer.weight if weight is None else weight
     if lora_grads and (A.grad is None or B.grad is None):
@@ -54,17 +56,25 @@ def read_factors(
         return (fsdp.rows_held(t, W) if whole else fsdp.local(t))[rows]  # whole: a tensor of all rows
 
     sketch = getattr(module, SKETCH_ATTRIBUTE, None)
+    A_all, grad_A_all = gather_A(module, adapter) if whole_A is None else whole_A
     return LoraFactors(
         weight=f32(row_block(W)),
-        A=f32(fsdp.whole(A)),
+        A=f32(A_all),
         B=f32(row_block(B)),
-        grad_A=f32(fsdp.whole(A.grad)),
+        grad_A=f32(grad_A_all),
         grad_B=f32(row_block(B.grad)),
         scaling=module.scaling[adapter],
         weight_grad=f32(row_block(W.grad)),
         sketch_basis=None if sketch is None else f32(sketch.basis),
         sketch_product=None if sketch is None else f32(row_block(sketch.product, whole=True)),
     )
+
+
+def gather_A(module: nn.Module, adapter: str = "default") -> tuple[Tensor, Tensor | None]:
+    """A and dL/dA of a LoRA projection, whole: under FSDP gathered from the ranks (collectives that
+    every rank must issue alike, whatever number of row blocks it holds)."""
+    A = module.lora_A[adapter].weight
+    return fsdp.whole(A), fsdp.whole(A.grad)
 
 
 def projection_scores(
@@ -75,11 +85,13 @@ def projection_scores(
     scores its own rows and the ranks' sums are added up (fsdp.py)."""
     weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
     local_rows = fsdp.local(weight).shape[0]
+    whole_A = gather_A(module)  # once per module: ranks may hold different numbers of blocks
     parts = []
     total = None
     for start in range(0, local_rows, block_rows):
         rows = slice(start, start + block_rows)
-        block = criterion(read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight))
+        factors = read_factors(module, rows, lora_grads=criterion.needs_lora_grads, weight=weight, whole_A=whole_A)
+        block = criterion(factors)
         if square:
             block.square_()
         if dim == 1:

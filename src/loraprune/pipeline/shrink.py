@@ -155,8 +155,28 @@ def set_layout(config, arch: Arch, layout: list[dict]) -> None:
         if hasattr(config, LAYOUT_KEY):
             delattr(config, LAYOUT_KEY)
         return
+    _set_largest_sizes(config, arch, layout, head_dim)
     names = ("layers", "attention", "q", "k", "v", "o", "mlp", "gate", "up", "down")
     modules = {name: getattr(arch, name) for name in names}
     if arch.size_attributes:
         modules["size_attributes"] = [list(entry) for entry in arch.size_attributes]
     setattr(config, LAYOUT_KEY, {"modules": modules, "head_dim": head_dim, "layers": layout})
+
+
+def _set_largest_sizes(config, arch: Arch, layout: list[dict], head_dim: int) -> None:
+    """Per-layer shapes: the family's own size fields become the largest any layer keeps, so that
+    whatever reads config.json alone never sizes more than exists (the layout has each layer's own).
+    Heads: the smallest count at least that large which the config class accepts (LlamaConfig wants
+    one that divides hidden_size; BERT derives its head size from it and keeps its dense count)."""
+    kv_heads = max(shape["kv_heads"] for shape in layout)
+    channels = max(shape["intermediate_size"] for shape in layout)
+    dense = getattr(config, arch.heads_key)
+    largest = max(len(shape["kv_index"]) for shape in layout)
+    accepted = (h for h in range(largest, dense + 1) if not stock_config_error(config, arch, h, kv_heads, channels))
+    heads = next(accepted, dense)
+    if arch.head_dim_key:
+        setattr(config, arch.head_dim_key, head_dim)  # explicit: hidden / heads changes
+    setattr(config, arch.heads_key, heads)
+    if hasattr(config, arch.kv_heads_key):
+        setattr(config, arch.kv_heads_key, kv_heads)
+    setattr(config, arch.intermediate_key, channels)

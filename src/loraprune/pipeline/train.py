@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import PruneConfig
 from ..errors import LoraPruneError
-from ..runtime import distributed
+from ..runtime import distributed, fsdp
 from ..runtime.checkpoint import Checkpoint, Checkpointer
 from .pruner import Pruner
 from .schedule import SparsitySchedule
@@ -27,9 +27,33 @@ class History:
     head_sparsity: list[float] = field(default_factory=list)
     channel_sparsity: list[float] = field(default_factory=list)
     pruning_steps: list[int] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)  # NaN/inf loss: no score update, no optimizer step
+    # NaN/inf loss or LoRA gradient: no score update, no optimizer step
+    skipped_steps: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step (pruning and shrinking included)
     parameters: list[int] = field(default_factory=list)  # base-model parameters the step ran on (LoRA not counted)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: the embeddings' output needs no
+    requires_grad for LoRA's gradients to flow), or stop. transformers 5.24 renamed
+    gradient_checkpointing_enable/_disable to activation_checkpointing_* and deprecated the old names;
+    earlier 5.x releases have only the old ones."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    """Whether `model` recomputes activations in backward (by the name its transformers version has)."""
+    current = hasattr(type(model), "is_activation_checkpointing")
+    return getattr(model, "is_activation_checkpointing" if current else "is_gradient_checkpointing")
 
 
 class DenseTeacher:
@@ -90,15 +114,16 @@ def train(
             started = time.perf_counter()
             history.parameters.append(base_parameters(model))
             # after the last pruning step no score can change a mask: skip the scoring
-            loss = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
-            nan_run = 0 if math.isfinite(loss) else nan_run + 1
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
+            nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
             if nan_run >= config.max_nan_steps:
                 last = checkpointer.last if checkpointer is not None else None
                 kept = f"; the last good checkpoint is {last}" if last else ""
                 raise LoraPruneError(
-                    f"the loss was NaN or infinite for {nan_run} steps in a row (steps {step - nan_run + 1}-{step}): "
+                    f"the loss or a LoRA gradient was NaN or infinite for {nan_run} steps in a row "
+                    f"(steps {step - nan_run + 1}-{step}): "
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
@@ -135,8 +160,11 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn, score=True) -> float:
-    """One optimizer step (grad_accum micro-batches); a NaN/inf loss updates nothing. Returns the loss."""
+def _step(
+    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn, score=True
+) -> tuple[float, bool]:
+    """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
+    finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
     for micro in range(config.grad_accum):
         # DDP: gradients are all-reduced once, in the last micro-batch's backward
@@ -146,7 +174,9 @@ def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneCon
             micro_loss.backward()
         loss += micro_loss.item()
     loss = distributed.mean(loss)  # the global batch's loss; NaN on any rank skips the step on all
-    if math.isfinite(loss):
+    bad_gradient = distributed.any_rank(not _gradients_finite(optimizer))  # FSDP: each rank checks its shards
+    updated = math.isfinite(loss) and not bad_gradient
+    if updated:
         if score:
             pruner.update_scores()  # from the accumulated gradients, before they are consumed
         else:
@@ -155,7 +185,13 @@ def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneCon
     else:
         pruner.clear_step_gradients()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return loss, updated
+
+
+def _gradients_finite(optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters (this rank's rows under FSDP) is finite."""
+    grads = [fsdp.local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _after_step(step: int, loss: float, schedule: SparsitySchedule, pruner: Pruner, history: History, bar) -> None:

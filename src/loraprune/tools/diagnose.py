@@ -23,13 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..archs import Arch, arch_for
-from ..config import PruneConfig
+from ..config import PruneConfig, round_half_up
 from ..pipeline.data import BatchSampler
 from ..pipeline.groups import LayerGroups
 from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
 from ..pipeline.lora import attach_lora
 from ..pipeline.pruner import group_scores
-from ..pipeline.schedule import round_half_up
 from ..pipeline.scoring import read_factors
 from ..pipeline.sketch import SketchScores
 from ..pipeline.train import lora_optimizer
