@@ -28,6 +28,9 @@ def arguments():
     p.add_argument("--ratios", type=common.floats, default=[0.5, 0.2])
     p.add_argument("--rounds", type=int, default=1, help="runs of each mode per ratio (alternated)")
     p.add_argument("--child", default="", help="internal: ratio,mode of one child run")
+    p.add_argument("--in-process", action="store_true",
+                   help="every run in this process on copies of one loaded model (no reload per run; peak RSS "
+                        "per phase then also holds what earlier runs left in the heap)")  # fmt: skip
     return p
 
 
@@ -55,7 +58,8 @@ class Phases:
             self.current = None
 
 
-def child(args) -> dict:
+def child(args, ratio: float, mode: str, loaded=None) -> dict:
+    """One run of `mode` at `ratio`: on a fresh load of the model, or on a copy of `loaded` (model, tokenizer)."""
     import torch
 
     import loraprune.api as api
@@ -63,10 +67,9 @@ def child(args) -> dict:
     from loraprune.pipeline.data import load_text
     from loraprune.pipeline.evaluate import perplexity
 
-    ratio, mode = args.child.split(",")
     phases = Phases()
     phases.start("load")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model) if loaded is None else (common.fresh(loaded[0]), loaded[1])
     text = load_text(args.data, "train")
     eval_set = common.token_windows(tokenizer, args.data, "test", args.eval_seq, args.eval_windows or None)
     phases.start("set-up")
@@ -82,7 +85,10 @@ def child(args) -> dict:
     api.train = timed_train
     config = common.budget(args, float(ratio), shrink=mode)
     torch.manual_seed(args.seed)
-    pruned, report = prune(model, tokenizer, text, config, progress=False)
+    try:
+        pruned, report = prune(model, tokenizer, text, config, progress=False)
+    finally:
+        api.train = real_train
     phases.start("evaluation")
     ppl = perplexity(pruned, eval_set)
     phases.stop()
@@ -122,12 +128,14 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     args = arguments().parse_args(argv)
     common.setup(args)
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        ratio, mode = args.child.split(",")
+        print("RESULT " + json.dumps(child(args, float(ratio), mode)), flush=True)
         return {}
+    loaded = common.load(args, model, tokenizer) if args.in_process else None
     runs = []
     for i, ratio in enumerate(args.ratios):  # ABBA over rounds, and each ratio starts with the other mode
         for _, mode in common.alternated(list(MODES if i % 2 == 0 else reversed(MODES)), args.rounds):
-            run = _run_child(args, ratio, mode)
+            run = child(args, ratio, mode, loaded) if args.in_process else _run_child(args, ratio, mode)
             runs.append(run)
             print(f"[progressive] ratio {ratio} {mode}: loop {run['loop_seconds']:.1f} s, "
                   f"ppl {run['perplexity']:.2f}, peaks {run['peak_rss_MiB']}", flush=True)  # fmt: skip
@@ -156,7 +164,12 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         "Progressive shrinking: pruning-loop time, memory and perplexity (`--shrink progressive` vs `end`)",
         {"runs": runs, "summary": summary},
         common.budget_text(args).replace("perplexity over", "perplexity (test split only) over")
-        + f" One fresh process per run, modes alternated, {args.rounds} run(s) of each per ratio.\n\n"
+        + (
+            " All runs in one process on copies of one loaded model"
+            if args.in_process
+            else " One fresh process per run"
+        )
+        + f", modes alternated, {args.rounds} run(s) of each per ratio.\n\n"
         + common.table(
             [
                 "ratio",

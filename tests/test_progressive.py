@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, prune
+from loraprune.api import resolve_shrink
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.runtime import checkpoint
@@ -111,6 +112,10 @@ def test_progressive_default_and_refusals(tiny_tokenizer):
         _run("llama-gqa", tiny_tokenizer, "progressive", steps=6, distill=0.5)
     with pytest.raises(LoraPruneError, match="--shrink must be one of progressive, end"):
         PruneConfig(shrink="sometimes")
+    assert resolve_shrink(PruneConfig(), sharded=True).shrink == "end"
+    assert resolve_shrink(PruneConfig(), sharded=False, quantized=True).shrink == "end"
+    with pytest.raises(LoraPruneError, match="with 8-/4-bit weights: quantized weights are sliced only"):
+        resolve_shrink(PruneConfig(shrink="progressive"), sharded=False, quantized=True)
 
 
 def test_fsdp_refuses_progressive_before_loading(tmp_path, tiny_folder, text_file, capsys):
