@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from . import common, masks, memory, overhead, quality, speed
+from . import common, masks, memory, overhead, progressive, quality, speed
 
 PRESETS = {
     "quick": {
@@ -17,6 +17,7 @@ PRESETS = {
         overhead: "--batch 2x128 --rounds 6 --warmup 1",
         speed: "--shapes 1x128,1x512,8x128 --rounds 5 --new-tokens 24 --gen-rounds 2 --prune-steps 4",
         masks: "--steps 10 --batch-size 1 --prune-freq 2",
+        progressive: "--steps 20 --batch-size 2 --prune-freq 2 --eval-windows 16",
     },
     "full": {
         quality: "--steps 120 --batch-size 4 --prune-freq 10",
@@ -24,6 +25,7 @@ PRESETS = {
         overhead: "--batch 1x128,4x128 --rounds 12 --warmup 2 --criteria lora,gradient,sketch",
         speed: "--shapes 1x128,1x512,8x128 --rounds 9 --new-tokens 64 --gen-rounds 3 --prune-steps 10",
         masks: "--steps 120 --batch-size 4 --prune-freq 10",
+        progressive: "--steps 120 --batch-size 4 --prune-freq 10",
     },
 }
 
@@ -33,7 +35,7 @@ def main(argv=None) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--quick", action="store_const", const="quick", dest="preset")
     size.add_argument("--full", action="store_const", const="full", dest="preset")
-    p.add_argument("--only", default="quality,memory,overhead,speed,masks", help="comma-separated subset")
+    p.add_argument("--only", default="quality,memory,overhead,speed,masks,progressive", help="comma-separated subset")
     args, extra = p.parse_known_args(argv)
     only = set(args.only.split(","))
     model = tokenizer = None
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
         if name not in only:
             continue
         script_args = [*preset.split(), "--label", args.preset, *extra]
-        if model is None and module is not memory:
+        if model is None and module not in (memory, progressive):  # those two run their own processes
             common.setup(module.arguments().parse_args(script_args))
             model, tokenizer = common.load(module.arguments().parse_args(script_args))
         started = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts next to src/, not an installed package
 
-from bench import common, masks, memory, overhead, quality, speed  # noqa: E402
+from bench import common, masks, memory, overhead, progressive, quality, speed  # noqa: E402
 
 TRAIN = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
 RUNS = {
@@ -21,6 +21,7 @@ RUNS = {
     speed: ["--ratios", "0.5", "--shapes", "1x16", "--rounds", "2", "--new-tokens", "3", "--gen-rounds", "1"]
     + ["--prune-steps", "2"],
     masks: [*TRAIN, "--ratios", "0.5"],
+    progressive: [*TRAIN, "--ratios", "0.5", "--eval-windows", "4", "--eval-seq", "16"],
 }
 
 
@@ -39,7 +40,7 @@ def outputs(tiny_folder, tmp_path_factory):
 def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
     out, payloads, _ = outputs
     text = (out / "BENCH.md").read_text()
-    for name in ("quality", "memory", "overhead", "speed", "masks"):
+    for name in ("quality", "memory", "overhead", "speed", "masks", "progressive"):
         data = json.loads((out / "results" / f"{name}-smoke.json").read_text())
         assert data["machine"]["cores"] >= 1 and data["command"].startswith(".venv/bin/python -m bench.")
         assert text.count(f"<!-- bench:{name} -->") == 1 and text.count(f"<!-- /bench:{name} -->") == 1
@@ -55,6 +56,10 @@ def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
     assert limits and all(limit > 1 for limit in limits)
     (row,) = payloads["masks"]["rows"]
     assert 0 <= row["all_iou"] <= 1
+    runs = {run["mode"]: run for run in payloads["progressive"]["runs"]}
+    assert runs["end"]["parameters"][-1] == runs["end"]["parameters"][0] > runs["progressive"]["parameters"][-1]
+    assert runs["progressive"]["parameters"][-1] == runs["progressive"]["parameters_after"]
+    assert set(runs["end"]["peak_rss_MiB"]) == {"load", "set-up", "pruning loop", "shrink + merge", "evaluation"}
 
 
 def test_a_rerun_replaces_only_its_own_section(outputs):

@@ -90,7 +90,7 @@ def test_group_sums_equal_an_explicit_loop_over_members():
         readers = sum(alive[j] and j // g.heads_per_kv == kv for j in range(g.heads))
         total = element["q"][h * d : (h + 1) * d].sum() + element["o"][:, h * d : (h + 1) * d].sum()
         total += (element["k"][kv * d : (kv + 1) * d].sum() + element["v"][kv * d : (kv + 1) * d].sum()) / readers
-        expected.append(total)
+        expected.append(total if alive[h] else torch.tensor(0.0))  # a dead head scores 0
     q, o = per_unit(element["q"].sum(1), g.heads), per_unit(element["o"].sum(0), g.heads)
     k, v = per_unit(element["k"].sum(1), g.kv_heads), per_unit(element["v"].sum(1), g.kv_heads)
     torch.testing.assert_close(head_scores(q, k, v, o, g, alive), torch.stack(expected), rtol=1e-5, atol=1e-10)

@@ -5,7 +5,7 @@ are separate steps (export.py, evaluate.py).
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
+    resolve_shrink(config, fsdp.requested(config.fsdp))  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
@@ -68,6 +69,29 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
                 "choose another ratio or drop --uniform"
             )
     return Plan(config, arch, task, target)
+
+
+def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) -> PruneConfig:
+    """`config` with --shrink decided: progressive unless something needs the dense layers to the end
+    (then end); a progressive shrink asked for where it cannot work is refused."""
+    reasons = {
+        "--distill": (
+            config.distill > 0,
+            "the distillation teacher is the dense model inside the one being pruned (adapter off, masks "
+            "lifted), and a physical shrink removes the rows it needs",
+        ),
+        "--fsdp": (sharded, "FSDP shards the layers once, and re-sharding after each shrink is not implemented"),
+        "8-/4-bit weights": (quantized, "quantized weights are sliced only after they are dequantized, at the end"),
+    }
+    found = [(name, why) for name, (applies, why) in reasons.items() if applies]
+    if config.shrink is None:
+        return replace(config, shrink="end" if found else "progressive")
+    if config.shrink == "progressive" and found:
+        name, why = found[0]
+        raise LoraPruneError(
+            f"--shrink progressive cannot be combined with {name}: {why}; use --shrink end (or leave --shrink out)"
+        )
+    return config
 
 
 def prune(
@@ -91,6 +115,7 @@ def prune(
     plan = config if isinstance(config, Plan) else check_compatible(model.config, config)
     config, arch, task = plan.config, plan.arch, plan.task
     sharded = fsdp.requested(config.fsdp)
+    config = resolve_shrink(config, sharded, getattr(model.config, "quantization_config", None) is not None)
     # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()
@@ -107,7 +132,7 @@ def prune(
     if sharded:
         fsdp.shard(peft_model, pruner.layers)
 
-    teacher = DenseTeacher(peft_model, task.forward, pruner) if task.needs_teacher or config.distill else None
+    teacher = DenseTeacher(peft_model, task.forward, pruner) if config.distill else None
     loss_fn = objective(task, teacher, config.distill, config.distill_temperature)
     torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
     rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
@@ -133,7 +158,8 @@ def prune(
         peft_model.get_base_model().generation_config = model.generation_config
         peft_model.get_base_model().tie_weights()
     dequantize_base_layers(peft_model)  # 8-/4-bit base weights: shrink and merge need plain ones
-    shrink(peft_model.get_base_model(), arch, pruner.head_alive, pruner.channel_alive)
+    # what is dead and still held (all of it under --shrink end, nothing under progressive) goes now
+    shrink(peft_model.get_base_model(), arch, *pruner.physical_masks())
     model = peft_model.merge_and_unload()
     model.eval()
 

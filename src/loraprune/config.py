@@ -16,6 +16,7 @@ SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPE
 ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
 AGGREGATIONS = ("sum", "square")
 TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
+SHRINK_MODES = ("progressive", "end")
 
 
 def round_half_up(x: float) -> int:
@@ -96,6 +97,14 @@ class PruneConfig:
     gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward: less memory, about a third more time, same result"
     )
+    shrink: str | None = setting(
+        None,
+        "when pruned groups leave the model physically: progressive (at every pruning step: W0, LoRA factors and "
+        "their AdamW moments are sliced, so training runs on the smaller model) or end (masked until training "
+        "ends, then sliced); the same masks and weights either way. None: progressive, except with --distill, "
+        "--fsdp or 8-/4-bit weights, which need the dense layers (end)",
+        choices=SHRINK_MODES,
+    )
     fsdp: bool = setting(
         False,
         "shard base weights and LoRA factors over the processes with FSDP2 (under torchrun; accelerate launch "
@@ -129,6 +138,7 @@ class PruneConfig:
             raise LoraPruneError("--allocation global puts different numbers of groups in each layer; "
                                  "it cannot be combined with --uniform")  # fmt: skip
         require(self.schedule in SCHEDULE_NAMES, "schedule", f"must be one of {', '.join(SCHEDULE_NAMES)}")
+        require(self.shrink in (None, *SHRINK_MODES), "shrink", f"must be one of {', '.join(SHRINK_MODES)}")
         require(self.task is None or self.task in TASK_NAMES, "task", f"must be one of {', '.join(TASK_NAMES)}")
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")

@@ -2,16 +2,18 @@
 
 A task is data + functions: how a dataset split is read, how training examples are made, what
 the model computes on a batch and the loss of that, the evaluation, and what proves a saved
-folder reloads. Where a loss compares with the dense model (the embedding task always;
-`--distill` for tasks with logits), the dense model's output comes from the same weights with
-the adapter disabled and the masks lifted (train.DenseTeacher), one forward per step. The
+folder reloads. The embedding task's loss compares with the dense model's embeddings of the
+training sentences, computed once up front (so the model may shrink physically while it trains);
+`--distill` (tasks with logits) compares with the dense model's logits, which come from the same
+weights with the adapter disabled and the masks lifted (train.DenseTeacher), one forward per step. The
 job (job.py) runs every task through the same steps; nothing outside this table and the
 architecture table (archs.py) needs to know a task by name. Each family's default task is
 `Arch.task`; `--task` overrides it.
 
 - causal-lm: next-token loss on token windows; perplexity.
 - embedding (BERT sentence encoders): loss 1 − cos(pruned mean-pooled embedding, dense
-  embedding of the same sentence), teacher embeddings computed once up front; evaluated by the
+  embedding of the same sentence), teacher embeddings computed once up front (`teacher` in the
+  training examples); evaluated by the
   cosine to the dense model's embeddings and nearest-neighbour agreement on held-out sentences.
 - image-classification (ViT): cross-entropy on labels; accuracy.
 """
@@ -68,7 +70,6 @@ class Task:
     speed_key: str | None = None
     sample: Callable[[nn.Module, Any], str] | None = None  # (model, tokenizer) -> text printed after a run
     compares_to_dense: bool = False  # evaluation needs the dense model (eval: --reference)
-    needs_teacher: bool = False  # the loss itself compares with the dense model's output
     logits: Callable[[Any], Tensor] | None = None  # an output's logits, for --distill (None: it does not apply)
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
 
@@ -156,13 +157,17 @@ def encode(model: nn.Module, inputs: dict, batch_size: int = 64) -> Tensor:
     return torch.cat(parts)
 
 
-def embedding_loss(embeddings: Tensor, batch: dict, dense: Tensor) -> Tensor:
-    """1 − cosine between the model's embedding and the dense model's, per sentence."""
-    return 1 - F.cosine_similarity(embeddings, dense, dim=-1).mean()
+def embedding_loss(embeddings: Tensor, batch: dict, dense: Tensor | None = None) -> Tensor:
+    """1 − cosine between the model's embedding and the dense model's (`dense`, else the batch's
+    `teacher`, computed up front by the task's examples), per sentence."""
+    dense = batch["teacher"] if dense is None else dense
+    return 1 - F.cosine_similarity(embeddings, dense.to(embeddings.device), dim=-1).mean()
 
 
 def _embedding_examples(model, tokenizer, sentences: list[str] | str, config) -> dict:
-    """The sentences training will see, padded. Training draws steps × batch size × grad accum
+    """The sentences training will see, padded, with the dense `model`'s embedding of each
+    (`teacher`: the loss's target, one forward per sentence as a per-step teacher would cost, but
+    from the dense model before it is pruned). Training draws steps × batch size × grad accum
     sentences: when the data has more, a sample of that many (seeded by --seed) is kept, not all
     of it (PTB train has 42k sentences). A text is one sentence per non-empty line."""
     if isinstance(sentences, str):
@@ -171,7 +176,8 @@ def _embedding_examples(model, tokenizer, sentences: list[str] | str, config) ->
     if len(sentences) > needed:
         picked = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(config.seed))[:needed]
         sentences = [sentences[i] for i in picked.sort().values.tolist()]
-    return pad_sentences(tokenizer, sentences, config.seq_len)
+    inputs = pad_sentences(tokenizer, sentences, config.seq_len)
+    return {**inputs, "teacher": encode(model, inputs)}
 
 
 def _embedding_eval_set(teacher, tokenizer, sentences: list[str], seq_len: int, limit: int | None) -> dict:
@@ -345,7 +351,6 @@ TASKS: dict[str, Task] = {
         timed_pass=_embedding_pass,
         speed_key="sentences_per_second",
         compares_to_dense=True,
-        needs_teacher=True,
     ),
     "image-classification": Task(
         "image-classification",

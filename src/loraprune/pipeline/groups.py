@@ -94,8 +94,12 @@ def per_unit(scores: Tensor, units: int) -> Tensor:
     return scores.view(units, -1).sum(dim=1)
 
 
-def head_scores(q: Tensor, k: Tensor, v: Tensor, o: Tensor, groups: LayerGroups, alive: Tensor) -> Tensor:
-    """One score per query head from per-head q, o and per-kv-head k, v scores."""
-    kv = groups.kv_of_head
-    readers = torch.bincount(kv[alive], minlength=groups.kv_heads).clamp(min=1)
-    return q + o + (k + v)[kv] / readers[kv]
+def head_scores(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, groups: LayerGroups, alive: Tensor, kv_of_head: Tensor | None = None
+) -> Tensor:
+    """One score per query head from per-head q, o and per-kv-head k, v scores; 0 for a dead head.
+    `kv_of_head`: the k/v head each query head reads in a shrunk layer (the dense layout when None)."""
+    kv = groups.kv_of_head if kv_of_head is None else kv_of_head
+    kv, alive = kv.to(q.device), alive.to(q.device)
+    readers = torch.bincount(kv[alive], minlength=len(k)).clamp(min=1)
+    return torch.where(alive, q + o + (k + v)[kv] / readers[kv], 0.0)

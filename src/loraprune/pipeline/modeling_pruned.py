@@ -138,7 +138,7 @@ def set_size_attributes(
             config = module.config
             shared = config.__dict__["_config"] if isinstance(config, LayerConfig) else config
             overrides = {k: v for k, v in vars(config).items() if k != "_config"} if config is not shared else {}
-            module.config = LayerConfig(shared, **overrides, **{attribute[len("config.") :]: sizes[what]})
+            module.config = LayerConfig(shared, **{**overrides, attribute[len("config.") :]: sizes[what]})
         else:
             setattr(module, attribute, sizes[what])
 

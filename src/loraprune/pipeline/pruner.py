@@ -19,6 +19,7 @@ from ..config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
 from .importance import Criterion
 from .scoring import make_criterion, projection_scores
+from .shrink import move_optimizer_state, shrink_layer
 
 
 @torch.no_grad()
@@ -29,14 +30,25 @@ def group_scores(
     head_alive: Tensor,
     normalize: bool,
     square: bool = False,
+    channel_alive: Tensor | None = None,
+    kv_of_head: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One layer's (head, channel) scores: each projection's element scores (or their squares)
-    summed per group (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module if
-    `normalize`."""
+    summed per group (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module over
+    its live groups if `normalize`; a dead group scores 0. `head_alive`, `channel_alive` (all alive
+    when None) and `kv_of_head` (the dense layout when None) describe the groups the layer holds now,
+    so that a masked layer and the same layer physically shrunk (--shrink progressive) score alike."""
+    kv_of_head = groups.kv_of_head if kv_of_head is None else kv_of_head
+    if channel_alive is None:
+        channel_alive = torch.ones(groups.channels, dtype=torch.bool)
+    kv_alive = torch.zeros(int(kv_of_head.max()) + 1, dtype=torch.bool)
+    kv_alive[kv_of_head[head_alive]] = True  # a k/v head lives while a live query head reads it
 
-    parts, row_scores = groups.row_parts(projections), {}
+    # the layer as it is now: a fused projection's parts (Phi-3's qkv, gate_up) start where these sizes say
+    now = LayerGroups(len(head_alive), len(kv_alive), groups.head_dim, len(channel_alive))
+    parts, row_scores = now.row_parts(projections), {}
 
-    def score(role: str, dim: int, units: int) -> Tensor:
+    def score(role: str, dim: int, alive: Tensor) -> Tensor:
         if dim == 0:  # columns of o or down
             s = projection_scores(projections[role], criterion, 0, square=square)
         else:  # rows of q, k, v, gate, up: a projection of their own or a row range of a fused one
@@ -44,18 +56,25 @@ def group_scores(
             if name not in row_scores:
                 row_scores[name] = projection_scores(projections[name], criterion, 1, square=square)
             s = row_scores[name][start : start + rows]
-        s = per_unit(s, units)
+        s = per_unit(s, len(alive))
+        s = torch.where(alive.to(s.device), s, 0.0)  # dead groups neither score nor weigh in the norm
         return F.normalize(s, dim=0) if normalize else s
 
-    q, o = score("q", 1, groups.heads), score("o", 0, groups.heads)
-    k, v = score("k", 1, groups.kv_heads), score("v", 1, groups.kv_heads)
-    heads = head_scores(q, k, v, o, groups, head_alive)
-    channels = sum(score(role, 1, groups.channels) for role in ("gate", "up") if role in parts)
-    return heads, channels + score("down", 0, groups.channels)
+    q, o = score("q", 1, head_alive), score("o", 0, head_alive)
+    k, v = score("k", 1, kv_alive), score("v", 1, kv_alive)
+    heads = head_scores(q, k, v, o, groups, head_alive, kv_of_head)
+    channels = sum(score(role, 1, channel_alive) for role in ("gate", "up") if role in parts)
+    return heads, channels + score("down", 0, channel_alive)
 
 
 class Pruner:
-    """Holds, for every layer, which heads and channels are alive and their score averages."""
+    """Holds, for every layer, which heads and channels are alive and their score averages, and
+    (--shrink progressive) which of them the layer still physically holds.
+
+    Everything the Pruner holds is in the dense layout (the original indices), whatever the
+    model's shapes: masks, score averages, checkpoints and reports do not change their meaning
+    when layers shrink. `head_present` / `channel_present` map a shrunk layer's heads and channels
+    back to their dense indices (the i-th True is the layer's i-th head now)."""
 
     def __init__(self, model: nn.Module, arch: Arch, config: PruneConfig):
         self.arch, self.config = arch, config
@@ -74,12 +93,17 @@ class Pruner:
         self.score_updates = 0
         self.skipped_updates = 0  # updates dropped because a score was NaN/inf
         self.masks_off = False  # inside masks_lifted(): the hooks pass their inputs through
+        # --shrink progressive: dead groups are cut out at each pruning step (shrink_dead), so the
+        # model holds live groups only and needs no masks
+        self.progressive = config.shrink == "progressive"
+        self.head_present = torch.ones(n, g.heads, dtype=torch.bool)
+        self.channel_present = torch.ones(n, g.channels, dtype=torch.bool)
 
         device = next(model.parameters()).device
         self.head_masks = torch.ones(n, g.heads * g.head_dim, device=device)
         self.channel_masks = torch.ones(n, g.channels, device=device)
         self.hooks = []
-        for i in self.prunable:
+        for i in [] if self.progressive else self.prunable:
             o, down = self.projections(i)["o"], self.projections(i)["down"]
             self.hooks.append(o.register_forward_pre_hook(self._mask_input(self.head_masks[i])))
             self.hooks.append(down.register_forward_pre_hook(self._mask_input(self.channel_masks[i])))
@@ -118,12 +142,66 @@ class Pruner:
     def projections(self, i: int) -> dict[str, nn.Module]:
         return self.arch.projections(self.layers[i])
 
+    def kv_of_head(self, i: int) -> Tensor:
+        """The k/v head (its position in layer i now) that each query head layer i holds reads."""
+        return torch.unique(self.groups.kv_of_head[self.head_present[i]], return_inverse=True)[1]
+
     def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
-        """This step's (head, channel) scores of layer i, by the configured criterion."""
+        """This step's (head, channel) scores of layer i, by the configured criterion, in the dense
+        layout (0 for dead groups, also for those the layer no longer holds)."""
         square = self.config.aggregation == "square"
-        return group_scores(
-            self.projections(i), self.groups, self.criterion, self.head_alive[i], self.config.normalize, square
+        heads_now, channels_now = self.head_present[i], self.channel_present[i]
+        heads, channels = group_scores(
+            self.projections(i),
+            self.groups,
+            self.criterion,
+            self.head_alive[i][heads_now],
+            self.config.normalize,
+            square,
+            self.channel_alive[i][channels_now],
+            self.kv_of_head(i),
         )
+        dense_heads, dense_channels = torch.zeros(self.groups.heads), torch.zeros(self.groups.channels)
+        dense_heads[heads_now], dense_channels[channels_now] = heads.cpu().float(), channels.cpu().float()
+        return dense_heads, dense_channels
+
+    def physical_masks_of(self, i: int) -> tuple[Tensor, Tensor]:
+        """Which of the heads and of the channels layer i holds now are alive."""
+        return self.head_alive[i][self.head_present[i]], self.channel_alive[i][self.channel_present[i]]
+
+    def physical_masks(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per layer, over the heads and channels it holds now: which are alive, and the k/v head each
+        query head reads: what shrink.shrink needs to cut the rest out."""
+        masks = [self.physical_masks_of(i) for i in range(len(self.layers))]
+        return [h for h, _ in masks], [c for _, c in masks], [self.kv_of_head(i) for i in range(len(self.layers))]
+
+    def shrink_dead(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """--shrink progressive: cut every dead group out of the layers that still hold one (W0, the
+        LoRA factors, and the `optimizer`'s moments of those factors), so that training continues
+        on the smaller model. True when anything was cut (a DDP wrapper must then be rebuilt)."""
+        if not self.progressive:
+            return False
+        moved = []
+        with torch.no_grad():
+            for i in self.prunable:
+                heads, channels = self.physical_masks_of(i)
+                if heads.all() and channels.all():
+                    continue
+                head_dim, kv_of_head = self.groups.head_dim, self.kv_of_head(i)
+                shrink_layer(self.layers[i], self.arch, head_dim, kv_of_head, heads, channels, moved)
+                self.head_present[i] = self.head_alive[i]
+                self.channel_present[i] = self.channel_alive[i]
+        if optimizer is not None:
+            move_optimizer_state(optimizer, moved)
+        return bool(moved)
+
+    def shapes(self) -> Tensor:
+        """[layers, projections]: each projection's output rows and input columns, as the modules
+        have them now (checked identical over the ranks and recorded in checkpoints)."""
+        rows = []
+        for i in range(len(self.layers)):
+            rows.append([n for m in self.projections(i).values() for n in (m.out_features, m.in_features)])
+        return torch.tensor(rows, dtype=torch.int64)
 
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
@@ -184,10 +262,12 @@ class Pruner:
         """Masks, score averages, counters and the criterion's state: what a checkpoint needs."""
         state = {name: getattr(self, name) for name in ("head_alive", "channel_alive", "head_score", "channel_score")}
         state.update(score_updates=self.score_updates, skipped_updates=self.skipped_updates)
+        state["shapes"] = self.shapes()
         return state | self.criterion.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s values and the masks they imply."""
+        """Restore `state_dict()`'s values and the masks they imply (--shrink progressive: call
+        `shrink_dead` next, to give the model the shapes they imply)."""
         for name in ("head_alive", "channel_alive", "head_score", "channel_score"):
             getattr(self, name).copy_(state[name])
         self.score_updates, self.skipped_updates = int(state["score_updates"]), int(state["skipped_updates"])

@@ -12,26 +12,36 @@ from ..archs import Arch
 from .groups import LayerGroups
 from .modeling_pruned import LAYOUT_KEY, is_grouped_evenly, set_kv_layout, set_size_attributes
 
+# (old parameter, new parameter, dim, kept index) of every parameter a shrink replaced: what an
+# optimizer needs to carry its moments over (move_optimizer_state)
+Moved = list[tuple[nn.Parameter, nn.Parameter, int, Tensor]]
 
-def _keep(linear: nn.Linear, index: Tensor, dim: int) -> None:
+
+def _keep(linear: nn.Linear, index: Tensor, dim: int, moved: Moved | None = None) -> None:
     """Keep output rows (dim 0) or input columns (dim 1) of a linear layer, in place."""
     weight = linear.weight
-    linear.weight = nn.Parameter(weight.index_select(dim, index.to(weight.device)), weight.requires_grad)
+    index = index.to(weight.device)
+    linear.weight = nn.Parameter(weight.index_select(dim, index), weight.requires_grad)
+    if moved is not None:
+        moved.append((weight, linear.weight, dim, index))
     if dim == 0:
         if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias[index.to(weight.device)], linear.bias.requires_grad)
+            bias = linear.bias
+            linear.bias = nn.Parameter(bias[index], bias.requires_grad)
+            if moved is not None:
+                moved.append((bias, linear.bias, 0, index))
         linear.out_features = len(index)
     else:
         linear.in_features = len(index)
 
 
-def keep_projection(module: nn.Module, index: Tensor, dim: int) -> None:
+def keep_projection(module: nn.Module, index: Tensor, dim: int, moved: Moved | None = None) -> None:
     """Keep rows/columns of a projection; for a peft LoRA layer also of its B (rows) or A (columns)."""
-    _keep(getattr(module, "base_layer", module), index, dim)
+    _keep(getattr(module, "base_layer", module), index, dim, moved)
     if hasattr(module, "lora_A"):
         factors = module.lora_B if dim == 0 else module.lora_A
         for linear in factors.values():
-            _keep(linear, index, dim)
+            _keep(linear, index, dim, moved)
         if dim == 0:
             module.out_features = len(index)
         else:
@@ -43,35 +53,74 @@ def _rows(units: Tensor, size: int) -> Tensor:
     return (units[:, None] * size + torch.arange(size)).flatten()
 
 
-def shrink(model: nn.Module, arch: Arch, head_alive: Tensor, channel_alive: Tensor) -> None:
-    """Remove dead heads (per layer, [layers, heads] bool) and channels ([layers, channels]) in place."""
-    groups = LayerGroups.from_config(model.config, arch)
-    kv_of_head = groups.kv_of_head
-    layout = []
-    for layer, heads, channels in zip(arch.layers_of(model), head_alive, channel_alive, strict=True):
-        projections = arch.projections(layer)
-        kept_heads = heads.nonzero().flatten()
-        kept_kv = kv_of_head[kept_heads].unique()  # sorted
-        kv_index = torch.searchsorted(kept_kv, kv_of_head[kept_heads])
+def shrink_layer(
+    layer: nn.Module,
+    arch: Arch,
+    head_dim: int,
+    kv_of_head: Tensor,
+    heads: Tensor,
+    channels: Tensor,
+    moved: Moved | None = None,
+) -> dict:
+    """Remove the heads and channels of one layer that `heads` and `channels` (bool, over the heads
+    and channels the layer holds now) mark dead, in place; `kv_of_head`: the k/v head (position in
+    the layer now) each of its query heads reads. Returns the layer's layout entry (set_layout).
+    Works on a dense layer (the end-of-run shrink) and on one shrunk before (--shrink progressive)."""
+    projections = arch.projections(layer)
+    kept_heads = heads.nonzero().flatten()
+    kept_kv = kv_of_head[kept_heads].unique()  # sorted
+    kv_index = torch.searchsorted(kept_kv, kv_of_head[kept_heads])
 
-        head_rows, kv_rows = _rows(kept_heads, groups.head_dim), _rows(kept_kv, groups.head_dim)
-        kept_channels = channels.nonzero().flatten()
-        kept = {"q": head_rows, "k": kv_rows, "v": kv_rows, "gate": kept_channels, "up": kept_channels}
-        rows_of = {}  # projection -> its kept rows, in order (a fused one: each part's, offset)
-        for role, (name, start, _) in groups.row_parts(projections).items():
-            rows_of.setdefault(name, []).append(kept[role] + start)
-        for name, rows in rows_of.items():
-            keep_projection(projections[name], torch.cat(rows), 0)
-        keep_projection(projections["o"], head_rows, 1)
-        keep_projection(projections["down"], kept_channels, 1)
-        set_kv_layout(arch.attention_module(layer), kv_index.tolist(), len(kept_kv))
-        set_size_attributes(
-            layer, arch.size_attributes, len(kept_heads), groups.head_dim, len(kept_channels), len(kept_kv)
-        )
-        layout.append(
-            {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
-        )
+    head_rows, kv_rows = _rows(kept_heads, head_dim), _rows(kept_kv, head_dim)
+    kept_channels = channels.nonzero().flatten()
+    kept = {"q": head_rows, "k": kv_rows, "v": kv_rows, "gate": kept_channels, "up": kept_channels}
+    now = LayerGroups(len(heads), int(kv_of_head.max()) + 1, head_dim, len(channels))  # the layer as it is
+    rows_of = {}  # projection -> its kept rows, in order (a fused one: each part's, offset)
+    for role, (name, start, _) in now.row_parts(projections).items():
+        rows_of.setdefault(name, []).append(kept[role] + start)
+    for name, rows in rows_of.items():
+        keep_projection(projections[name], torch.cat(rows), 0, moved)
+    keep_projection(projections["o"], head_rows, 1, moved)
+    keep_projection(projections["down"], kept_channels, 1, moved)
+    set_kv_layout(arch.attention_module(layer), kv_index.tolist(), len(kept_kv))
+    set_size_attributes(layer, arch.size_attributes, len(kept_heads), head_dim, len(kept_channels), len(kept_kv))
+    return {"kv_heads": len(kept_kv), "kv_index": kv_index.tolist(), "intermediate_size": len(kept_channels)}
+
+
+def shrink(model: nn.Module, arch: Arch, head_alive, channel_alive, kv_of_head: list[Tensor] | None = None) -> None:
+    """Remove dead heads (per layer, bool over its heads) and channels in place and record the
+    shapes in the config. `kv_of_head` (per layer): which k/v head each query head reads, for
+    layers shrunk before; the dense layout when None."""
+    groups = LayerGroups.from_config(model.config, arch)
+    layers = arch.layers_of(model)
+    kv_maps = kv_of_head if kv_of_head is not None else [groups.kv_of_head] * len(layers)
+    layout = [
+        shrink_layer(layer, arch, groups.head_dim, kv, heads, channels)
+        for layer, kv, heads, channels in zip(layers, kv_maps, head_alive, channel_alive, strict=True)
+    ]
     set_layout(model.config, arch, layout)
+
+
+@torch.no_grad()
+def move_optimizer_state(optimizer: torch.optim.Optimizer, moved: Moved) -> None:
+    """Put the new parameters of a shrink in the optimizer in place of the old ones (same position),
+    with their per-element state (AdamW's exp_avg, exp_avg_sq) sliced like the parameters; scalar
+    state (step) is kept as it is."""
+    replaced = {id(old): (new, dim, index) for old, new, dim, index in moved}
+    for group in optimizer.param_groups:
+        for position, old in enumerate(group["params"]):
+            if id(old) not in replaced:
+                continue
+            new, dim, index = replaced[id(old)]
+            group["params"][position] = new
+            state = optimizer.state.pop(old, None)
+            if state:
+                optimizer.state[new] = {
+                    key: value.index_select(dim, index.to(value.device))
+                    if isinstance(value, Tensor) and value.shape == old.shape
+                    else value
+                    for key, value in state.items()
+                }
 
 
 def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ class History:
     pruning_steps: list[int] = field(default_factory=list)
     # NaN/inf loss or LoRA gradient: no score update, no optimizer step
     skipped_steps: list[int] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step (pruning and shrinking included)
+    parameters: list[int] = field(default_factory=list)  # base-model parameters the step ran on (LoRA not counted)
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -108,6 +111,8 @@ def train(
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
+            started = time.perf_counter()
+            history.parameters.append(base_parameters(model))
             # after the last pruning step no score can change a mask: skip the scoring
             loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
             nan_run = 0 if updated else nan_run + 1
@@ -123,6 +128,10 @@ def train(
                 )
             _after_step(step, loss, schedule, pruner, history, bar)
             pruned = schedule.is_pruning_step(step)
+            if pruned and pruner.shrink_dead(optimizer):  # --shrink progressive: the dead groups leave the model
+                del ddp_model
+                ddp_model = distributed.wrap(model)  # DDP's buckets hold the old parameters: a new wrapper
+            history.step_seconds.append(time.perf_counter() - started)
             if pruned and on_pruning_step is not None:
                 on_pruning_step(step, pruner)
             if pruned or step == config.steps:
@@ -136,6 +145,11 @@ def train(
                     raise checkpointer.interrupted_error(step, config.steps)
     model.eval()
     return history
+
+
+def base_parameters(model: nn.Module) -> int:
+    """Parameters of the model without its LoRA factors: the size of the model a step runs on."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
 def _trailing_run(steps: list[int], last: int) -> int:

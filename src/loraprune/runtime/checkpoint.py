@@ -232,6 +232,16 @@ class Checkpoint:
                 f"checkpoint {self.path} was written by a run of {saved_world} process(es) and this one has {world}: "
                 f"resume it with the same number of processes (--batch-size is per process)"
             )
+        # masks and scores first: under --shrink progressive they give the fresh (dense) model the shapes
+        # the checkpoint's LoRA factors and moments have (the optimizer's parameters are replaced too)
+        pruner_state = {key[len("pruner/") :]: t for key, t in self.tensors.items() if key.startswith("pruner/")}
+        pruner.load_state_dict({**pruner_state, **self.state["pruner"]})
+        pruner.shrink_dead(optimizer)
+        if "shapes" in pruner_state and not pruner.shapes().equal(pruner_state["shapes"]):
+            raise LoraPruneError(
+                f"checkpoint {self.path} holds layers of other shapes than its masks give this model "
+                f"(--shrink {pruner.config.shrink}); resume it with the settings it was written with"
+            )
         params = dict(model.named_parameters())
         names = [name for name in params if "lora_" in name]
         if names != self.state["lora_names"]:
@@ -255,8 +265,6 @@ class Checkpoint:
         groups = self.state["optimizer"]["param_groups"]
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]  # JSON made it a list
         optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        pruner_state = {key[len("pruner/") :]: t for key, t in self.tensors.items() if key.startswith("pruner/")}
-        pruner.load_state_dict({**pruner_state, **self.state["pruner"]})
         sampler.load_state_dict(self.state["sampler"])
         for key, values in self.state["history"].items():
             setattr(history, key, list(values))

@@ -5,7 +5,9 @@ Both launchers set RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT); with 
 `wrap()` puts the peft model in DistributedDataParallel, so the LoRA gradients are all-reduced
 (averaged) in backward, before `Pruner.update_scores()` reads them: every rank computes the same
 scores from the same gradients and removes the same groups. `check_identical()` asserts it at each
-pruning step with one all-reduce of a float64 checksum of masks and scores (MAX and MIN).
+pruning step with one all-reduce of a float64 checksum of masks, scores and layer shapes (MAX and MIN).
+After a progressive shrink (`--shrink progressive`) the model's parameters are new objects, so
+train() wraps it in a new DDP.
 
 Each rank trains on its own slice of every global batch (data.BatchSampler's rank/world_size):
 `--batch-size` is per process, the global batch is batch_size x world_size. Rank 0 alone
@@ -124,7 +126,9 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-CHECKED = ("head_alive", "channel_alive", "head_score", "channel_score")
+# masks, scores, and the layers' shapes as the modules have them (--shrink progressive: every rank
+# must cut the same rows out, or DDP would all-reduce gradients of different shapes)
+CHECKED = ("head_alive", "channel_alive", "head_score", "channel_score", "shapes")
 
 
 def checksum(state: dict[str, Tensor]) -> Tensor:
@@ -150,7 +154,7 @@ def differences(low: Tensor, high: Tensor) -> list[str]:
 
 def check_identical(state: dict[str, Tensor], step: int) -> None:
     """Raise LoraPruneError on every rank if the ranks' masks or scores differ (they must not: the
-    scores come from the same all-reduced gradients). Two all-reduces of 8 float64 numbers."""
+    scores come from the same all-reduced gradients). Two all-reduces of 10 float64 numbers."""
     if not active():
         return
     local = checksum(state).to(_comm_device())

@@ -31,7 +31,7 @@ from ..pipeline.lora import attach_lora
 from ..pipeline.pruner import group_scores
 from ..pipeline.scoring import read_factors
 from ..pipeline.sketch import SketchScores
-from ..pipeline.train import DenseTeacher, lora_optimizer
+from ..pipeline.train import lora_optimizer
 from ..tasks import objective
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
@@ -162,7 +162,7 @@ def diagnose(
     groups = LayerGroups.from_config(model.config, arch)
     peft_model = attach_lora(model, arch, config)
     base = peft_model.get_base_model()
-    loss_fn = objective(task, DenseTeacher(peft_model, task.forward) if task.needs_teacher else None)
+    loss_fn = objective(task)
     # the probe: fixed batches, drawn with another seed than the training stream
     probe_sampler = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed + 1))
     probe = [next(probe_sampler) for _ in range(probe_batches)]

@@ -10,23 +10,39 @@ from torch import Tensor  # noqa: E402
 
 
 def plot_training(history: dict, path: Path) -> None:
-    """Loss (left axis) and head/channel sparsity (right axis) per step, pruning steps marked."""
+    """Loss (left axis) and head/channel sparsity (right axis) per step, pruning steps marked; below,
+    when the history has them, the wall time of each step and the parameters it ran on."""
     steps = range(1, len(history["loss"]) + 1)
-    fig, loss_axis = plt.subplots(figsize=(8, 4))
+    timed = bool(history.get("step_seconds")) and bool(history.get("parameters"))
+    if timed:
+        fig, (loss_axis, time_axis) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, loss_axis = plt.subplots(figsize=(8, 4))
     loss_axis.plot(steps, history["loss"], color="tab:blue", linewidth=1, label="training loss")
-    loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("loss", color="tab:blue")
     sparsity_axis = loss_axis.twinx()
     sparsity_axis.plot(steps, history["head_sparsity"], color="tab:red", label="heads removed")
     sparsity_axis.plot(steps, history["channel_sparsity"], color="tab:orange", linestyle="--", label="channels removed")
     sparsity_axis.set_ylabel("fraction removed (pruned layers)")
     sparsity_axis.set_ylim(0, 1)
-    for step in history["pruning_steps"]:
-        loss_axis.axvline(step, color="grey", alpha=0.25, linewidth=0.8)
+    for axis in (loss_axis, time_axis) if timed else (loss_axis,):
+        for step in history["pruning_steps"]:
+            axis.axvline(step, color="grey", alpha=0.25, linewidth=0.8)
     lines = loss_axis.get_legend_handles_labels()[0] + sparsity_axis.get_legend_handles_labels()[0]
     labels = loss_axis.get_legend_handles_labels()[1] + sparsity_axis.get_legend_handles_labels()[1]
     loss_axis.legend(lines, labels, loc="upper right", fontsize=8)
     loss_axis.set_title("LoRAPrune: loss and sparsity (grey lines: pruning steps)")
+    if timed:
+        time_axis.plot(steps, history["step_seconds"], color="tab:purple", linewidth=1, label="step time")
+        time_axis.set_ylabel("seconds per step", color="tab:purple")
+        time_axis.set_ylim(bottom=0)
+        size_axis = time_axis.twinx()
+        size_axis.plot(steps, [n / 1e6 for n in history["parameters"]], color="tab:green", label="parameters")
+        size_axis.set_ylabel("parameters (M)", color="tab:green")
+        time_axis.set_title("step time and the model's size (--shrink progressive: it falls at each pruning step)")
+        time_axis.set_xlabel("optimizer step")
+    else:
+        loss_axis.set_xlabel("optimizer step")
     _save(fig, path)
 
 

@@ -48,7 +48,7 @@ def format_summary(report: dict) -> str:
     lines.append(
         f"ratio {config['ratio']} of groups in {pruned_layers}/{len(report['layers'])} layers, "
         f"criterion {config['criterion']}, {config['steps']} steps, "
-        f"{report['skipped_score_updates']} skipped score updates; "
+        f"{report['skipped_score_updates']} skipped score updates, shrink {config.get('shrink') or 'end'}; "
         f"pruning {report['seconds']:.0f} s, wall time {report.get('wall_seconds', report['seconds']):.0f} s"
     )
     return "\n".join(lines)
@@ -84,6 +84,27 @@ def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:
     return [(task.heading.format(**fields), *("" for _ in results)), *((f"  {r[0]}", *r[1:]) for r in rows)]
 
 
+def _step_times(history: dict) -> list[str]:
+    """A line on the step time and model size before the first and after the last pruning step."""
+    seconds, parameters, pruning = history.get("step_seconds"), history.get("parameters"), history["pruning_steps"]
+    if not seconds or not parameters or not pruning:
+        return []
+    first, last = pruning[0], pruning[-1]
+    before = [(t, n) for step, (t, n) in enumerate(zip(seconds, parameters, strict=True), 1) if step < first]
+    after = [(t, n) for step, (t, n) in enumerate(zip(seconds, parameters, strict=True), 1) if step > last]
+    if not before or not after:
+        return []
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    return [
+        f"Step time (median, pruning and shrinking included): {median([t for t, _ in before]):.3g} s before the "
+        f"first pruning step ({before[0][1] / 1e6:.2f}M parameters), {median([t for t, _ in after]):.3g} s after "
+        f"the last ({after[-1][1] / 1e6:.2f}M parameters).\n"
+    ]
+
+
 def write_report(run_dir: Path) -> Path:
     """(Re)build report.md and its PNG plots in a run folder from loraprune.json and the scores."""
     from safetensors.torch import load_file
@@ -103,6 +124,7 @@ def write_report(run_dir: Path) -> Path:
         f"Model `{report.get('model', '?')}`, data `{report.get('data', '?')}`.\n",
         "```\n" + format_summary(report) + "\n```\n",
         "## Schedule and loss\n\n![loss and sparsity](training.png)\n",
+        *_step_times(report["history"]),
         "## Kept groups per layer\n\n![kept groups](kept.png)\n",
     ]
     scores_path = run_dir / SCORES_FILE
