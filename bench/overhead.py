@@ -2,9 +2,11 @@
 
 LoRAPrune step = forward + backward (mask hooks on), importance update (`Pruner.update_scores`),
 AdamW step, zero_grad: the body of `loraprune.pipeline.train.train`. Plain step = the same without the
-Pruner (no masks, no scoring). Both models are independent copies, stepped alternately
-(ABBA order) in one process on the same batch; medians and their ratio are reported, and the
-scoring time of the LoRAPrune step is timed on its own as well.
+Pruner (no masks, no scoring). With `--distill ALPHA` each criterion is also timed with
+self-distillation (its loss as `prune` builds it: one more forward of the dense teacher per step).
+The models are independent copies, stepped alternately (ABBA order) in one process on the same
+batch; medians and their ratio are reported, and the scoring time of the LoRAPrune step is timed
+on its own as well.
 """
 
 import torch
@@ -13,8 +15,8 @@ from loraprune import PruneConfig
 from loraprune.archs import arch_for
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
-from loraprune.pipeline.train import lora_optimizer
-from loraprune.tasks import causal_lm_loss
+from loraprune.pipeline.train import DenseTeacher, lora_optimizer
+from loraprune.tasks import TASKS, objective
 
 from . import common
 
@@ -27,20 +29,23 @@ def arguments():
     p.add_argument("--batch", type=common.shapes, default=[(4, 128)], help="BxS")
     p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--distill", type=float, default=0.0, help="also time each criterion with --distill ALPHA (0: no)")
     return p
 
 
 class Variant:
-    def __init__(self, base, criterion: str | None, seed: int):
-        config = PruneConfig(criterion=criterion or "lora", seed=seed)
-        arch = arch_for(base.config)
+    def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0):
+        config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill)
+        arch, task = arch_for(base.config), TASKS["causal-lm"]
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
+        teacher = DenseTeacher(self.model, task.forward, self.pruner) if distill else None
+        self.loss = objective(task, teacher, distill, config.distill_temperature)
         self.optimizer = lora_optimizer(self.model, lr=1e-4)
         self.model.train()
 
     def backward(self, batch):
-        causal_lm_loss(self.model, batch).backward()
+        self.loss(self.model, batch).backward()
 
     def finish(self):
         self.optimizer.step()
@@ -58,6 +63,9 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         torch.manual_seed(args.seed)
         variants = {"plain LoRA": Variant(base, None, args.seed)}
         variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
+        if args.distill:
+            named = {f"LoRAPrune ({c}, distill {args.distill:g})": c for c in criteria}
+            variants.update({name: Variant(base, c, args.seed, args.distill) for name, c in named.items()})
         timer = common.Timer()
         for r, name in common.alternated(list(variants), args.warmup + args.rounds):
             v, tag = variants[name], name if r >= args.warmup else "warmup"

@@ -157,7 +157,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         args,
         argv,
         NAME,
-        "Progressive shrinking: pruning-loop time, memory and perplexity (`--shrink progressive` vs `end`)",
+        "8. Progressive shrinking: pruning-loop time, memory and perplexity (`--shrink progressive` vs `end`)",
         {"runs": runs, "summary": summary},
         common.budget_text(args).replace("perplexity over", "perplexity (test split only) over")
         + (

@@ -17,7 +17,7 @@ RUNS = {
     quality: [*TRAIN, "--ratios", "0.5", "--criteria", "lora,magnitude", "--eval-windows", "4", "--eval-seq", "16"]
     + ["--long-seq", "32"],
     memory: ["--batches", "2x16", "--steps", "1"],
-    overhead: ["--batch", "2x16", "--rounds", "2", "--warmup", "1"],
+    overhead: ["--batch", "2x16", "--rounds", "2", "--warmup", "1", "--distill", "0.5"],
     speed: ["--ratios", "0.5", "--shapes", "1x16", "--rounds", "2", "--new-tokens", "3", "--gen-rounds", "1"]
     + ["--prune-steps", "2"],
     masks: [*TRAIN, "--ratios", "0.5"],
@@ -51,7 +51,8 @@ def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
     assert {r["criterion"] for r in payloads["memory"]["runs"]} == {"lora", "gradient", "sketch"}
     grads = {r["criterion"]: r["breakdown_MiB"]["base-weight gradients (dL/dW0)"] for r in payloads["memory"]["runs"]}
     assert grads["lora"] == grads["sketch"] == 0 < grads["gradient"]
-    assert {r["variant"] for r in payloads["overhead"]["rows"]} == {"plain LoRA", "LoRAPrune (lora)"}
+    variants = {r["variant"] for r in payloads["overhead"]["rows"]}
+    assert variants == {"plain LoRA", "LoRAPrune (lora)", "LoRAPrune (lora, distill 0.5)"}
     limits = [r["mac_limit"] for r in payloads["speed"]["rows"] if r["variant"] != "dense" and "mac_limit" in r]
     assert limits and all(limit > 1 for limit in limits)
     (row,) = payloads["masks"]["rows"]
