@@ -89,11 +89,12 @@ def main(argv=None, model=None, tokenizer=None) -> None:
     keys = [f"{data} {split}" for data, split in EVALS]
     dense = max(r["parameters"]["total"] for r in rows)
     table = common.table(
-        ["run", "recipe", *[f"ppl {k}" for k in keys], "params removed", "prune s"],
+        ["run", "recipe", "shrink", *[f"ppl {k}" for k in keys], "params removed", "prune s"],
         [
             [
                 r["name"],
                 r["spec"].partition("=")[2],
+                "" if r["config"] is None else r["config"].get("shrink", "end"),  # before --shrink: masked
                 *[r["perplexity"].get(k) for k in keys],
                 f"{1 - r['parameters']['total'] / dense:.1%}",
                 round(r["prune_seconds"]),
@@ -103,6 +104,7 @@ def main(argv=None, model=None, tokenizer=None) -> None:
     )
     body = (
         f"{common.provenance(rows[-1]['machine'], rows[-1]['command'])}\n\n"
+        f"The latest run's provenance; each row's own command, machine and config are in {folder.name}/NAME.json. "
         f"{common.budget_text(args)} `pydoc`: the Python reference (out of the tuning domain).\n\n{table}"
     )
     common.update_markdown(args, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})", body)

@@ -100,3 +100,22 @@ def test_the_gpu_scale_script_runs_at_tiny_size_on_cpu(tmp_path):
     forwards = {r["model"]: r for r in payload["forwards"]}
     assert forwards["50% pruned"]["parameters"] < forwards["dense"]["parameters"]
     assert "<!-- bench:gpu_scale-smoke -->" in (tmp_path / "B.md").read_text()
+
+
+def test_recipes_write_one_json_per_run_skip_done_runs_and_rebuild_the_table(outputs, capsys):
+    from bench import recipes
+
+    out, _, base = outputs
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
+    budget += ["--eval-windows", "2", "--eval-seq", "16"]
+    recipes.main([*base, *budget, "kd=lora:0.5:distill=0.5", "shipped=none"])
+    folder = out / "results" / "recipes-smoke"
+    kd = json.loads((folder / "kd.json").read_text())
+    assert kd["config"]["distill"] == 0.5 and kd["config"]["shrink"] == "end"  # distillation needs the dense layers
+    assert set(kd["perplexity"]) == {"ptb test", "ptb valid", "pydoc test"}
+    assert json.loads((folder / "shipped.json").read_text())["config"] is None
+    recipes.main([*base, *budget, "kd=lora:0.5"])  # a name already measured is not run again
+    assert "kd: done before" in capsys.readouterr().out
+    recipes.main([*base, *budget])  # no runs: the table is rebuilt from the JSON present
+    section = (out / "BENCH.md").read_text().split("<!-- bench:recipes-smoke -->")[1]
+    assert "| kd | lora:0.5:distill=0.5 | end |" in section and "| shipped | none |  |" in section
