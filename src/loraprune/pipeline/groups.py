@@ -35,6 +35,12 @@ class LayerGroups:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(heads, kv_heads, head_dim, getattr(config, arch.intermediate_key))
 
+    @classmethod
+    def held(cls, kv_of_head: Tensor, head_dim: int, channels: int) -> "LayerGroups":
+        """The sizes of a layer as it is now (shrunk or not): its query heads, given the k/v head
+        each reads (`kv_of_head`, positions in the layer now), and its channels."""
+        return cls(len(kv_of_head), int(kv_of_head.max()) + 1, head_dim, channels)
+
     def row_parts(self, roles) -> dict[str, tuple[str, int, int]]:
         """Where each row-pruned role's rows live, given a layer's projection roles (Arch.projections'
         keys): role -> (projection, first row, rows). A role is a whole projection of its own, or a

@@ -41,11 +41,10 @@ def group_scores(
     kv_of_head = groups.kv_of_head if kv_of_head is None else kv_of_head
     if channel_alive is None:
         channel_alive = torch.ones(groups.channels, dtype=torch.bool)
-    kv_alive = torch.zeros(int(kv_of_head.max()) + 1, dtype=torch.bool)
-    kv_alive[kv_of_head[head_alive]] = True  # a k/v head lives while a live query head reads it
-
     # the layer as it is now: a fused projection's parts (Phi-3's qkv, gate_up) start where these sizes say
-    now = LayerGroups(len(head_alive), len(kv_alive), groups.head_dim, len(channel_alive))
+    now = LayerGroups.held(kv_of_head, groups.head_dim, len(channel_alive))
+    kv_alive = torch.zeros(now.kv_heads, dtype=torch.bool)
+    kv_alive[kv_of_head[head_alive]] = True  # a k/v head lives while a live query head reads it
     parts, row_scores = now.row_parts(projections), {}
 
     def score(role: str, dim: int, alive: Tensor) -> Tensor:

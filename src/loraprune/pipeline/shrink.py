@@ -74,7 +74,7 @@ def shrink_layer(
     head_rows, kv_rows = _rows(kept_heads, head_dim), _rows(kept_kv, head_dim)
     kept_channels = channels.nonzero().flatten()
     kept = {"q": head_rows, "k": kv_rows, "v": kv_rows, "gate": kept_channels, "up": kept_channels}
-    now = LayerGroups(len(heads), int(kv_of_head.max()) + 1, head_dim, len(channels))  # the layer as it is
+    now = LayerGroups.held(kv_of_head, head_dim, len(channels))
     rows_of = {}  # projection -> its kept rows, in order (a fused one: each part's, offset)
     for role, (name, start, _) in now.row_parts(projections).items():
         rows_of.setdefault(name, []).append(kept[role] + start)

@@ -108,11 +108,12 @@ def train(
     nan_run = _trailing_run(history.skipped_steps, first - 1)
     model.train()
     ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
+    size = base_parameters(model)  # changes only when a shrink cuts groups out
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
         for step in bar:
             started = time.perf_counter()
-            history.parameters.append(base_parameters(model))
+            history.parameters.append(size)
             # after the last pruning step no score can change a mask: skip the scoring
             loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
             nan_run = 0 if updated else nan_run + 1
@@ -131,6 +132,7 @@ def train(
             if pruned and pruner.shrink_dead(optimizer):  # --shrink progressive: the dead groups leave the model
                 del ddp_model
                 ddp_model = distributed.wrap(model)  # DDP's buckets hold the old parameters: a new wrapper
+                size = base_parameters(model)
             history.step_seconds.append(time.perf_counter() - started)
             if pruned and on_pruning_step is not None:
                 on_pruning_step(step, pruner)
