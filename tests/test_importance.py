@@ -3,7 +3,7 @@ import torch
 from loraprune.archs import arch_for
 from loraprune.config import PruneConfig
 from loraprune.pipeline.groups import LayerGroups, head_scores, per_unit
-from loraprune.pipeline.importance import lora_gradient_estimate, lora_guided
+from loraprune.pipeline.importance import Scratch, lora_gradient_estimate, lora_guided
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.scoring import projection_scores, read_factors
 from tiny import randomize_lora, tiny_model
@@ -94,3 +94,27 @@ def test_group_sums_equal_an_explicit_loop_over_members():
     q, o = per_unit(element["q"].sum(1), g.heads), per_unit(element["o"].sum(0), g.heads)
     k, v = per_unit(element["k"].sum(1), g.kv_heads), per_unit(element["v"].sum(1), g.kv_heads)
     torch.testing.assert_close(head_scores(q, k, v, o, g, alive), torch.stack(expected), rtol=1e-5, atol=1e-10)
+
+
+def test_scratch_buffers_are_reused_across_blocks_and_projections():
+    """A score update writes every block's transients into the same buffers (a fresh tensor per
+    block costs page faults under memory.return_freed_memory), growing them only for a larger block;
+    the sums equal those of fresh tensors, in float32 for a bfloat16 model."""
+    model, _ = lora_model_with_grads()
+    scratch = Scratch()
+    first = scratch.get(0, torch.Size([3, 4]), torch.float32, torch.device("cpu"))
+    assert scratch.get(0, torch.Size([2, 5]), torch.float32, first.device).data_ptr() == first.data_ptr()
+    assert scratch.get(0, torch.Size([4, 4]), torch.float32, first.device).shape == (4, 4)  # grown
+    layer = model.model.layers[1]
+    for module in (layer.mlp.up_proj, layer.self_attn.o_proj):
+        for dim in (0, 1):
+            fresh = projection_scores(module, lora_guided, dim, block_rows=5)
+            reused = projection_scores(module, lora_guided, dim, block_rows=5, scratch=scratch)
+            torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+    assert {key[0] for key in scratch.buffers} == {0, 1}  # the merged weight and the gradient estimate
+    model.to(torch.bfloat16)
+    up = layer.mlp.up_proj
+    for p in (up.lora_A["default"].weight, up.lora_B["default"].weight):
+        p.grad = p.grad.to(torch.bfloat16)
+    scores = projection_scores(up, lora_guided, 1, scratch=scratch)
+    assert scores.dtype == torch.float32 and ("float32", torch.float32, torch.device("cpu")) in scratch.buffers

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..archs import Arch
 from ..config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit
-from .importance import Criterion
+from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores
 from .shrink import move_optimizer_state, shrink_layer
 
@@ -32,12 +32,15 @@ def group_scores(
     square: bool = False,
     channel_alive: Tensor | None = None,
     kv_of_head: Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One layer's (head, channel) scores: each projection's element scores (or their squares)
     summed per group (rows of q, k, v, gate, up; columns of o, down), L2-normalised per module over
     its live groups if `normalize`; a dead group scores 0. `head_alive`, `channel_alive` (all alive
     when None) and `kv_of_head` (the dense layout when None) describe the groups the layer holds now,
-    so that a masked layer and the same layer physically shrunk (--shrink progressive) score alike."""
+    so that a masked layer and the same layer physically shrunk (--shrink progressive) score alike.
+    `scratch`: buffers for the scoring transients, shared by the projections (scoring.py)."""
+    scratch = Scratch() if scratch is None else scratch
     kv_of_head = groups.kv_of_head if kv_of_head is None else kv_of_head
     if channel_alive is None:
         channel_alive = torch.ones(groups.channels, dtype=torch.bool)
@@ -49,11 +52,11 @@ def group_scores(
 
     def score(role: str, dim: int, alive: Tensor) -> Tensor:
         if dim == 0:  # columns of o or down
-            s = projection_scores(projections[role], criterion, 0, square=square)
+            s = projection_scores(projections[role], criterion, 0, square=square, scratch=scratch)
         else:  # rows of q, k, v, gate, up: a projection of their own or a row range of a fused one
             name, start, rows = parts[role]
             if name not in row_scores:
-                row_scores[name] = projection_scores(projections[name], criterion, 1, square=square)
+                row_scores[name] = projection_scores(projections[name], criterion, 1, square=square, scratch=scratch)
             s = row_scores[name][start : start + rows]
         s = per_unit(s, len(alive))
         s = torch.where(alive.to(s.device), s, 0.0)  # dead groups neither score nor weigh in the norm
@@ -145,7 +148,7 @@ class Pruner:
         """The k/v head (its position in layer i now) that each query head layer i holds reads."""
         return torch.unique(self.groups.kv_of_head[self.head_present[i]], return_inverse=True)[1]
 
-    def layer_scores(self, i: int) -> tuple[Tensor, Tensor]:
+    def layer_scores(self, i: int, scratch: Scratch | None = None) -> tuple[Tensor, Tensor]:
         """This step's (head, channel) scores of layer i, by the configured criterion, in the dense
         layout (0 for dead groups, also for those the layer no longer holds)."""
         square = self.config.aggregation == "square"
@@ -159,6 +162,7 @@ class Pruner:
             square,
             self.channel_alive[i][channels_now],
             self.kv_of_head(i),
+            scratch,
         )
         dense_heads, dense_channels = torch.zeros(self.groups.heads), torch.zeros(self.groups.channels)
         dense_heads[heads_now], dense_channels[channels_now] = heads.cpu().float(), channels.cpu().float()
@@ -206,7 +210,8 @@ class Pruner:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
         self.criterion.synchronize()  # several processes: average what the criterion collected
         try:
-            new = [self.layer_scores(i) for i in self.prunable]
+            scratch = Scratch()  # one set of block buffers for the whole update, freed after it
+            new = [self.layer_scores(i, scratch) for i in self.prunable]
         finally:
             self.clear_step_gradients()  # so that the next step's do not add onto this one's
         if not all(torch.isfinite(h).all() and torch.isfinite(c).all() for h, c in new):

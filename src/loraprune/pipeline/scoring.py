@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..config import CRITERION_NAMES
 from ..runtime import fsdp
 from ..runtime.quant import dense_weight
-from .importance import Criterion, LoraFactors, RandomScores, lora_guided, magnitude, weight_gradient
+from .importance import Criterion, LoraFactors, RandomScores, Scratch, lora_guided, magnitude, weight_gradient
 from .sketch import SKETCH_ATTRIBUTE, SketchScores
 
 # name -> a fresh criterion for one run, from (seed, rank): stateful ones are built anew
@@ -38,6 +38,7 @@ def read_factors(
     weight: Tensor | None = None,
     whole_A: tuple[Tensor, Tensor | None] | None = None,
     dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None,
 ) -> LoraFactors:
     """A peft LoRA layer's factors for output rows `rows` of this rank's rows (all of them
     unless FSDP shards the module), in `dtype`; gradients are None where absent (an error if
@@ -68,6 +69,7 @@ def read_factors(
         weight_grad=cast(row_block(W.grad)),
         sketch_basis=None if sketch is None else cast(sketch.basis),
         sketch_product=None if sketch is None else cast(row_block(sketch.product, whole=True)),
+        scratch=scratch,
     )
 
 
@@ -85,14 +87,33 @@ def scoring_dtype(weight: Tensor) -> torch.dtype:
     return torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
 
 
+# one (rows, in) transient of a block in the scoring dtype: the block's few transients stay in the
+# CPU's caches between the passes over them (1024-row blocks: 2x slower at 1B shapes, bench/score_blocks.py)
+SCORE_BLOCK_BYTES = 2 * 2**20
+
+
+def score_block_rows(in_features: int, dtype: torch.dtype) -> int:
+    """Rows of one scoring block of a projection with `in_features` inputs, scored in `dtype`."""
+    return max(1, SCORE_BLOCK_BYTES // (in_features * dtype.itemsize))
+
+
 def projection_scores(
-    module: nn.Module, criterion: Criterion, dim: int, block_rows: int = 1024, square: bool = False
+    module: nn.Module,
+    criterion: Criterion,
+    dim: int,
+    block_rows: int | None = None,
+    square: bool = False,
+    scratch: Scratch | None = None,
 ) -> Tensor:
     """Sum a projection's element scores (or their squares) over its rows (dim=0: one score per
-    input column) or over its columns (dim=1: one score per output row), in float32. Under FSDP
-    each rank scores its own rows and the ranks' sums are added up (fsdp.py)."""
+    input column) or over its columns (dim=1: one score per output row), in float32, `block_rows`
+    rows at a time (default: score_block_rows), the transients in `scratch`'s buffers (a new one
+    for this projection if None). Under FSDP each rank scores its own rows and the ranks' sums are
+    added up (fsdp.py)."""
     weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
     dtype = scoring_dtype(weight)
+    block_rows = block_rows or score_block_rows(weight.shape[1], dtype)
+    scratch = Scratch() if scratch is None else scratch
     local_rows = fsdp.local(weight).shape[0]
     whole_A = gather_A(module)  # once per module: ranks may hold different numbers of blocks
     parts = []
@@ -100,17 +121,24 @@ def projection_scores(
     for start in range(0, local_rows, block_rows):
         rows = slice(start, start + block_rows)
         factors = read_factors(
-            module, rows, lora_grads=criterion.needs_lora_grads, weight=weight, whole_A=whole_A, dtype=dtype
+            module,
+            rows,
+            lora_grads=criterion.needs_lora_grads,
+            weight=weight,
+            whole_A=whole_A,
+            dtype=dtype,
+            scratch=scratch,
         )
         block = criterion(factors)
         if square:
             block.square_()
+        if block.dtype != torch.float32:  # summed in float32, in a reused buffer (sum(dtype=) would allocate one)
+            block = scratch.get("float32", block.shape, torch.float32, block.device).copy_(block)
         if dim == 1:
-            parts.append(block.sum(dim=1, dtype=torch.float32))
+            parts.append(block.sum(dim=1))
         else:
-            part = block.sum(dim=0, dtype=torch.float32)
+            part = block.sum(dim=0)
             total = part if total is None else total + part
-        del block  # free the transient before the next block
     if not fsdp.is_sharded(weight):
         return torch.cat(parts) if dim == 1 else total
     if dim == 1:  # this rank's rows in place, zeros elsewhere

@@ -85,5 +85,5 @@ class SketchScores(Seeded):
     def __call__(self, f: LoraFactors) -> Tensor:
         if f.sketch_product is None:
             raise RuntimeError("no gradient sketch: run forward and backward with the criterion attached first")
-        merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling)
-        return (f.sketch_product @ f.sketch_basis).mul_(merged).abs_()
+        merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling, out=f.buffer(0))
+        return torch.mm(f.sketch_product, f.sketch_basis, out=f.buffer(1)).mul_(merged).abs_()

@@ -14,7 +14,7 @@ layer's share. The peak of a step is then the larger of its phases:
   recomputed at a time in backward;
 - `gradient` criterion, end of backward: dL/dW0 of every scored projection (the model's dtype)
   has accumulated while the activations were freed; then scoring reads it a block at a time;
-- scoring (every criterion): the float32 block of one module (importance.py).
+- scoring (every criterion): the transients of one block of one module (scoring.py).
 
 On CPU the peak is the process's resident memory, so the Python + torch runtime is added
 (RUNTIME_BYTES, measured); on a GPU it is the device's allocations.
@@ -28,6 +28,7 @@ import torch
 
 from ..archs import arch_for
 from ..errors import LoraPruneError
+from ..pipeline.scoring import SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CRITERIA = ("lora", "sketch", "gradient", "magnitude", "random")  # the order of `estimate`'s columns
@@ -38,8 +39,7 @@ RUNTIME_BYTES = 560 * 2**20
 # the loss's transients at the top of backward, in float32 copies of (tokens x vocabulary): the
 # gradient of the log-softmax and of the logits, besides the log-softmax output counted as saved
 LOGIT_GRAD_COPIES = 2
-SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product (float32)
-SCORE_BLOCK_ROWS = 1024  # scoring.projection_scores' block
+SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Estimate:
     loss_transient: int  # gradients of the float32 log-softmax and logits at the top of backward
     weight_grads: int  # dL/dW0 of the scored projections (`gradient` only), at the end of backward
     early_activations: int  # activations still kept when the last dL/dW0 appears (unscored first layers)
-    score_block: int  # float32 transient of scoring one block of one module
+    score_block: int  # transients of scoring one block of one module (scoring dtype)
 
     @property
     def peak(self) -> int:
@@ -199,10 +199,9 @@ def _model_counts(model_config, lora_r, skip_layers) -> dict:
         for module in arch.projections(layer).values():
             lora += lora_r * (module.in_features + module.out_features)
             scored += module.weight.numel() if i not in skipped else 0
-    largest = max(min(SCORE_BLOCK_ROWS, m.out_features) * m.in_features
-                  for layer in layers for m in arch.projections(layer).values())  # fmt: skip
+    largest = max(m.weight.numel() for layer in layers for m in arch.projections(layer).values())
     return {"parameters": sum(p.numel() for p in model.parameters()), "lora": lora, "scored": scored,
-            "score_block": largest, "layers": len(layers), "skipped_layers": sorted(skipped)}  # fmt: skip
+            "largest_projection": largest, "layers": len(layers), "skipped_layers": sorted(skipped)}  # fmt: skip
 
 
 def estimate(
@@ -240,6 +239,7 @@ def estimate(
     else:
         early = first_skipped * layer
     vocab = getattr(model_config, "vocab_size", 0) or 0
+    score_bytes = 2 if dtype == "bfloat16" else 4  # scoring.scoring_dtype
     return Estimate(
         dtype=dtype,
         criterion=criterion,
@@ -251,7 +251,7 @@ def estimate(
         loss_transient=tokens * vocab * 4 * LOGIT_GRAD_COPIES,
         weight_grads=counts["scored"] * e if criterion == "gradient" else 0,
         early_activations=early if criterion == "gradient" else 0,
-        score_block=counts["score_block"] * (2 if dtype == "bfloat16" else 4) * SCORE_COPIES,  # scoring_dtype
+        score_block=min(counts["largest_projection"] * score_bytes, SCORE_BLOCK_BYTES) * SCORE_COPIES,
     )
 
 
