@@ -4,6 +4,8 @@ LoRAPrune step = forward + backward (mask hooks on), importance update (`Pruner.
 AdamW step, zero_grad: the body of `loraprune.pipeline.train.train`. Plain step = the same without the
 Pruner (no masks, no scoring). With `--distill ALPHA` each criterion is also timed with
 self-distillation (its loss as `prune` builds it: one more forward of the dense teacher per step).
+With `--whole-logits` plain LoRA is also timed with transformers' own loss from the whole logits
+(`labels=`) instead of the chunked loss of lm_loss.py.
 The models are independent copies, stepped alternately (ABBA order) in one process on the same
 batch; medians and their ratio are reported, and the scoring time of the LoRAPrune step is timed
 on its own as well.
@@ -30,17 +32,20 @@ def arguments():
     p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--distill", type=float, default=0.0, help="also time each criterion with --distill ALPHA (0: no)")
+    p.add_argument("--whole-logits", action="store_true", help="also time plain LoRA with transformers' loss")
     return p
 
 
 class Variant:
-    def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0):
+    def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0, whole_logits: bool = False):
         config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill)
         arch, task = arch_for(base.config), TASKS["causal-lm"]
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
         teacher = DenseTeacher(self.model, task.forward, self.pruner) if distill else None
         self.loss = objective(task, teacher, distill, config.distill_temperature)
+        if whole_logits:
+            self.loss = lambda model, batch: model(input_ids=batch, labels=batch).loss
         self.optimizer = lora_optimizer(self.model, lr=1e-4)
         self.model.train()
 
@@ -62,6 +67,8 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         batch = common.token_windows(tokenizer, args.data, "train", s, b)
         torch.manual_seed(args.seed)
         variants = {"plain LoRA": Variant(base, None, args.seed)}
+        if args.whole_logits:
+            variants["plain LoRA (whole logits)"] = Variant(base, None, args.seed, whole_logits=True)
         variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
         if args.distill:
             named = {f"LoRAPrune ({c}, distill {args.distill:g})": c for c in criteria}

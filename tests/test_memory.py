@@ -61,10 +61,13 @@ def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa"])
 @pytest.mark.parametrize("criterion", ["lora", "gradient", "sketch"])
-def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion):
-    """The estimate's activations: a forward on the meta device, counted as a real one is."""
+@pytest.mark.parametrize("whole_logits", [False, True])
+def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, whole_logits):
+    """The estimate's activations: a forward and loss on the meta device, counted as a real one is,
+    with the chunked loss (lm_loss.py) or transformers' own from the whole logits (--distill)."""
     from loraprune.archs import arch_for
     from loraprune.config import PruneConfig
+    from loraprune.pipeline.lm_loss import causal_lm_loss
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
     from loraprune.tools.memory import saved_bytes
@@ -85,8 +88,9 @@ def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion):
 
     ids = torch.randint(0, 64, (2, 24))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peft_model(input_ids=ids, labels=ids)
-    assert saved_bytes(model.config, 2, 24, criterion, "bfloat16") == sum(storages.values())
+        peft_model(input_ids=ids, labels=ids) if whole_logits else causal_lm_loss(peft_model, ids)
+    counted = saved_bytes(model.config, 2, 24, criterion, "bfloat16", whole_logits=whole_logits)
+    assert counted == sum(storages.values())
 
 
 def test_estimate_orders_the_criteria_and_the_levers():

@@ -1,7 +1,9 @@
 """--shrink progressive (dead groups cut out at every pruning step) against --shrink end (masked
 until the end): with LoRA dropout 0 both must give the same masks, scores and merged weights,
 for decoders with GQA, qwen2's biases, BERT and ViT, and a run resumed from a checkpoint taken
-after a shrink must too."""
+after a shrink must too. The runs are in float64: in float32 the two modes round differently
+(shrunk and masked products sum different numbers of terms) and 12 AdamW steps at lr 1e-2 amplify
+that up to 5e-5 on some seeds, which would hide a real difference of that size."""
 
 import pytest
 import torch
@@ -44,16 +46,18 @@ def _data(family, tokenizer):
 def _run(family, tokenizer, shrink, resume=None, checkpointer=None, **settings):
     config = PruneConfig(**{**SETTINGS, **settings}, shrink=shrink)
     tokenizer = None if family == "vit" else tokenizer
-    return prune(_model(family), tokenizer, _data(family, tokenizer), config, progress=False,
+    return prune(_model(family).double(), tokenizer, _data(family, tokenizer), config, progress=False,
                  checkpointer=checkpointer, resume=resume)  # fmt: skip
 
 
-def assert_same_run(a, b, atol=1e-5):
+def assert_same_run(a, b, atol=1e-10):
     (model_a, report_a), (model_b, report_b) = a, b
     for name in ("head_alive", "channel_alive"):
         assert torch.equal(report_a["scores"][name], report_b["scores"][name]), name
     for name in ("head_score", "channel_score"):
-        torch.testing.assert_close(report_a["scores"][name], report_b["scores"][name], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(
+            report_a["scores"][name], report_b["scores"][name], atol=atol, rtol=1e-6
+        )  # float32 averages
     weights_a, weights_b = model_a.state_dict(), model_b.state_dict()
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:

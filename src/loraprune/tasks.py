@@ -43,6 +43,7 @@ from .pipeline.data import (
     windows,
 )
 from .pipeline.evaluate import count_parameters, greedy_generate, perplexity
+from .pipeline.lm_loss import causal_lm_loss as chunked_lm_loss
 
 SPEED_REPEATS = 3  # throughput is the median of this many timings
 MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long
@@ -71,6 +72,9 @@ class Task:
     sample: Callable[[nn.Module, Any], str] | None = None  # (model, tokenizer) -> text printed after a run
     compares_to_dense: bool = False  # evaluation needs the dense model (eval: --reference)
     logits: Callable[[Any], Tensor] | None = None  # an output's logits, for --distill (None: it does not apply)
+    # (model, batch) -> the loss straight from the model, in less memory than forward + loss; used
+    # where nothing else reads the output (no teacher, no --distill)
+    direct_loss: Callable[[nn.Module, Any], Tensor] | None = None
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
 
 
@@ -93,7 +97,8 @@ def _lm_forward(model: nn.Module, batch: Tensor):
 
 
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    return _lm_forward(model, batch).loss
+    """The next-token loss, without the whole logits in memory (lm_loss.py)."""
+    return chunked_lm_loss(model, batch.to(_device(model)))
 
 
 def _own_loss(output, batch, dense) -> Tensor:
@@ -328,6 +333,7 @@ TASKS: dict[str, Task] = {
         sample=_lm_sample,
         multi_process=True,
         logits=_logits,
+        direct_loss=causal_lm_loss,
     ),
     "embedding": Task(
         "embedding",
@@ -396,6 +402,8 @@ def objective(task: Task, teacher=None, distill: float = 0.0, temperature: float
     """The loss train() minimises on (model, batch): the task's, mixed with distillation from the
     dense model when `distill` > 0. `teacher(batch)` is the dense model's output (train.DenseTeacher),
     needed by tasks whose loss compares with it and by distillation."""
+    if teacher is None and not distill and task.direct_loss is not None:
+        return task.direct_loss
 
     def loss(model: nn.Module, batch) -> Tensor:
         output = task.forward(model, batch)

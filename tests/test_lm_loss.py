@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from loraprune.archs import arch_for
+from loraprune.config import PruneConfig
+from loraprune.pipeline import lm_loss
+from loraprune.pipeline.lm_loss import causal_lm_loss, chunked_head
+from loraprune.pipeline.lora import attach_lora
+from loraprune.tasks import TASKS, objective
+from tiny import FAMILIES, randomize_lora, tiny_model
+
+CAUSAL = [family for family in FAMILIES if FAMILIES[family][0].model_type not in ("bert", "vit")]
+
+
+def lora_model(family: str, dtype=torch.float32):
+    model = tiny_model(family).to(dtype)
+    peft_model = attach_lora(model, arch_for(model.config), PruneConfig(lora_dropout=0.0))
+    randomize_lora(peft_model)
+    return peft_model
+
+
+def loss_and_lora_grads(peft_model, loss_fn, tokens):
+    peft_model.zero_grad(set_to_none=True)
+    loss = loss_fn(peft_model, tokens)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+
+def transformers_loss(model, tokens):
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_chunked_loss_and_its_gradients_equal_transformers_own(family, monkeypatch):
+    """Several chunks (a 64-entry vocabulary at 4 tokens a chunk), every causal family (Gemma 2's
+    final softcap included): the same loss and LoRA gradients as `labels=` in transformers."""
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 4 * 64 * 4)
+    peft_model = lora_model(family)
+    assert chunked_head(peft_model) is not None and lm_loss.loss_chunk_tokens(64) == 4
+    tokens = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected, expected_grads = loss_and_lora_grads(peft_model, transformers_loss, tokens)
+    loss, grads = loss_and_lora_grads(peft_model, causal_lm_loss, tokens)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_loss_in_bfloat16_matches_transformers_to_bfloat16_precision():
+    peft_model = lora_model("llama-gqa", torch.bfloat16)
+    tokens = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = loss_and_lora_grads(peft_model, transformers_loss, tokens)
+    loss, grads = loss_and_lora_grads(peft_model, causal_lm_loss, tokens)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-3, atol=1e-3)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), expected_grads[name].float(), rtol=0.05, atol=1e-3)
+
+
+def test_a_head_that_is_not_a_plain_linear_layer_falls_back_to_transformers_loss():
+    peft_model = lora_model("llama-gqa")
+    torch.nn.utils.parametrize.register_parametrization(
+        peft_model.get_base_model().lm_head, "weight", torch.nn.Identity()
+    )
+    assert chunked_head(peft_model) is None
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(causal_lm_loss(peft_model, tokens), transformers_loss(peft_model, tokens))
+
+
+def test_the_causal_lm_objective_is_the_chunked_loss_unless_distilling():
+    task = TASKS["causal-lm"]
+    assert objective(task) is task.direct_loss
+    assert objective(task, teacher=lambda batch: None, distill=0.5) is not task.direct_loss
