@@ -49,9 +49,10 @@ bench: $(STAMP)
 
 # the memory claim at 0.36B-7B shapes (bf16, CPU; bench/scale.py): every size and criterion in a fresh
 # process, one JSON per size in bench/results (resumable: sizes already there are skipped), then the
-# table and plot of BENCHMARKS.md section 2b. ~300 TFLOP of bf16 steps: ~60-70 min on 2 idle AVX512-bf16
-# cores (one step per point); on a machine shared with other work add --threads 1 (two threads stall).
-# Points the pre-flight refuses are not run and shown as estimates.
+# table and plot of BENCHMARKS.md section 2b. Measured in one piece: 29 min on 2 idle cores
+# (2026-12-01; every size, criterion and point, one step per point); on a machine shared with other
+# work add --threads 1 (two threads stall). Points the pre-flight refuses are not run and shown as
+# estimates. To measure afresh, remove bench/results/scale-*.json first (--skip-done skips sizes present).
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale --label cpu --steps 1 --skip-done \
 		--sizes llama-7b,llama-3.2-3b,qwen2.5-3b,llama-3.2-1b,smollm2-1.7b,smollm2-360m

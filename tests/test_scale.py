@@ -4,6 +4,7 @@ one JSON per size, the table and the plot from the JSON present; and the publish
 import json
 
 import pytest
+import torch
 from bench import scale
 from bench.scale_report import cell
 
@@ -41,3 +42,17 @@ def test_the_shapes_have_their_published_parameter_counts(size, billions):
     from loraprune.tools.memory import model_counts
 
     assert model_counts(scale.model_config(size))["parameters"] / 1e9 == pytest.approx(billions, abs=0.002)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_built_model_keeps_its_tied_head_tied(tied):
+    """to_empty materialises every parameter on its own: a tied LM head must be tied again, or the
+    measured peak carries a second copy of it (0.5 GiB at Llama-3.2-1B) that no real model holds."""
+    from bench.scale import build
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)  # fmt: skip
+    model = build(config, torch.bfloat16)
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) is tied
+    assert model.lm_head.weight.abs().sum() > 0

@@ -3,11 +3,11 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..archs import Arch, arch_for
 from ..errors import LoraPruneError
+from .lm_loss import causal_lm_loss
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict:
@@ -23,11 +23,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
         with torch.inference_mode():
             for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress):
                 batch = windows[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                # sum (not mean) per batch: the last batch may be smaller, and every token weighs the same
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-                total += loss.item()  # accumulated in float64 on the host
-                count += batch[:, 1:].numel()
+                predicted = batch[:, 1:].numel()
+                # the batch's sum (mean x tokens): the last batch may be smaller, and every token
+                # weighs the same; chunked (lm_loss.py): a batch's whole logits never exist
+                total += causal_lm_loss(model, batch, use_cache=False).item() * predicted  # float64 on the host
+                count += predicted
     finally:
         model.train(was_training)
     mean = total / count

@@ -62,13 +62,13 @@ def chunked_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def causal_lm_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Tensor:
     """The mean next-token cross-entropy of `model` on the windows `input_ids` (batch, tokens): the
     loss transformers computes with `labels=input_ids`, without the whole logits (falls back to it
-    where the head cannot be read directly, see `chunked_head`)."""
+    where the head cannot be read directly, see `chunked_head`). `forward_options` go to the model."""
     head = chunked_head(model)
     if head is None:
-        return model(input_ids=input_ids, labels=input_ids).loss
+        return model(input_ids=input_ids, labels=input_ids, **forward_options).loss
     hidden = {}
 
     def keep_hidden(module, args):  # the head computes logits of no token; the hidden states are kept
@@ -77,7 +77,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
-        model(input_ids=input_ids)
+        model(input_ids=input_ids, **forward_options)
     finally:
         handle.remove()
     states = hidden["last"][:, :-1].reshape(-1, hidden["last"].shape[-1])  # position i predicts token i + 1
