@@ -28,7 +28,7 @@ import torch
 
 from ..archs import arch_for
 from ..errors import LoraPruneError
-from ..pipeline.lm_loss import causal_lm_loss, loss_chunk_tokens
+from ..pipeline.lm_loss import causal_lm_loss, chunked_head, loss_chunk_tokens
 from ..pipeline.scoring import SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -179,7 +179,10 @@ def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lo
     try:
         torch.nn.functional.scaled_dot_product_attention = _flash_like
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids) if whole_logits else causal_lm_loss(model, ids)
+            if whole_logits or chunked_head(model) is None:  # an encoder: its forward (no LM loss)
+                model(input_ids=ids, labels=ids)
+            else:
+                causal_lm_loss(model, ids)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
     return sum(t.numel() * t.element_size() for t in kept.values())
