@@ -56,7 +56,7 @@ class Estimate:
     base_weights: int
     lora_and_adamw: int  # factors, gradients, two AdamW moments, float32
     activations: int  # kept for backward at its top (checkpointing: layer inputs + one layer's)
-    loss_transient: int  # gradients of the float32 log-softmax and logits at the top of backward
+    loss_transient: int  # float32 logits of a chunk (lm_loss.py), or of the whole batch and their gradients (--distill)
     weight_grads: int  # dL/dW0 of the scored projections (`gradient` only), at the end of backward
     early_activations: int  # activations still kept when the last dL/dW0 appears (unscored first layers)
     score_block: int  # transients of scoring one block of one module (scoring dtype)
@@ -288,7 +288,7 @@ def format_estimates(name: str, estimates: list[Estimate], batch_size: int, seq_
         ("base weights", "base_weights"),
         ("LoRA factors + grads + AdamW (float32)", "lora_and_adamw"),
         ("activations kept for backward", "activations"),
-        ("loss gradients (top of backward)", "loss_transient"),
+        ("loss transients (a chunk of logits)", "loss_transient"),
         ("base-weight gradients dL/dW0", "weight_grads"),
         ("score block of one module", "score_block"),
         ("expected peak", "peak"),
