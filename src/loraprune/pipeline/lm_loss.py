@@ -53,10 +53,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # the model inside DDP
+
+
 def chunked_head(model: nn.Module) -> nn.Linear | None:
     """The output embedding of `model` (a peft model, possibly in DDP) when the chunked loss can read
     it directly: a plain linear layer, not sharded by FSDP, not quantized; else None."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    head = _unwrapped(model).get_output_embeddings()
     if type(head) is not nn.Linear or fsdp.is_sharded(head.weight) or not head.weight.is_floating_point():
         return None
     return head
@@ -80,7 +84,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Te
         model(input_ids=input_ids, **forward_options)
     finally:
         handle.remove()
-    states = hidden["last"][:, :-1].reshape(-1, hidden["last"].shape[-1])  # position i predicts token i + 1
-    config = getattr(model, "module", model).config
-    softcap = getattr(config, "final_logit_softcapping", None)
+    last = hidden["last"]
+    states = last[:, :-1].reshape(-1, last.shape[-1])  # position i predicts token i + 1
+    softcap = getattr(_unwrapped(model).config, "final_logit_softcapping", None)
     return ChunkedCrossEntropy.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), softcap)
