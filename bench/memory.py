@@ -6,7 +6,9 @@ Each (criterion, batch) runs in a fresh subprocess. On CPU the peak is the proce
 on CUDA it is torch.cuda.max_memory_allocated. The breakdown is computed from shapes: base
 weights, LoRA factors, their gradients, AdamW state, the base-weight gradients the `gradient`
 criterion needs, and the tensors autograd saves for backward (counted once per storage by a
-saved-tensors hook on one extra forward).
+saved-tensors hook on one extra forward). With `--distill ALPHA` the `lora` criterion is also
+measured with self-distillation from the dense model (its loss as `prune` builds it). Each row also
+gives what `loraprune estimate` predicts for it.
 """
 
 import json
@@ -28,7 +30,8 @@ def arguments():
     p.add_argument("--batches", type=common.shapes, default=[(1, 128), (4, 128)], help="BxS list")
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--child", default="", help="internal: criterion,B,S of one child run")
+    p.add_argument("--distill", type=float, default=0.0, help="also measure lora with --distill ALPHA (0: no)")
+    p.add_argument("--child", default="", help="internal: criterion,B,S,distill of one child run")
     return p
 
 
@@ -37,12 +40,13 @@ def child(args) -> dict:
     from loraprune.archs import arch_for
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
-    from loraprune.tasks import causal_lm_loss
-    from loraprune.tools.memory import return_freed_memory
+    from loraprune.pipeline.train import DenseTeacher
+    from loraprune.tasks import TASKS, objective
+    from loraprune.tools.memory import return_freed_memory, run_estimate
 
     return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
-    criterion, b, s = args.child.split(",")
-    b, s = int(b), int(s)
+    criterion, b, s, distill = args.child.split(",")
+    b, s, distill = int(b), int(s), float(distill)
     cuda = args.device.startswith("cuda")
     runtime_kib = rss_kib("VmRSS")
     model, tokenizer = load_model(args.model)
@@ -51,10 +55,13 @@ def child(args) -> dict:
     if len(batch) < b:
         batch = batch.repeat((b + len(batch) - 1) // len(batch), 1)[:b]
     batch = batch.to(args.device)
-    config = PruneConfig(criterion=criterion, batch_size=b, seq_len=s, seed=args.seed)
+    config = PruneConfig(criterion=criterion, batch_size=b, seq_len=s, seed=args.seed, distill=distill)
     arch = arch_for(model.config)
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
+    task = TASKS["causal-lm"]
+    teacher = DenseTeacher(peft_model, task.forward, pruner) if distill else None
+    loss_fn = objective(task, teacher, distill, config.distill_temperature)
     lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
     peft_model.train()
@@ -66,12 +73,14 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         loaded_cuda = torch.cuda.memory_allocated()
     for _ in range(args.steps):  # the body of loraprune.pipeline.train.train, one optimizer step
-        causal_lm_loss(peft_model, batch).backward()
+        loss_fn(peft_model, batch).backward()
         pruner.update_scores()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak_kib = rss_kib("VmHWM")
-    out = {"criterion": criterion, "batch": b, "seq_len": s, "device": args.device}
+    out = {"criterion": criterion, "distill": distill, "batch": b, "seq_len": s, "device": args.device}
+    estimate = run_estimate(model.config, config, "float32", args.device)
+    out["estimated_peak_MiB"] = estimate.peak / MiB
     out["measured"] = {
         "runtime_rss_MiB": runtime_kib / 1024,
         "loaded_rss_MiB": loaded_kib / 1024,
@@ -99,10 +108,9 @@ def child(args) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = causal_lm_loss(peft_model, batch)
+        loss = loss_fn(peft_model, batch)
     del loss
     weight_grads = size(pruner.scored_weights)
-    logits = b * s * model.config.vocab_size * 4
     out["breakdown_MiB"] = {
         "base weights": size(base) / MiB,
         "LoRA factors": size(lora) / MiB,
@@ -110,7 +118,7 @@ def child(args) -> dict:
         "AdamW state": 2 * size(lora) / MiB,
         "base-weight gradients (dL/dW0)": weight_grads / MiB,
         "saved activations": sum(saved.values()) / MiB,
-        "logits gradient (transient)": logits / MiB,
+        "loss transients (a chunk of logits)": estimate.loss_transient / MiB,
     }
     out["breakdown_total_MiB"] = sum(out["breakdown_MiB"].values())
     out["parameters"] = {"base": sum(p.numel() for p in base), "lora": sum(p.numel() for p in lora)}
@@ -123,13 +131,13 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return {}
-    criteria = [c for c in args.criteria.split(",") if c]
+    variants = [(c, 0.0) for c in args.criteria.split(",") if c] + ([("lora", args.distill)] if args.distill else [])
     runs = []
     for b, s in args.batches:
-        for _, criterion in common.alternated(criteria, 1):
+        for _, (criterion, distill) in common.alternated(variants, 1):
             cmd = [sys.executable, "-m", "bench.memory", "--model", args.model, "--data", args.data]
             cmd += ["--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]
-            cmd += ["--threads", str(args.threads), "--child", f"{criterion},{b},{s}"]
+            cmd += ["--threads", str(args.threads), "--child", f"{criterion},{b},{s},{distill}"]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
@@ -141,7 +149,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     key = "cuda_peak_MiB" if args.device.startswith("cuda") else "peak_rss_MiB"
     ratios = []
     for b, s in args.batches:
-        at = {r["criterion"]: r for r in runs if (r["batch"], r["seq_len"]) == (b, s)}
+        at = {r["criterion"]: r for r in runs if (r["batch"], r["seq_len"]) == (b, s) and not r["distill"]}
         if "lora" in at and "gradient" in at:
             lo, gr = at["lora"]["measured"], at["gradient"]["measured"]
             ratios.append(
@@ -164,9 +172,10 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         m = r["measured"]
         rows.append(
             [
-                r["criterion"],
+                r["criterion"] + (f", distill {r['distill']:g}" if r["distill"] else ""),
                 f"{r['batch']}x{r['seq_len']}",
                 m.get("cuda_peak_MiB", m["peak_rss_MiB"]),
+                r["estimated_peak_MiB"],
                 m["peak_above_runtime_MiB"],
                 *[r["breakdown_MiB"][k] for k in parts],
                 r["breakdown_total_MiB"],
@@ -178,8 +187,9 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         f"Configuration **{args.label}**: {args.steps} training steps per fresh process (forward, backward, "
         f"importance update, AdamW step), LoRA r=8 on all 7 projections, float32, device {args.device}. "
         f"MiB. 'above runtime' = peak RSS minus the RSS of the bare Python+torch process before loading; "
-        f"'predicted' = the analytic breakdown's sum, to compare with it.\n\n"
-        + common.table(["criterion", "batch", peak, "above runtime", *parts, "predicted"], rows)
+        f"'predicted' = the analytic breakdown's sum, to compare with it; 'estimate' = `loraprune estimate`'s "
+        f"expected peak for the same run.\n\n"
+        + common.table(["criterion", "batch", peak, "estimate", "above runtime", *parts, "predicted"], rows)
         + "\n\n"
         + common.table(
             ["batch", "peak(lora)/peak(gradient)", "same, above runtime", "target <= 0.5"],

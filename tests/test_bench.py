@@ -16,7 +16,7 @@ TRAIN = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prune-freq",
 RUNS = {
     quality: [*TRAIN, "--ratios", "0.5", "--criteria", "lora,magnitude", "--eval-windows", "4", "--eval-seq", "16"]
     + ["--long-seq", "32"],
-    memory: ["--batches", "2x16", "--steps", "1"],
+    memory: ["--batches", "2x16", "--steps", "1", "--distill", "0.5"],
     overhead: ["--batch", "2x16", "--rounds", "2", "--warmup", "1", "--distill", "0.5"],
     speed: ["--ratios", "0.5", "--shapes", "1x16", "--rounds", "2", "--new-tokens", "3", "--gen-rounds", "1"]
     + ["--prune-steps", "2"],
@@ -48,7 +48,14 @@ def test_every_benchmark_writes_json_and_its_markdown_section(outputs):
     assert set(quality_rows) == {"dense, as shipped", "dense+lora", "lora 0.5", "magnitude 0.5"}
     assert quality_rows["lora 0.5"]["parameters"]["total"] < quality_rows["dense+lora"]["parameters"]["total"]
     assert "test@32" in quality_rows["lora 0.5"]["perplexity"]
-    assert {r["criterion"] for r in payloads["memory"]["runs"]} == {"lora", "gradient", "sketch"}
+    runs = payloads["memory"]["runs"]
+    assert {(r["criterion"], r["distill"]) for r in runs} == {
+        ("lora", 0),
+        ("gradient", 0),
+        ("sketch", 0),
+        ("lora", 0.5),
+    }
+    assert all(r["estimated_peak_MiB"] > r["breakdown_MiB"]["base weights"] for r in runs)
     grads = {r["criterion"]: r["breakdown_MiB"]["base-weight gradients (dL/dW0)"] for r in payloads["memory"]["runs"]}
     assert grads["lora"] == grads["sketch"] == 0 < grads["gradient"]
     variants = {r["variant"] for r in payloads["overhead"]["rows"]}

@@ -6,7 +6,8 @@ from loraprune.config import PruneConfig
 from loraprune.pipeline import lm_loss
 from loraprune.pipeline.lm_loss import causal_lm_loss, chunked_head
 from loraprune.pipeline.lora import attach_lora
-from loraprune.tasks import TASKS, objective
+from loraprune.pipeline.train import DenseTeacher
+from loraprune.tasks import TASKS, distillation_loss, objective
 from tiny import FAMILIES, randomize_lora, tiny_model
 
 CAUSAL = [family for family in FAMILIES if FAMILIES[family][0].model_type not in ("bert", "vit")]
@@ -71,3 +72,45 @@ def test_the_causal_lm_objective_is_the_chunked_loss_unless_distilling():
     task = TASKS["causal-lm"]
     assert objective(task) is task.direct_loss
     assert objective(task, teacher=lambda batch: None, distill=0.5) is not task.direct_loss
+
+
+def whole_logits_distillation(teacher, alpha, temperature):
+    """The distilled loss from the whole logits of student and teacher (the generic path of objective)."""
+
+    def loss(model, tokens):
+        output = model(input_ids=tokens, labels=tokens)
+        kl = distillation_loss(output.logits, teacher(tokens).logits, temperature)
+        return (1 - alpha) * output.loss + alpha * kl
+
+    return loss
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_chunked_distillation_and_its_gradients_equal_the_whole_logits(family, alpha, monkeypatch):
+    """Several chunks, every causal family (a softcapped teacher too): --distill without the whole
+    logits computes the same loss and LoRA gradients as from them."""
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 4 * 64 * 4)
+    peft_model = lora_model(family)
+    task, tokens = TASKS["causal-lm"], torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(4))
+    teacher = DenseTeacher(peft_model, task.forward)
+    expected, expected_grads = loss_and_lora_grads(peft_model, whole_logits_distillation(teacher, alpha, 2.0), tokens)
+    loss, grads = loss_and_lora_grads(peft_model, objective(task, teacher, alpha, 2.0), tokens)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_distillation_with_a_head_that_is_not_a_plain_linear_layer_uses_the_whole_logits():
+    peft_model = lora_model("llama-gqa")
+    torch.nn.utils.parametrize.register_parametrization(
+        peft_model.get_base_model().lm_head, "weight", torch.nn.Identity()
+    )
+    task, tokens = TASKS["causal-lm"], torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+    teacher = DenseTeacher(peft_model, task.forward)
+    assert task.distilled_loss(peft_model, tokens, teacher, 0.5, 2.0) is None
+    torch.testing.assert_close(
+        objective(task, teacher, 0.5, 2.0)(peft_model, tokens),
+        whole_logits_distillation(teacher, 0.5, 2.0)(peft_model, tokens),
+    )

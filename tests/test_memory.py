@@ -61,22 +61,25 @@ def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa"])
 @pytest.mark.parametrize("criterion", ["lora", "gradient", "sketch"])
-@pytest.mark.parametrize("whole_logits", [False, True])
-def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, whole_logits):
+@pytest.mark.parametrize("distill", [False, True])
+def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, distill):
     """The estimate's activations: a forward and loss on the meta device, counted as a real one is,
-    with the chunked loss (lm_loss.py) or transformers' own from the whole logits (--distill)."""
+    with the chunked loss (lm_loss.py), distilled from the dense model or not."""
     from loraprune.archs import arch_for
     from loraprune.config import PruneConfig
-    from loraprune.pipeline.lm_loss import causal_lm_loss
+    from loraprune.pipeline.lm_loss import causal_lm_loss, distilled_causal_lm_loss
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
+    from loraprune.pipeline.train import DenseTeacher
+    from loraprune.tasks import TASKS
     from loraprune.tools.memory import saved_bytes
     from tiny import tiny_model
 
     model = tiny_model(family, layers=2).to(torch.bfloat16)
     config = PruneConfig(criterion=criterion, skip_layers="none")
     peft_model = attach_lora(model, arch_for(model.config), config)
-    Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    teacher = DenseTeacher(peft_model, TASKS["causal-lm"].forward, pruner)
     peft_model.train()
     weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
     storages = {}
@@ -88,8 +91,11 @@ def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, whol
 
     ids = torch.randint(0, 64, (2, 24))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peft_model(input_ids=ids, labels=ids) if whole_logits else causal_lm_loss(peft_model, ids)
-    counted = saved_bytes(model.config, 2, 24, criterion, "bfloat16", whole_logits=whole_logits)
+        if distill:
+            distilled_causal_lm_loss(peft_model, ids, teacher.run, 0.5, 2.0)
+        else:
+            causal_lm_loss(peft_model, ids)
+    counted = saved_bytes(model.config, 2, 24, criterion, "bfloat16", distill=distill)
     assert counted == sum(storages.values())
 
 

@@ -44,6 +44,7 @@ from .pipeline.data import (
 )
 from .pipeline.evaluate import count_parameters, greedy_generate, perplexity
 from .pipeline.lm_loss import causal_lm_loss as chunked_lm_loss
+from .pipeline.lm_loss import distilled_causal_lm_loss
 
 SPEED_REPEATS = 3  # throughput is the median of this many timings
 MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long
@@ -75,6 +76,9 @@ class Task:
     # (model, batch) -> the loss straight from the model, in less memory than forward + loss; used
     # where nothing else reads the output (no teacher, no --distill)
     direct_loss: Callable[[nn.Module, Any], Tensor] | None = None
+    # (model, batch, train.DenseTeacher, distill, temperature) -> the --distill loss in less memory
+    # than forward + logits, or None where this model cannot (the whole logits are used then)
+    distilled_loss: Callable[..., Tensor | None] | None = None
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
 
 
@@ -99,6 +103,11 @@ def _lm_forward(model: nn.Module, batch: Tensor):
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
     """The next-token loss, without the whole logits in memory (lm_loss.py)."""
     return chunked_lm_loss(model, batch.to(_device(model)))
+
+
+def _lm_distilled_loss(model: nn.Module, batch: Tensor, teacher, distill: float, temperature: float) -> Tensor | None:
+    """The next-token loss mixed with distillation, without the whole logits of either model (lm_loss.py)."""
+    return distilled_causal_lm_loss(model, batch.to(_device(model)), teacher.run, distill, temperature)
 
 
 def _own_loss(output, batch, dense) -> Tensor:
@@ -334,6 +343,7 @@ TASKS: dict[str, Task] = {
         multi_process=True,
         logits=_logits,
         direct_loss=causal_lm_loss,
+        distilled_loss=_lm_distilled_loss,
     ),
     "embedding": Task(
         "embedding",
@@ -406,6 +416,10 @@ def objective(task: Task, teacher=None, distill: float = 0.0, temperature: float
         return task.direct_loss
 
     def loss(model: nn.Module, batch) -> Tensor:
+        if distill and task.distilled_loss is not None:
+            value = task.distilled_loss(model, batch, teacher, distill, temperature)
+            if value is not None:
+                return value
         output = task.forward(model, batch)
         dense = teacher(batch) if teacher is not None else None
         value = task.loss(output, batch, dense)

@@ -1,12 +1,17 @@
-"""The next-token loss of a causal LM without its (tokens x vocabulary) logits in memory.
+"""The next-token loss of a causal LM without its (tokens x vocabulary) logits in memory, and the same
+loss mixed with self-distillation from the dense model (`--distill`).
 
 transformers computes the loss from the whole logits upcast to float32 (with a 128k vocabulary,
-0.5 GiB per thousand tokens), and its backward holds two more tensors of that size. Here the loss
-and its gradient with respect to the last hidden states are computed together, in the forward,
-LOSS_CHUNK_BYTES of float32 logits at a time; backward only scales that gradient. Same flops as
-transformers' loss (one head product forward, one backward), no recomputation. The output
-embedding is frozen (LoRA trains the projections), so it needs no gradient of its own.
+0.5 GiB per thousand tokens), and its backward holds two more tensors of that size; distillation
+adds the teacher's logits and both softmaxes. Here the loss and its gradient with respect to the
+last hidden states are computed together, in the forward, LOSS_CHUNK_BYTES of float32 logits at a
+time; backward only scales that gradient. The teacher contributes its last hidden states, not its
+logits: its logits exist one chunk at a time too. Same flops as transformers' loss (one head
+product forward, one backward), no recomputation. The output embedding is frozen (LoRA trains the
+projections), so it needs no gradient of its own.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +20,7 @@ from torch import Tensor, nn
 from ..runtime import fsdp
 
 LOSS_CHUNK_BYTES = 32 * 2**20  # float32 logits of one chunk of tokens
+NO_TARGET = -1  # a position without a next token (the last of a window): distilled, no cross-entropy
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -22,35 +28,63 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return max(1, LOSS_CHUNK_BYTES // max(vocab_size * 4, 1))
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of softcap(hidden @ weightᵀ + bias) against `targets`, in float32."""
+def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
+    """float32 logits of one chunk (in the model's dtype, then float32, as transformers does), and
+    tanh(logits / softcap) for the softcap's derivative (Gemma 2/3: softcap · tanh(logits / softcap))."""
+    logits = F.linear(hidden, weight, bias).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """(1 − distill) · mean cross-entropy of the logits softcap(hidden @ weightᵀ + bias) against
+    `targets` (over the positions that have one) + distill · T² · mean KL(teacher ‖ student) at
+    temperature T (over all positions), the teacher's logits from `teacher_hidden`; in float32."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
+                teacher_hidden: Tensor | None = None, distill: float = 0.0, temperature: float = 1.0):  # fmt: skip
         n, chunk = hidden.shape[0], loss_chunk_tokens(weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        has_target = targets != NO_TARGET
+        # each position's weight in d(loss)/d(logits): cross-entropy is a mean over the targets
+        ce_scale = (1.0 - distill) / has_target.sum().clamp(min=1)  # a tensor: no host sync
+        ce_weight = has_target.float() * ce_scale
+        cross_entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kl = torch.zeros_like(cross_entropy)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight, bias).float()  # in the model's dtype, then float32, as transformers does
-            if softcap:  # Gemma 2/3: softcap · tanh(logits / softcap)
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
+            rows = slice(start, start + chunk)
+            logits, capped = _head_logits(hidden[rows], weight, bias, softcap)
+            t = targets[rows].clamp(min=0)
             log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is not None:  # d(mean loss)/d(logits) = (softmax - one-hot) / n
+            cross_entropy += ((log_norm - logits.gather(1, t[:, None]).squeeze(1)) * has_target[rows]).sum()
+            if teacher_hidden is not None:
+                log_p_student = F.log_softmax(logits / temperature, dim=-1)
+                teacher_logits = _head_logits(teacher_hidden[rows], weight, bias, softcap)[0]
+                log_p_teacher = F.log_softmax(teacher_logits.div_(temperature), dim=-1)
+                del teacher_logits
+                kl += F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+            if (
+                grad is not None
+            ):  # d(cross-entropy)/d(logits) = softmax - one-hot; d(T²·KL)/d(logits) = T·(p_student - p_teacher)
                 g = logits.sub_(log_norm[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
-                if softcap:
+                g.mul_(ce_weight[rows, None])
+                if teacher_hidden is not None:
+                    g.add_(log_p_student.exp_().sub_(log_p_teacher.exp_()), alpha=distill * temperature / n)
+                if capped is not None:
                     g.mul_(1.0 - capped.square())
-                grad[start : start + chunk] = g.div_(n).to(weight.dtype) @ weight
+                grad[rows] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
-        return total / n
+        loss = cross_entropy * ce_scale
+        return loss + kl * (distill * temperature**2 / n) if teacher_hidden is not None else loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -66,6 +100,23 @@ def chunked_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def last_hidden_states(model: nn.Module, input_ids: Tensor, **forward_options) -> Tensor:
+    """What `model`'s output embedding reads on `input_ids`: (batch, tokens, hidden). The head
+    itself computes the logits of no token."""
+    hidden = {}
+
+    def keep_hidden(module, args):
+        hidden["last"] = args[0]
+        return (args[0][..., :0, :],)
+
+    handle = chunked_head(model).register_forward_pre_hook(keep_hidden)
+    try:
+        model(input_ids=input_ids, **forward_options)
+    finally:
+        handle.remove()
+    return hidden["last"]
+
+
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Tensor:
     """The mean next-token cross-entropy of `model` on the windows `input_ids` (batch, tokens): the
     loss transformers computes with `labels=input_ids`, without the whole logits (falls back to it
@@ -73,18 +124,28 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Te
     head = chunked_head(model)
     if head is None:
         return model(input_ids=input_ids, labels=input_ids, **forward_options).loss
-    hidden = {}
-
-    def keep_hidden(module, args):  # the head computes logits of no token; the hidden states are kept
-        hidden["last"] = args[0]
-        return (args[0][..., :0, :],)
-
-    handle = head.register_forward_pre_hook(keep_hidden)
-    try:
-        model(input_ids=input_ids, **forward_options)
-    finally:
-        handle.remove()
-    last = hidden["last"]
+    last = last_hidden_states(model, input_ids, **forward_options)
     states = last[:, :-1].reshape(-1, last.shape[-1])  # position i predicts token i + 1
-    softcap = getattr(_unwrapped(model).config, "final_logit_softcapping", None)
-    return ChunkedCrossEntropy.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), softcap)
+    return ChunkedHeadLoss.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), _softcap(model))
+
+
+def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callable[[Callable], Tensor],
+                             distill: float, temperature: float) -> Tensor | None:  # fmt: skip
+    """(1 − distill) · next-token loss + distill · T² · KL(dense ‖ model) per position, the dense
+    model's logits read from its last hidden states chunk by chunk. `dense(fn)` returns fn(model)
+    computed as the dense teacher (train.DenseTeacher.run). None where the head cannot be read
+    directly (the caller falls back to the whole logits)."""
+    head = chunked_head(model)
+    if head is None:
+        return None
+    teacher = dense(lambda m: last_hidden_states(m, input_ids))  # first: its activations are gone before the student's
+    last = last_hidden_states(model, input_ids)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
+    states, teacher_states = last.reshape(-1, last.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    softcap = _softcap(model)
+    return ChunkedHeadLoss.apply(states, head.weight, head.bias, targets.reshape(-1), softcap, teacher_states,
+                                 distill, temperature)  # fmt: skip
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(_unwrapped(model).config, "final_logit_softcapping", None)

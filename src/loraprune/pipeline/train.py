@@ -59,19 +59,23 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
 class DenseTeacher:
     """The dense model inside the one being pruned: the same base weights with the LoRA adapter
     disabled and the masks lifted, in eval mode, without gradients. One extra forward per step
-    and no second copy of the weights. Called with a batch, it returns `forward(model, batch)`."""
+    and no second copy of the weights. Called with a batch, it returns `forward(model, batch)`;
+    `run(fn)` returns fn(model) computed as the dense model."""
 
     def __init__(self, peft_model: nn.Module, forward: Callable[[nn.Module, Any], Any], pruner: Pruner | None = None):
         self.peft_model, self.forward, self.pruner = peft_model, forward, pruner
 
-    @torch.no_grad()
     def __call__(self, batch):
+        return self.run(lambda model: self.forward(model, batch))
+
+    @torch.no_grad()
+    def run(self, fn: Callable[[nn.Module], Any]):
         model, was_training = self.peft_model, self.peft_model.training
         lifted = self.pruner.masks_lifted() if self.pruner is not None else contextlib.nullcontext()
         model.eval()  # no dropout: the teacher is the dense model as it is evaluated
         try:
             with model.disable_adapter(), lifted:
-                return self.forward(model, batch)
+                return fn(model)
         finally:
             model.train(was_training)
 

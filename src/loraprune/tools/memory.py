@@ -28,7 +28,7 @@ import torch
 
 from ..archs import arch_for
 from ..errors import LoraPruneError
-from ..pipeline.lm_loss import causal_lm_loss, chunked_head, loss_chunk_tokens
+from ..pipeline.lm_loss import causal_lm_loss, chunked_head, distilled_causal_lm_loss, loss_chunk_tokens
 from ..pipeline.scoring import SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -37,11 +37,11 @@ GiB = 2**30
 # resident memory of python + torch + transformers + peft + loraprune before a model is loaded, and
 # what the first forward/backward adds (thread pools, kernel code): measured (bench/scale.py)
 RUNTIME_BYTES = 560 * 2**20
-# the loss's transients at the top of backward, in float32 copies of (tokens x vocabulary): with the
-# whole logits (transformers' loss, under --distill) the gradient of the log-softmax and of the logits,
-# besides the log-softmax output counted as saved; chunked (lm_loss.py) a chunk's logits and a
-# temporary of logsumexp, at the end of the forward
+# the loss's transients at the end of the forward, in float32 copies of a chunk's (tokens x vocabulary)
+# logits (lm_loss.py): the logits and a temporary of logsumexp; under --distill also both
+# log-softmaxes, the teacher's logits and a temporary of the KL
 LOGIT_GRAD_COPIES = 2
+DISTILL_COPIES = 5
 SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product
 
 
@@ -56,7 +56,7 @@ class Estimate:
     base_weights: int
     lora_and_adamw: int  # factors, gradients, two AdamW moments, float32
     activations: int  # kept for backward at its top (checkpointing: layer inputs + one layer's)
-    loss_transient: int  # float32 logits of a chunk (lm_loss.py), or of the whole batch and their gradients (--distill)
+    loss_transient: int  # float32 logits of a chunk and what is computed from them (lm_loss.py)
     weight_grads: int  # dL/dW0 of the scored projections (`gradient` only), at the end of backward
     early_activations: int  # activations still kept when the last dL/dW0 appears (unscored first layers)
     score_block: int  # transients of scoring one block of one module (scoring dtype)
@@ -154,14 +154,14 @@ def _memo(function):
 
 
 def saved_bytes(model_config, batch_size: int, seq_len: int, criterion: str = "lora", dtype: str = "float32",
-                lora_r: int = 8, lora_dropout: float = 0.05, whole_logits: bool = False) -> int:  # fmt: skip
+                lora_r: int = 8, lora_dropout: float = 0.05, distill: bool = False) -> int:  # fmt: skip
     """Bytes autograd keeps for backward after a training forward and loss of this model (meta
-    device): the chunked loss of lm_loss.py, or transformers' own from the whole logits."""
-    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, whole_logits)
+    device): the chunked loss of lm_loss.py, distilled from the dense model under `distill`."""
+    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill)
 
 
 @_memo
-def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, whole_logits) -> int:
+def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill) -> int:
 
     model = _meta_lora_model(model_config, criterion, dtype, lora_r, lora_dropout)
     model.train()
@@ -179,8 +179,10 @@ def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lo
     try:
         torch.nn.functional.scaled_dot_product_attention = _flash_like
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if whole_logits or chunked_head(model) is None:  # an encoder: its forward (no LM loss)
+            if chunked_head(model) is None:  # an encoder: its forward (no LM loss)
                 model(input_ids=ids, labels=ids)
+            elif distill:  # the teacher: the same model without gradients (nothing kept)
+                distilled_causal_lm_loss(model, ids, lambda fn: torch.no_grad()(fn)(model), 0.5, 1.0)
             else:
                 causal_lm_loss(model, ids)
     finally:
@@ -223,17 +225,17 @@ def estimate(
     device: str = "cpu",
     skip_layers: str = "first10pct,last",
     lora_dropout: float = 0.05,
-    whole_logits: bool = False,
+    distill: bool = False,
 ) -> Estimate:
-    """Expected peak bytes of one process's training step for this config; `whole_logits`: the
-    loss reads the whole logits (--distill) instead of chunks of them (lm_loss.py)."""
+    """Expected peak bytes of one process's training step for this config; `distill`: the loss
+    distills from the dense model (--distill; its last hidden states and logits a chunk at a time)."""
     counts = model_counts(model_config, lora_r, skip_layers)
     layers, e = counts["layers"], BYTES[dtype]
     tokens = batch_size * seq_len
 
     def saved(n: int, crit: str) -> int:
         config = _config_with_layers(model_config, n)
-        return saved_bytes(config, batch_size, seq_len, crit, dtype, lora_r, lora_dropout, whole_logits)
+        return saved_bytes(config, batch_size, seq_len, crit, dtype, lora_r, lora_dropout, distill)
 
     one = saved(1, "lora")
     layer = saved(2, "lora") - one  # one layer's activations
@@ -250,7 +252,8 @@ def estimate(
     else:
         early = first_skipped * layer
     vocab = getattr(model_config, "vocab_size", 0) or 0
-    loss_tokens = tokens if whole_logits else min(tokens, loss_chunk_tokens(vocab))  # logits alive at once
+    loss_chunk = min(tokens, loss_chunk_tokens(vocab)) * vocab * 4  # float32 logits alive at once
+    teacher_states = tokens * model_config.hidden_size * e  # the dense model's last hidden states
     score_bytes = 2 if dtype == "bfloat16" else 4  # scoring.scoring_dtype
     return Estimate(
         dtype=dtype,
@@ -260,7 +263,7 @@ def estimate(
         base_weights=counts["parameters"] * e,
         lora_and_adamw=counts["lora"] * 4 * 4,
         activations=kept,
-        loss_transient=loss_tokens * vocab * 4 * LOGIT_GRAD_COPIES,
+        loss_transient=loss_chunk * DISTILL_COPIES + teacher_states if distill else loss_chunk * LOGIT_GRAD_COPIES,
         weight_grads=counts["scored"] * e if criterion == "gradient" else 0,
         early_activations=early if criterion == "gradient" else 0,
         score_block=min(counts["largest_projection"] * score_bytes, SCORE_BLOCK_BYTES) * SCORE_COPIES,
@@ -338,7 +341,7 @@ def run_estimate(model_config, config, dtype: str, device: str = "cpu", sharded_
     processes divides the weights; 8-/4-bit loading stores the base weights in that many bits."""
     est = estimate(model_config, config.batch_size, config.seq_len, config.lora_r, dtype, config.criterion,
                    config.gradient_checkpointing, "cpu" if device == "cpu" else "cuda", config.skip_layers,
-                   config.lora_dropout, bool(config.distill))  # fmt: skip
+                   config.lora_dropout, distill=bool(config.distill))  # fmt: skip
     if quantize_bits:
         est.base_weights = est.base_weights * quantize_bits // (8 * BYTES[dtype])
     if sharded_over > 1:
