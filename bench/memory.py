@@ -37,11 +37,11 @@ def arguments():
 
 def child(args) -> dict:
     from loraprune import PruneConfig, load_model
+    from loraprune.api import training_loss
     from loraprune.archs import arch_for
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
-    from loraprune.pipeline.train import DenseTeacher
-    from loraprune.tasks import TASKS, objective
+    from loraprune.tasks import TASKS
     from loraprune.tools.memory import return_freed_memory, run_estimate
 
     return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
@@ -59,9 +59,7 @@ def child(args) -> dict:
     arch = arch_for(model.config)
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
-    task = TASKS["causal-lm"]
-    teacher = DenseTeacher(peft_model, task.forward, pruner) if distill else None
-    loss_fn = objective(task, teacher, distill, config.distill_temperature)
+    loss_fn = training_loss(TASKS["causal-lm"], peft_model, pruner, config)
     lora = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     optimizer = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0)
     peft_model.train()

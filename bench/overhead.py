@@ -14,11 +14,12 @@ on its own as well.
 import torch
 
 from loraprune import PruneConfig
+from loraprune.api import training_loss
 from loraprune.archs import arch_for
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
-from loraprune.pipeline.train import DenseTeacher, lora_optimizer
-from loraprune.tasks import TASKS, objective
+from loraprune.pipeline.train import lora_optimizer
+from loraprune.tasks import TASKS
 
 from . import common
 
@@ -32,18 +33,19 @@ def arguments():
     p.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--distill", type=float, default=0.0, help="also time each criterion with --distill ALPHA (0: no)")
+    p.add_argument("--distill-teachers", default="auto", help="--distill-teacher precisions timed with --distill")
     p.add_argument("--whole-logits", action="store_true", help="also time plain LoRA with transformers' loss")
     return p
 
 
 class Variant:
-    def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0, whole_logits: bool = False):
-        config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill)
-        arch, task = arch_for(base.config), TASKS["causal-lm"]
+    def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0, teacher: str = "auto",
+                 whole_logits: bool = False):  # fmt: skip
+        config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill, distill_teacher=teacher)
+        arch = arch_for(base.config)
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
-        teacher = DenseTeacher(self.model, task.forward, self.pruner) if distill else None
-        self.loss = objective(task, teacher, distill, config.distill_temperature)
+        self.loss = training_loss(TASKS["causal-lm"], self.model, self.pruner, config)
         if whole_logits:
             self.loss = lambda model, batch: model(input_ids=batch, labels=batch).loss
         self.optimizer = lora_optimizer(self.model, lr=1e-4)
@@ -70,9 +72,12 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         if args.whole_logits:
             variants["plain LoRA (whole logits)"] = Variant(base, None, args.seed, whole_logits=True)
         variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
-        if args.distill:
-            named = {f"LoRAPrune ({c}, distill {args.distill:g})": c for c in criteria}
-            variants.update({name: Variant(base, c, args.seed, args.distill) for name, c in named.items()})
+        for c in criteria if args.distill else ():
+            for teacher in args.distill_teachers.split(","):
+                named = f", teacher {teacher}" if teacher != "auto" else ""
+                variants[f"LoRAPrune ({c}, distill {args.distill:g}{named})"] = Variant(
+                    base, c, args.seed, args.distill, teacher
+                )
         timer = common.Timer()
         for r, name in common.alternated(list(variants), args.warmup + args.rounds):
             v, tag = variants[name], name if r >= args.warmup else "warmup"

@@ -12,7 +12,7 @@ from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
-from loraprune.pipeline.train import DenseTeacher
+from loraprune.pipeline.train import DenseTeacher, teacher_autocast
 from loraprune.tasks import TASKS, distillation_loss, objective
 from tiny import randomize_lora, tiny_encoder, tiny_model
 
@@ -51,6 +51,28 @@ def test_dense_teacher_is_the_model_before_lora_and_masks():
     assert (student - teacher.logits).abs().max() > 1e-2  # the adapter and the masks are back on
 
 
+def test_a_bfloat16_teacher_is_the_dense_model_to_bfloat16_precision():
+    model = tiny_model("llama-gqa")
+    dense = copy.deepcopy(model)
+    peft_model = attach_lora(model, arch_for(model.config), PruneConfig(lora_dropout=0.0))
+    randomize_lora(peft_model)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    forward = TASKS["causal-lm"].forward
+    logits = DenseTeacher(peft_model, forward, autocast=torch.bfloat16)(tokens).logits
+    assert logits.dtype == torch.bfloat16  # it did run under autocast
+    expected = dense(input_ids=tokens).logits
+    torch.testing.assert_close(logits.float(), expected, rtol=0.05, atol=0.05)
+    assert not torch.is_autocast_enabled("cpu")  # and it ended there
+
+
+def test_teacher_precision_follows_the_setting_and_the_model():
+    model = tiny_model("llama-gqa")
+    assert teacher_autocast("bfloat16", model) is torch.bfloat16
+    assert teacher_autocast("model", model) is None
+    assert teacher_autocast("auto", model) in (torch.bfloat16, None)  # bfloat16 where the CPU computes it natively
+    assert teacher_autocast("bfloat16", model.to(torch.bfloat16)) is None  # already the model's dtype
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_objective_mixes_task_loss_and_distillation(alpha):
     model = tiny_model("llama-gqa")
@@ -85,6 +107,7 @@ def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
     [
         (["--distill", "1.5"], r"--distill must be in \[0, 1\]"),
         (["--distill-temperature", "0"], "--distill-temperature must be a positive number"),
+        (["--distill-teacher", "float8"], "--distill-teacher.*invalid choice"),
         (["--min-keep", "1"], r"--min-keep must be in \(0, 1\)"),
         (["--allocation", "global", "--uniform"], "cannot be combined with --uniform"),
         (["--allocation", "global", "--ratio", "0.95"], "lower --min-keep"),

@@ -35,7 +35,7 @@ def transformers_loss(model, tokens):
 def test_chunked_loss_and_its_gradients_equal_transformers_own(family, monkeypatch):
     """Several chunks (a 64-entry vocabulary at 4 tokens a chunk), every causal family (Gemma 2's
     final softcap included): the same loss and LoRA gradients as `labels=` in transformers."""
-    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 4 * 64 * 4)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 2 * 4 * 64 * 4)
     peft_model = lora_model(family)
     assert chunked_head(peft_model) is not None and lm_loss.loss_chunk_tokens(64) == 4
     tokens = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -90,7 +90,8 @@ def whole_logits_distillation(teacher, alpha, temperature):
 def test_chunked_distillation_and_its_gradients_equal_the_whole_logits(family, alpha, monkeypatch):
     """Several chunks, every causal family (a softcapped teacher too): --distill without the whole
     logits computes the same loss and LoRA gradients as from them."""
-    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 4 * 64 * 4)
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 5 * 3 * 64 * 4)
+    assert lm_loss.loss_chunk_tokens(64, distill=True) == 3
     peft_model = lora_model(family)
     task, tokens = TASKS["causal-lm"], torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(4))
     teacher = DenseTeacher(peft_model, task.forward)

@@ -22,7 +22,7 @@ from .pipeline.pruner import Pruner
 from .pipeline.schedule import SparsitySchedule
 from .pipeline.shrink import shrink, stock_config_error
 from .pipeline.target import resolve_ratio
-from .pipeline.train import DenseTeacher, set_activation_checkpointing, train
+from .pipeline.train import DenseTeacher, set_activation_checkpointing, teacher_autocast, train
 from .runtime import distributed, fsdp
 from .runtime.checkpoint import Checkpoint, Checkpointer
 from .runtime.quant import dequantize_base_layers
@@ -94,6 +94,16 @@ def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) 
     return config
 
 
+def training_loss(task: Task, peft_model: nn.Module, pruner: Pruner, config: PruneConfig):
+    """The loss `prune` trains with, on (model, batch): the task's, distilled under --distill from the
+    dense model inside `peft_model` (train.DenseTeacher, in the precision --distill-teacher picks)."""
+    if not config.distill:
+        return objective(task)
+    autocast = teacher_autocast(config.distill_teacher, peft_model)
+    teacher = DenseTeacher(peft_model, task.forward, pruner, autocast)
+    return objective(task, teacher, config.distill, config.distill_temperature)
+
+
 def prune(
     model: nn.Module,
     tokenizer,
@@ -132,8 +142,7 @@ def prune(
     if sharded:
         fsdp.shard(peft_model, pruner.layers)
 
-    teacher = DenseTeacher(peft_model, task.forward, pruner) if config.distill else None
-    loss_fn = objective(task, teacher, config.distill, config.distill_temperature)
+    loss_fn = training_loss(task, peft_model, pruner, config)
     torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
     rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed, rank=rank, world_size=world))

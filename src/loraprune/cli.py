@@ -138,9 +138,16 @@ def _add_flags(parser: argparse.ArgumentParser, entry, layered: bool) -> None:
                                 **options)  # fmt: skip
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2, like every other bad input (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"loraprune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraprune", description="LoRA-guided structured pruning of transformers")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="loraprune", description="LoRA-guided structured pruning of transformers")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help)
         if command.layered:
@@ -169,7 +176,10 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0), or a bad flag (2, its line printed): a code, as below
+        return done.code
     # transformers/peft deprecation notices say nothing actionable to a user of the CLI
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

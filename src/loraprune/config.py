@@ -17,6 +17,7 @@ ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
 AGGREGATIONS = ("sum", "square")
 TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
 SHRINK_MODES = ("progressive", "end")
+TEACHER_PRECISIONS = ("auto", "bfloat16", "model")  # train.teacher_autocast
 
 
 def round_half_up(x: float) -> int:
@@ -73,6 +74,12 @@ class PruneConfig:
         "loss = (1 - alpha) task loss + alpha T^2 KL(dense || pruned); 0 turns it off",
     )
     distill_temperature: float = setting(1.0, "temperature T of the distillation's softmaxes")
+    distill_teacher: str = setting(
+        "auto",
+        "precision of the teacher's forward: bfloat16 (autocast), model (the model's own dtype), or auto "
+        "(bfloat16 where the model is float32 and the device computes bfloat16 natively)",
+        choices=TEACHER_PRECISIONS,
+    )
     prune_freq: int = setting(10, "prune every this many optimizer steps inside the pruning window")
     warmup: float = setting(0.1, "fraction of steps fine-tuned before pruning starts")
     cooldown: float = setting(0.1, "fraction of steps fine-tuned after the target is reached")
@@ -134,6 +141,8 @@ class PruneConfig:
         require(0 <= self.distill <= 1, "distill", "must be in [0, 1]")
         require(self.distill_temperature > 0 and math.isfinite(self.distill_temperature), "distill_temperature",
                 "must be a positive number")  # fmt: skip
+        require(self.distill_teacher in TEACHER_PRECISIONS, "distill_teacher",
+                f"must be one of {', '.join(TEACHER_PRECISIONS)}")  # fmt: skip
         if self.uniform and self.allocation == "global":
             raise LoraPruneError("--allocation global puts different numbers of groups in each layer; "
                                  "it cannot be combined with --uniform")  # fmt: skip

@@ -19,13 +19,16 @@ from torch import Tensor, nn
 
 from ..runtime import fsdp
 
-LOSS_CHUNK_BYTES = 32 * 2**20  # float32 logits of one chunk of tokens
+LOSS_CHUNK_BYTES = 64 * 2**20  # the float32 (tokens x vocabulary) temporaries of one chunk of tokens
+# how many such tensors one chunk keeps alive: its logits and a temporary of logsumexp; distilling,
+# also both log-softmaxes, the teacher's logits and a temporary of the KL (so its chunks are shorter)
+LOGIT_COPIES = {False: 2, True: 5}  # by distillation
 NO_TARGET = -1  # a position without a next token (the last of a window): distilled, no cross-entropy
 
 
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk for a vocabulary of `vocab_size`."""
-    return max(1, LOSS_CHUNK_BYTES // max(vocab_size * 4, 1))
+def loss_chunk_tokens(vocab_size: int, distill: bool = False) -> int:
+    """Tokens per chunk for a vocabulary of `vocab_size`, distilling or not."""
+    return max(1, LOSS_CHUNK_BYTES // max(LOGIT_COPIES[distill] * vocab_size * 4, 1))
 
 
 def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
@@ -46,7 +49,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
                 teacher_hidden: Tensor | None = None, distill: float = 0.0, temperature: float = 1.0):  # fmt: skip
-        n, chunk = hidden.shape[0], loss_chunk_tokens(weight.shape[0])
+        n, chunk = hidden.shape[0], loss_chunk_tokens(weight.shape[0], teacher_hidden is not None)
         has_target = targets != NO_TARGET
         # each position's weight in d(loss)/d(logits): cross-entropy is a mean over the targets
         ce_scale = (1.0 - distill) / has_target.sum().clamp(min=1)  # a tensor: no host sync
@@ -140,6 +143,7 @@ def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callabl
         return None
     teacher = dense(lambda m: last_hidden_states(m, input_ids))  # first: its activations are gone before the student's
     last = last_hidden_states(model, input_ids)
+    teacher = teacher.to(last.dtype)  # a teacher under autocast (train.teacher_autocast)
     targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
     states, teacher_states = last.reshape(-1, last.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     softcap = _softcap(model)

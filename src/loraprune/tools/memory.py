@@ -28,7 +28,7 @@ import torch
 
 from ..archs import arch_for
 from ..errors import LoraPruneError
-from ..pipeline.lm_loss import causal_lm_loss, chunked_head, distilled_causal_lm_loss, loss_chunk_tokens
+from ..pipeline.lm_loss import LOGIT_COPIES, causal_lm_loss, chunked_head, distilled_causal_lm_loss, loss_chunk_tokens
 from ..pipeline.scoring import SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -37,11 +37,6 @@ GiB = 2**30
 # resident memory of python + torch + transformers + peft + loraprune before a model is loaded, and
 # what the first forward/backward adds (thread pools, kernel code): measured (bench/scale.py)
 RUNTIME_BYTES = 560 * 2**20
-# the loss's transients at the end of the forward, in float32 copies of a chunk's (tokens x vocabulary)
-# logits (lm_loss.py): the logits and a temporary of logsumexp; under --distill also both
-# log-softmaxes, the teacher's logits and a temporary of the KL
-LOGIT_GRAD_COPIES = 2
-DISTILL_COPIES = 5
 SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product
 
 
@@ -252,8 +247,9 @@ def estimate(
     else:
         early = first_skipped * layer
     vocab = getattr(model_config, "vocab_size", 0) or 0
-    loss_chunk = min(tokens, loss_chunk_tokens(vocab)) * vocab * 4  # float32 logits alive at once
-    teacher_states = tokens * model_config.hidden_size * e  # the dense model's last hidden states
+    # float32 temporaries of one chunk of logits (lm_loss.py), and the dense model's last hidden states
+    loss_chunk = min(tokens, loss_chunk_tokens(vocab, distill)) * vocab * 4 * LOGIT_COPIES[distill]
+    teacher_states = tokens * model_config.hidden_size * e if distill else 0
     score_bytes = 2 if dtype == "bfloat16" else 4  # scoring.scoring_dtype
     return Estimate(
         dtype=dtype,
@@ -263,7 +259,7 @@ def estimate(
         base_weights=counts["parameters"] * e,
         lora_and_adamw=counts["lora"] * 4 * 4,
         activations=kept,
-        loss_transient=loss_chunk * DISTILL_COPIES + teacher_states if distill else loss_chunk * LOGIT_GRAD_COPIES,
+        loss_transient=loss_chunk + teacher_states,
         weight_grads=counts["scored"] * e if criterion == "gradient" else 0,
         early_activations=early if criterion == "gradient" else 0,
         score_block=min(counts["largest_projection"] * score_bytes, SCORE_BLOCK_BYTES) * SCORE_COPIES,
