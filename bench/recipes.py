@@ -59,6 +59,7 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         "spec": spec,
         "perplexity": common.perplexities(model, evals),
         "parameters": {"total": count_parameters(model), "prunable": count_prunable(model, arch_for(model.config))},
+        "dense_parameters": count_parameters(base),
         "layers": None if report is None else report["layers"],
         "config": None if report is None else report["config"],
         "prune_seconds": seconds,
@@ -87,7 +88,6 @@ def main(argv=None, model=None, tokenizer=None) -> None:
     if not rows:
         return
     keys = [f"{data} {split}" for data, split in EVALS]
-    dense = max(r["parameters"]["total"] for r in rows)
     table = common.table(
         ["run", "recipe", "shrink", *[f"ppl {k}" for k in keys], "params removed", "prune s"],
         [
@@ -96,7 +96,7 @@ def main(argv=None, model=None, tokenizer=None) -> None:
                 r["spec"].partition("=")[2],
                 "" if r["config"] is None else r["config"].get("shrink", "end"),  # before --shrink: masked
                 *[r["perplexity"].get(k) for k in keys],
-                f"{1 - r['parameters']['total'] / dense:.1%}",
+                f"{1 - r['parameters']['total'] / r['dense_parameters']:.1%}",
                 round(r["prune_seconds"]),
             ]
             for r in rows
