@@ -84,7 +84,7 @@ def main(argv=None, model=None, tokenizer=None) -> None:
         }
         for spec in args.runs:
             run_one(args, spec, base, tokenizer, evals, folder)
-    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    rows = sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["machine"]["date"])
     if not rows:
         return
     keys = [f"{data} {split}" for data, split in EVALS]
