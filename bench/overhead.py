@@ -74,8 +74,8 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
         for c in criteria if args.distill else ():
             for teacher in args.distill_teachers.split(","):
-                named = f", teacher {teacher}" if teacher != "auto" else ""
-                variants[f"LoRAPrune ({c}, distill {args.distill:g}{named})"] = Variant(
+                suffix = f", teacher {teacher}" if teacher != "auto" else ""
+                variants[f"LoRAPrune ({c}, distill {args.distill:g}{suffix})"] = Variant(
                     base, c, args.seed, args.distill, teacher
                 )
         timer = common.Timer()

@@ -114,16 +114,16 @@ def chunked_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def last_hidden_states(model: nn.Module, input_ids: Tensor, **forward_options) -> Tensor:
-    """What `model`'s output embedding reads on `input_ids`: (batch, tokens, hidden). The head
-    itself computes the logits of no token."""
+def last_hidden_states(model: nn.Module, head: nn.Linear, input_ids: Tensor, **forward_options) -> Tensor:
+    """What `model`'s output embedding `head` (chunked_head) reads on `input_ids`: (batch, tokens,
+    hidden). The head itself computes the logits of no token."""
     hidden = {}
 
     def keep_hidden(module, args):
         hidden["last"] = args[0]
         return (args[0][..., :0, :],)
 
-    handle = chunked_head(model).register_forward_pre_hook(keep_hidden)
+    handle = head.register_forward_pre_hook(keep_hidden)
     try:
         model(input_ids=input_ids, **forward_options)
     finally:
@@ -138,7 +138,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Te
     head = chunked_head(model)
     if head is None:
         return model(input_ids=input_ids, labels=input_ids, **forward_options).loss
-    last = last_hidden_states(model, input_ids, **forward_options)
+    last = last_hidden_states(model, head, input_ids, **forward_options)
     states = last[:, :-1].reshape(-1, last.shape[-1])  # position i predicts token i + 1
     return ChunkedHeadLoss.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), _softcap(model))
 
@@ -152,8 +152,8 @@ def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callabl
     head = chunked_head(model)
     if head is None:
         return None
-    teacher = dense(lambda m: last_hidden_states(m, input_ids))  # first: its activations are gone before the student's
-    last = last_hidden_states(model, input_ids)
+    teacher = dense(lambda m: last_hidden_states(m, head, input_ids))  # first: its activations go before the student's
+    last = last_hidden_states(model, head, input_ids)
     teacher = teacher.to(last.dtype)  # a teacher under autocast (train.teacher_autocast)
     targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
     states, teacher_states = last.reshape(-1, last.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
