@@ -57,6 +57,9 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
+    if config.criterion == "streamed" and fsdp.requested(config.fsdp):
+        raise LoraPruneError("--criterion streamed cannot be combined with --fsdp: its backward hooks score "
+                             "whole projections, and FSDP shards them; use --criterion lora or sketch")  # fmt: skip
     resolve_shrink(config, fsdp.requested(config.fsdp))  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:

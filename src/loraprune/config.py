@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import LoraPruneError
 
-CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch")  # importance.CRITERIA
+CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch", "streamed")  # importance.CRITERIA
 SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPES
 ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
 AGGREGATIONS = ("sum", "square")
@@ -54,7 +54,9 @@ class PruneConfig:
         "lora",
         "importance criterion: lora (LoRA-guided, the method), gradient (true |dL/dW0 * W0|, stores full "
         "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed), sketch (the true "
-        "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0)",
+        "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0), "
+        "streamed (the true |dL/dW0 * (W0 + s*B*A)| summed per group during backward, a block at a time: the "
+        "gradient's score without storing dL/dW0; keeps each projection's input in bfloat16)",
     )
     normalize: bool = setting(True, "L2-normalise each module's group scores before summing a group")
     aggregation: str = setting(

@@ -95,6 +95,12 @@ class LayerGroups:
         return self.heads - sum(targets), kv_heads, self.channels - self.channel_target(ratio)
 
 
+def summed_dim(role: str) -> int:
+    """The dimension a projection's element scores are summed over into its groups: 0 (one score per
+    input column) for o and down, which read heads and channels; 1 (per output row) for the rest."""
+    return 0 if role in ("o", "down") else 1
+
+
 def per_unit(scores: Tensor, units: int) -> Tensor:
     """Sum consecutive rows/columns into units: (units * size,) -> (units,)."""
     return scores.view(units, -1).sum(dim=1)

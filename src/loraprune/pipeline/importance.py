@@ -8,7 +8,7 @@ Every criterion has one interface (`Criterion`): it says which gradients it read
 (`needs_lora_grads`, `needs_weight_grad`), and has hooks with no-op defaults that the Pruner
 calls: `attach(modules)` before training, `synchronize()` before scoring a step,
 `next_step()` after it, `detach()` after training, and `state_dict()` / `load_state_dict()`
-for checkpoints. Only criteria that collect their own statistics (sketch.py) or draw random
+for checkpoints. Only criteria that collect their own statistics (sketch.py, streamed.py) or draw random
 numbers override them.
 """
 
@@ -33,6 +33,8 @@ class LoraFactors:
     weight_grad: Tensor | None = None  # dL/dW0: (rows, in), only when the base weight requires grad
     sketch_basis: Tensor | None = None  # R: (k, in), only under the sketch criterion
     sketch_product: Tensor | None = None  # dL/dW0·Rᵀ: (rows, k)
+    output_grad: Tensor | None = None  # under the streamed criterion: one micro-batch's dL/dy, (tokens, rows)
+    inputs: Tensor | None = None  # and its inputs x, (tokens, in)
     scratch: "Scratch | None" = None  # the score update's reused buffers (None: fresh tensors)
 
     def buffer(self, slot: int) -> Tensor:
@@ -66,8 +68,14 @@ class Criterion:
     def __call__(self, f: LoraFactors) -> Tensor:
         raise NotImplementedError
 
-    def attach(self, modules: list[nn.Module]) -> None:
-        """Before training: start collecting statistics on these projections."""
+    def attach(self, modules: dict[nn.Module, int]) -> None:
+        """Before training: start collecting statistics on these projections (each with the dimension
+        its element scores are summed over: 0 per input column, 1 per output row)."""
+
+    def collected_scores(self, module: nn.Module, dim: int, square: bool) -> Tensor | None:
+        """The step's summed scores of `module`, for a criterion that sums them during backward
+        (streamed.py); None: scoring.projection_scores scores the module's blocks now."""
+        return None
 
     def synchronize(self) -> None:
         """Before scoring a step: several processes average what they collected."""
@@ -123,13 +131,17 @@ def lora_gradient_estimate(f: LoraFactors) -> Tensor:
     return torch.mm(torch.cat([f.grad_B, f.B - f.grad_B], dim=1), torch.cat([f.A, f.grad_A], dim=0), out=f.buffer(1))
 
 
+def merged_weight(f: LoraFactors) -> Tensor:
+    """W0 + s·B·A of the block, in the criterion's buffer 0 (W0 itself is never written)."""
+    return torch.addmm(f.weight, f.B, f.A, alpha=f.scaling, out=f.buffer(0))
+
+
 @formula(needs_lora_grads=True)
 def lora_guided(f: LoraFactors) -> Tensor:
     """METHOD.md §2: |(G_B·A + B·G_A − G_B·G_A) ⊙ (W0 + s·B·A)|."""
     # two (rows, in) tensors in all (the estimate and the merged weight), the product in place:
     # 3.5x faster than the term-by-term form on SmolLM2's shapes (bench/overhead.py)
-    merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling, out=f.buffer(0))  # W0 itself is never written
-    return lora_gradient_estimate(f).mul_(merged).abs_()
+    return lora_gradient_estimate(f).mul_(merged_weight(f)).abs_()
 
 
 @formula(needs_weight_grad=True)
@@ -146,7 +158,7 @@ def weight_gradient(f: LoraFactors) -> Tensor:
 @formula()
 def magnitude(f: LoraFactors) -> Tensor:
     """|W0 + s·B·A|: needs no gradient at all."""
-    return torch.addmm(f.weight, f.B, f.A, alpha=f.scaling, out=f.buffer(0)).abs_()
+    return merged_weight(f).abs_()
 
 
 class RandomScores(Seeded):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..archs import Arch
 from ..config import PruneConfig
-from .groups import LayerGroups, head_scores, per_unit
+from .groups import LayerGroups, head_scores, per_unit, summed_dim
 from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores
 from .shrink import move_optimizer_state, shrink_layer
@@ -50,8 +50,8 @@ def group_scores(
     kv_alive[kv_of_head[head_alive]] = True  # a k/v head lives while a live query head reads it
     parts, row_scores = now.row_parts(projections), {}
 
-    def score(role: str, dim: int, alive: Tensor) -> Tensor:
-        if dim == 0:  # columns of o or down
+    def score(role: str, alive: Tensor) -> Tensor:
+        if summed_dim(role) == 0:  # columns of o or down
             s = projection_scores(projections[role], criterion, 0, square=square, scratch=scratch)
         else:  # rows of q, k, v, gate, up: a projection of their own or a row range of a fused one
             name, start, rows = parts[role]
@@ -62,11 +62,11 @@ def group_scores(
         s = torch.where(alive.to(s.device), s, 0.0)  # dead groups neither score nor weigh in the norm
         return F.normalize(s, dim=0) if normalize else s
 
-    q, o = score("q", 1, head_alive), score("o", 0, head_alive)
-    k, v = score("k", 1, kv_alive), score("v", 1, kv_alive)
+    q, o = score("q", head_alive), score("o", head_alive)
+    k, v = score("k", kv_alive), score("v", kv_alive)
     heads = head_scores(q, k, v, o, groups, head_alive, kv_of_head)
-    channels = sum(score(role, 1, channel_alive) for role in ("gate", "up") if role in parts)
-    return heads, channels + score("down", 0, channel_alive)
+    channels = sum(score(role, channel_alive) for role in ("gate", "up") if role in parts)
+    return heads, channels + score("down", channel_alive)
 
 
 class Pruner:
@@ -82,7 +82,7 @@ class Pruner:
         self.arch, self.config = arch, config
         self.layers = arch.layers_of(model)
         self.groups = LayerGroups.from_config(model.config, arch)
-        self.criterion = make_criterion(config.criterion, config.seed, config.lora_r)
+        self.criterion = make_criterion(config.criterion, config.seed, config.lora_r, config.aggregation == "square")
         skipped = config.skipped_layers(len(self.layers))
         self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
         self.head_pools = self.groups.head_pools(config.uniform)
@@ -114,7 +114,7 @@ class Pruner:
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         for weight in self.scored_weights:
             weight.requires_grad_(True)
-        self.criterion.attach([m for i in self.prunable for m in self.projections(i).values()])
+        self.criterion.attach({m: summed_dim(role) for i in self.prunable for role, m in self.projections(i).items()})
 
     def _mask_input(self, mask: Tensor):
         def hook(module, args):

@@ -13,21 +13,24 @@ from ..runtime import fsdp
 from ..runtime.quant import dense_weight
 from .importance import Criterion, LoraFactors, RandomScores, Scratch, lora_guided, magnitude, weight_gradient
 from .sketch import SKETCH_ATTRIBUTE, SketchScores
+from .streamed import STREAM_ATTRIBUTE, StreamedGradient
 
-# name -> a fresh criterion for one run, from (seed, rank): stateful ones are built anew
-CRITERIA: dict[str, Callable[[int, int], Criterion]] = {
-    "lora": lambda seed, rank: lora_guided,
-    "gradient": lambda seed, rank: weight_gradient,
-    "magnitude": lambda seed, rank: magnitude,
-    "random": lambda seed, rank: RandomScores(seed),
-    "sketch": SketchScores,  # the true gradient through `rank` fresh random directions a step
+# name -> a fresh criterion for one run, from (seed, rank, square): stateful ones are built anew
+CRITERIA: dict[str, Callable[[int, int, bool], Criterion]] = {
+    "lora": lambda seed, rank, square: lora_guided,
+    "gradient": lambda seed, rank, square: weight_gradient,
+    "magnitude": lambda seed, rank, square: magnitude,
+    "random": lambda seed, rank, square: RandomScores(seed),
+    "sketch": lambda seed, rank, square: SketchScores(seed, rank),  # the true gradient through `rank` random directions
+    "streamed": lambda seed, rank, square: StreamedGradient(projection_scores, square),  # sums formed in backward
 }
 assert tuple(CRITERIA) == CRITERION_NAMES  # the names config validates --criterion against
 
 
-def make_criterion(name: str, seed: int = 0, rank: int = 8) -> Criterion:
-    """The criterion called `name`, a stateful one seeded by `seed` (the sketch: of `rank` directions)."""
-    return CRITERIA[name](seed, rank)
+def make_criterion(name: str, seed: int = 0, rank: int = 8, square: bool = False) -> Criterion:
+    """The criterion called `name`, a stateful one seeded by `seed` (the sketch: of `rank` directions;
+    the streamed one sums squared element scores if `square`, as it sums them in backward)."""
+    return CRITERIA[name](seed, rank, square)
 
 
 def read_factors(
@@ -57,7 +60,8 @@ def read_factors(
             return None
         return (fsdp.rows_held(t, W) if whole else fsdp.local(t))[rows]  # whole: a tensor of all rows
 
-    sketch = getattr(module, SKETCH_ATTRIBUTE, None)
+    sketch, stream = getattr(module, SKETCH_ATTRIBUTE, None), getattr(module, STREAM_ATTRIBUTE, None)
+    streaming = stream is not None and stream.output_grad is not None  # inside its backward hook
     A_all, grad_A_all = gather_A(module, adapter) if whole_A is None else whole_A
     return LoraFactors(
         weight=cast(row_block(W)),
@@ -69,6 +73,8 @@ def read_factors(
         weight_grad=cast(row_block(W.grad)),
         sketch_basis=None if sketch is None else cast(sketch.basis),
         sketch_product=None if sketch is None else cast(row_block(sketch.product, whole=True)),
+        output_grad=cast(stream.output_grad[:, rows]) if streaming else None,
+        inputs=cast(stream.inputs) if streaming else None,
         scratch=scratch,
     )
 
@@ -109,7 +115,10 @@ def projection_scores(
     input column) or over its columns (dim=1: one score per output row), in float32, `block_rows`
     rows at a time (default: score_block_rows), the transients in `scratch`'s buffers (a new one
     for this projection if None). Under FSDP each rank scores its own rows and the ranks' sums are
-    added up (fsdp.py)."""
+    added up (fsdp.py). A criterion that summed them in backward (streamed.py) hands its sums over."""
+    collected = criterion.collected_scores(module, dim, square)
+    if collected is not None:
+        return collected
     weight = dense_weight(module.base_layer)  # W0 itself, or an 8-/4-bit one dequantized: one module at a time
     dtype = scoring_dtype(weight)
     block_rows = block_rows or score_block_rows(weight.shape[1], dtype)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..runtime import distributed
-from .importance import LoraFactors, Seeded
+from .importance import LoraFactors, Seeded, merged_weight
 
 SKETCH_ATTRIBUTE = "loraprune_gradient_sketch"  # where scoring.read_factors finds a module's sketch
 
@@ -64,7 +64,7 @@ class SketchScores(Seeded):
         self.rank = rank
         self.sketches: list[GradientSketch] = []
 
-    def attach(self, modules: list[nn.Module]) -> None:
+    def attach(self, modules: dict[nn.Module, int]) -> None:
         self.sketches = [GradientSketch(m, self.rank, self.generator) for m in modules]
 
     def synchronize(self) -> None:
@@ -85,5 +85,4 @@ class SketchScores(Seeded):
     def __call__(self, f: LoraFactors) -> Tensor:
         if f.sketch_product is None:
             raise RuntimeError("no gradient sketch: run forward and backward with the criterion attached first")
-        merged = torch.addmm(f.weight, f.B, f.A, alpha=f.scaling, out=f.buffer(0))
-        return torch.mm(f.sketch_product, f.sketch_basis, out=f.buffer(1)).mul_(merged).abs_()
+        return torch.mm(f.sketch_product, f.sketch_basis, out=f.buffer(1)).mul_(merged_weight(f)).abs_()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..archs import Arch, arch_for
 from ..config import PruneConfig, round_half_up
 from ..pipeline.data import BatchSampler
-from ..pipeline.groups import LayerGroups
+from ..pipeline.groups import LayerGroups, summed_dim
 from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
 from ..pipeline.lora import attach_lora
 from ..pipeline.pruner import group_scores
@@ -92,10 +92,10 @@ def measure(
     results = []
     for first in range(0, len(layers), layers_per_pass):
         chunk = range(first, min(first + layers_per_pass, len(layers)))
-        modules = [m for i in chunk for m in arch.projections(layers[i]).values()]
+        modules = {m: summed_dim(role) for i in chunk for role, m in arch.projections(layers[i]).items()}
         for m in modules:
             m.base_layer.weight.requires_grad_(True)
-        sketch = SketchScores(seed=first, rank=modules[0].lora_A["default"].weight.shape[0])
+        sketch = SketchScores(seed=first, rank=next(iter(modules)).lora_A["default"].weight.shape[0])
         sketch.attach(modules)  # one draw of the sketch criterion's directions, on the same passes
         model.zero_grad(set_to_none=True)
         for batch in probe:

@@ -14,6 +14,8 @@ layer's share. The peak of a step is then the larger of its phases:
   recomputed at a time in backward;
 - `gradient` criterion, end of backward: dL/dW0 of every scored projection (the model's dtype)
   has accumulated while the activations were freed; then scoring reads it a block at a time;
+- `streamed` criterion: the projections' inputs it keeps (bfloat16) are saved tensors, so the trace
+  counts them, and it scores blocks during backward, at the top of it;
 - scoring (every criterion): the transients of one block of one module (scoring.py).
 
 On CPU the peak is the process's resident memory, so the Python + torch runtime is added
@@ -32,12 +34,13 @@ from ..pipeline.lm_loss import LOGIT_COPIES, causal_lm_loss, chunked_head, disti
 from ..pipeline.scoring import SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CRITERIA = ("lora", "sketch", "gradient", "magnitude", "random")  # the order of `estimate`'s columns
+CRITERIA = ("lora", "sketch", "streamed", "gradient", "magnitude", "random")  # the order of `estimate`'s columns
 GiB = 2**30
 # resident memory of python + torch + transformers + peft + loraprune before a model is loaded, and
 # what the first forward/backward adds (thread pools, kernel code): measured (bench/scale.py)
 RUNTIME_BYTES = 560 * 2**20
 SCORE_COPIES = 4  # W0 block, s·B·A, the gradient estimate and their product
+KEEPS_INPUTS = ("gradient", "streamed")  # criteria under which the scored projections keep their inputs
 
 
 @dataclass
@@ -236,9 +239,9 @@ def estimate(
     layer = saved(2, "lora") - one  # one layer's activations
     outside = one - layer  # embeddings, final norm, logits and loss
     scored_layer = layer
-    if criterion == "gradient":  # base weights that require grad also keep their inputs
+    if criterion in KEEPS_INPUTS:  # base weights that require grad, or the streamed hooks, keep inputs
         scored_layer = saved(2, criterion) - saved(1, criterion)
-    n_scored = layers - len(counts["skipped_layers"]) if criterion == "gradient" else 0
+    n_scored = layers - len(counts["skipped_layers"]) if criterion in KEEPS_INPUTS else 0
     kept = outside + (layers - n_scored) * layer + n_scored * scored_layer
     first_skipped = sum(1 for i in counts["skipped_layers"] if i < layers // 2)
     if gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
@@ -251,6 +254,9 @@ def estimate(
     loss_chunk = min(tokens, loss_chunk_tokens(vocab, distill)) * vocab * 4 * LOGIT_COPIES[distill]
     teacher_states = tokens * model_config.hidden_size * e if distill else 0
     score_bytes = 2 if dtype == "bfloat16" else 4  # scoring.scoring_dtype
+    score_block = min(counts["largest_projection"] * score_bytes, SCORE_BLOCK_BYTES) * SCORE_COPIES
+    if criterion == "streamed":  # it scores its blocks during backward, from the top of it
+        kept += score_block
     return Estimate(
         dtype=dtype,
         criterion=criterion,
@@ -262,7 +268,7 @@ def estimate(
         loss_transient=loss_chunk + teacher_states,
         weight_grads=counts["scored"] * e if criterion == "gradient" else 0,
         early_activations=early if criterion == "gradient" else 0,
-        score_block=min(counts["largest_projection"] * score_bytes, SCORE_BLOCK_BYTES) * SCORE_COPIES,
+        score_block=score_block,
     )
 
 

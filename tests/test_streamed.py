@@ -1,0 +1,124 @@
+"""streamed.py: backward hooks sum the true gradient's group scores without dL/dW0, and the criterion prunes."""
+
+import pytest
+import torch
+
+from loraprune import PruneConfig, prune
+from loraprune.api import check_compatible
+from loraprune.archs import arch_for
+from loraprune.errors import LoraPruneError
+from loraprune.pipeline.groups import summed_dim
+from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.schedule import SparsitySchedule
+from loraprune.pipeline.scoring import projection_scores, read_factors
+from loraprune.pipeline.train import set_activation_checkpointing
+from loraprune.tasks import causal_lm_loss
+from loraprune.tools.memory import saved_bytes
+from tiny import randomize_lora, tiny_config, tiny_model
+
+
+def _setup(family: str = "llama-gqa", checkpointing: bool = False, square: bool = False):
+    model = tiny_model(family, seed=3)
+    if checkpointing:
+        set_activation_checkpointing(model, True)
+    arch = arch_for(model.config)
+    aggregation = "square" if square else "sum"
+    config = PruneConfig(criterion="streamed", lora_r=4, lora_dropout=0.1, skip_layers="none", aggregation=aggregation)
+    peft_model = attach_lora(model, arch, config)
+    randomize_lora(peft_model)  # B != 0: the merged weight differs from W0
+    pruner = Pruner(peft_model.get_base_model(), arch, config)
+    peft_model.train()
+    return peft_model, pruner
+
+
+def _batches(n: int):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
+
+
+def _true_scores(pruner, peft_model, batches, square: bool) -> dict:
+    """Per projection, the sum over micro-batches of |dL/dW0 ⊙ (W0 + s·B·A)| summed per group, with
+    dL/dW0 from autograd: the same dropout draws as the hooks saw (the seed is reset)."""
+    projections = {(i, role): m for i in pruner.prunable for role, m in pruner.projections(i).items()}
+    for m in projections.values():
+        m.base_layer.weight.requires_grad_(True)
+    totals = dict.fromkeys(projections, 0.0)
+    torch.manual_seed(0)
+    for batch in batches:
+        causal_lm_loss(peft_model, batch).backward()
+        for (i, role), m in projections.items():
+            f = read_factors(m, slice(None), lora_grads=False)
+            element = (m.base_layer.weight.grad * (f.weight + f.scaling * f.B @ f.A)).abs()
+            totals[(i, role)] = totals[(i, role)] + (element.square() if square else element).sum(summed_dim(role))
+            m.base_layer.weight.grad = None
+    return totals
+
+
+@pytest.mark.parametrize(
+    "family,checkpointing,square",
+    [("llama-gqa", False, False), ("llama-gqa", True, False), ("llama-gqa", False, True), ("qwen2-gqa", False, False), ("phi3-gqa", False, False)],
+)
+def test_the_hooks_sum_the_true_gradient_score(family, checkpointing, square):
+    """Two micro-batches (accumulated), LoRA dropout on, a head masked: each projection's streamed
+    sums equal the true gradient's, to the bfloat16 rounding of the kept inputs."""
+    peft_model, pruner = _setup(family, checkpointing, square)
+    pruner.head_alive[1, 2] = False
+    pruner.head_masks[1].copy_(pruner.head_alive[1].repeat_interleave(pruner.groups.head_dim))
+    batches = _batches(2)
+    expected = _true_scores(pruner, peft_model, batches, square)  # dL/dW0 from autograd, batch by batch
+    pruner.criterion.next_step()
+    torch.manual_seed(0)
+    for batch in batches:
+        causal_lm_loss(peft_model, batch).backward()
+    for (i, role), want in expected.items():
+        module = pruner.projections(i)[role]
+        got = projection_scores(module, pruner.criterion, summed_dim(role), square=square)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    head_dim = pruner.groups.head_dim  # the masked head's o columns got no gradient
+    o = projection_scores(pruner.projections(1)["o"], pruner.criterion, 0, square=square)
+    assert o[2 * head_dim : 3 * head_dim].abs().max() == 0
+
+
+def test_sums_reset_each_step_and_nothing_is_kept_outside_training():
+    peft_model, pruner = _setup()
+    module = pruner.projections(0)["q"]
+    with torch.no_grad():  # evaluation (and the distillation teacher) keeps and scores nothing
+        peft_model(input_ids=_batches(1)[0])
+    assert pruner.criterion.streams[module].sums is None
+    causal_lm_loss(peft_model, _batches(1)[0]).backward()
+    assert pruner.update_scores()
+    assert pruner.criterion.streams[module].sums is None  # reset for the next step
+    assert pruner.head_score.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="no streamed scores"):
+        projection_scores(module, pruner.criterion, 1)
+    with pytest.raises(ValueError, match="summed over dim 1"):
+        causal_lm_loss(peft_model, _batches(1)[0]).backward()
+        projection_scores(module, pruner.criterion, 0)
+    pruner.close()
+    assert not any(hasattr(m, "loraprune_streamed_score") for m in peft_model.modules())
+
+
+def test_the_kept_inputs_are_counted_once_per_input_in_bfloat16():
+    """The trace of memory.py sees the kept inputs as saved tensors: per layer the attention input
+    (read by q, k and v), the MLP input (gate and up), o's and down's inputs, two bytes each."""
+    config = tiny_config("llama-gqa")
+    batch, seq = 2, 16
+    extra = saved_bytes(config, batch, seq, "streamed") - saved_bytes(config, batch, seq, "lora")
+    width = 3 * config.hidden_size + config.intermediate_size  # o reads heads x head_dim = hidden here
+    assert extra == config.num_hidden_layers * batch * seq * width * 2
+
+
+def test_prune_with_the_streamed_criterion(tiny_tokenizer):
+    corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+    for shrink in ("progressive", "end"):
+        config = PruneConfig(ratio=0.5, steps=8, prune_freq=2, seq_len=16, batch_size=2, criterion="streamed",
+                             shrink=shrink)  # fmt: skip
+        pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, corpus, config, progress=False)
+        assert report["score_updates"] == SparsitySchedule.of(config).end and report["removed"]["heads"] == 0.5
+        assert not any(hasattr(m, "loraprune_streamed_score") for m in pruned.modules())
+
+
+def test_fsdp_is_refused():
+    with pytest.raises(LoraPruneError, match="--criterion streamed cannot be combined with --fsdp"):
+        check_compatible(tiny_config("llama-gqa"), PruneConfig(criterion="streamed", fsdp=True))
