@@ -40,7 +40,8 @@ print(runtime, peak_bytes("cpu"))
 
 @pytest.mark.parametrize(
     "dtype,criterion,checkpointing",
-    [("float32", "lora", "off"), ("bfloat16", "gradient", "off"), ("bfloat16", "sketch", "on")],
+    [("float32", "lora", "off"), ("bfloat16", "gradient", "off"), ("bfloat16", "sketch", "on"),
+     ("float32", "streamed", "off")],  # fmt: skip
 )
 def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype, criterion, checkpointing):
     from transformers import LlamaConfig
@@ -60,7 +61,7 @@ def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-gqa"])
-@pytest.mark.parametrize("criterion", ["lora", "gradient", "sketch"])
+@pytest.mark.parametrize("criterion", ["lora", "gradient", "sketch", "streamed"])
 @pytest.mark.parametrize("distill", [False, True])
 def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, distill):
     """The estimate's activations: a forward and loss on the meta device, counted as a real one is,
@@ -105,8 +106,11 @@ def test_estimate_orders_the_criteria_and_the_levers():
     from loraprune.tools.memory import estimate
 
     config = LlamaConfig(**CONFIG)
-    peak = {c: estimate(config, 4, 128, dtype="bfloat16", criterion=c).peak for c in ("lora", "sketch", "gradient")}
-    assert peak["lora"] == peak["sketch"] < peak["gradient"]
+    criteria = ("lora", "sketch", "streamed", "gradient")
+    peak = {c: estimate(config, 4, 128, dtype="bfloat16", criterion=c).peak for c in criteria}
+    assert peak["lora"] == peak["sketch"] < min(peak["streamed"], peak["gradient"])  # both keep inputs
+    few_tokens = {c: estimate(config, 1, 16, dtype="bfloat16", criterion=c).peak for c in criteria}
+    assert few_tokens["streamed"] < few_tokens["gradient"]  # where dL/dW0 outweighs the activations
     checkpointed = estimate(config, 4, 128, dtype="bfloat16", gradient_checkpointing=True).peak
     assert checkpointed < peak["lora"] < estimate(config, 4, 128, dtype="float32").peak
 
@@ -124,7 +128,7 @@ def test_estimate_command_prints_each_criterion_and_json(tmp_path, capsys):
     LlamaConfig(**CONFIG).save_pretrained(tmp_path)
     code, out, _ = run(capsys, "estimate", "--model", tmp_path, "--batch-size", 2, "--seq-len", 64)
     assert code == 0
-    assert all(c in out for c in ("lora", "sketch", "gradient", "magnitude", "random"))
+    assert all(c in out for c in ("lora", "sketch", "streamed", "gradient", "magnitude", "random"))
     assert "expected peak" in out and "fits in what is available" in out and "available:" in out
     code, out, _ = run(capsys, "estimate", "--model", tmp_path, "--dtype", "bfloat16", "--json")
     data = json.loads(out)

@@ -321,7 +321,8 @@ def _levers(model_config, config, dtype: str, device: str, processes: int) -> st
     from dataclasses import replace
 
     options = []
-    if config.criterion == "gradient":
+    if config.criterion == "gradient":  # the same score without dL/dW0, or LoRA's estimate of it
+        options.append(("--criterion streamed", config, {"criterion": "streamed"}))
         options.append(("--criterion lora", config, {"criterion": "lora"}))
     if not config.gradient_checkpointing:
         options.append(("--gradient-checkpointing", config, {"gradient_checkpointing": True}))
