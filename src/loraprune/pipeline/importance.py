@@ -34,14 +34,16 @@ class LoraFactors:
     sketch_basis: Tensor | None = None  # R: (k, in), only under the sketch criterion
     sketch_product: Tensor | None = None  # dL/dW0·Rᵀ: (rows, k)
     output_grad: Tensor | None = None  # under the streamed criterion: one micro-batch's dL/dy, (tokens, rows)
-    inputs: Tensor | None = None  # and its inputs x, (tokens, in)
+    inputs: Tensor | None = None  # and its inputs x, (tokens, in), both in streamed.KEPT_DTYPE
     scratch: "Scratch | None" = None  # the score update's reused buffers (None: fresh tensors)
 
-    def buffer(self, slot: int) -> Tensor:
-        """An uninitialised (rows, in) tensor like W0's block for a criterion's transient number `slot`."""
+    def buffer(self, slot: int, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised (rows, in) tensor like W0's block (in `dtype` if given) for a criterion's
+        transient number `slot`."""
+        dtype = dtype or self.weight.dtype
         if self.scratch is None:
-            return torch.empty_like(self.weight)
-        return self.scratch.get(slot, self.weight.shape, self.weight.dtype, self.weight.device)
+            return torch.empty_like(self.weight, dtype=dtype)
+        return self.scratch.get(slot, self.weight.shape, dtype, self.weight.device)
 
 
 class Scratch:

@@ -73,8 +73,8 @@ def read_factors(
         weight_grad=cast(row_block(W.grad)),
         sketch_basis=None if sketch is None else cast(sketch.basis),
         sketch_product=None if sketch is None else cast(row_block(sketch.product, whole=True)),
-        output_grad=cast(stream.output_grad[:, rows]) if streaming else None,
-        inputs=cast(stream.inputs) if streaming else None,
+        output_grad=stream.output_grad[:, rows] if streaming else None,  # in the dtype the inputs are kept in
+        inputs=stream.inputs if streaming else None,
         scratch=scratch,
     )
 
