@@ -86,6 +86,17 @@ def test_two_processes_prune_like_one_at_the_same_global_batch(
     print(f"1 process + 2 processes: {time.monotonic() - started:.1f} s")
 
 
+def test_streamed_scores_are_averaged_over_the_ranks(tmp_path, tiny_folder, text_file):
+    """The streamed criterion sums |dL/dW0 ⊙ W| per micro-batch, so two ranks' scores are not one
+    process's; they are averaged, so the ranks prune alike (the run checks it) and shrink alike."""
+    argv = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--criterion", "streamed", *RUN]
+    run(2, *argv, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)
+    scores = load_file(str(tmp_path / "two" / "loraprune_scores.safetensors"))
+    assert (~scores["head_alive"]).sum() > 0 and scores["head_score"].abs().sum() > 0
+    report = json.loads((tmp_path / "two" / "loraprune.json").read_text())
+    assert report["processes"] == 2 and report["config"]["criterion"] == "streamed"
+
+
 def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, tiny_folder, text_file):
     """examples/fsdp.yaml as a user runs it (2 processes; gloo here, no CUDA): FSDP is on, same groups."""
     common = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--lora-dropout", 0, *RUN]
