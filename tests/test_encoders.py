@@ -132,9 +132,11 @@ def test_embedding_loss_is_zero_for_the_teacher_and_agreement_is_one(tiny_tokeni
     assert neighbour_agreement(teacher, teacher, 1) == 1.0
 
 
-def test_prune_tiny_bert_and_vit_end_to_end(tiny_tokenizer):
+@pytest.mark.parametrize("criterion", ["lora", "streamed"])
+def test_prune_tiny_bert_and_vit_end_to_end(tiny_tokenizer, criterion):
     tiny_tokenizer.pad_token = "</s>"
-    config = PruneConfig(ratio=0.5, steps=10, batch_size=4, prune_freq=2, lr=1e-3, skip_layers="none", seq_len=16)
+    config = PruneConfig(ratio=0.5, steps=10, batch_size=4, prune_freq=2, lr=1e-3, skip_layers="none", seq_len=16,
+                         criterion=criterion)  # fmt: skip
     sentences = ["the cat sat on a mat", "a dog ran to the park", "it was big and red", "the small blue cat"] * 4
     pruned, report = prune(tiny_encoder("bert"), tiny_tokenizer, sentences, config, progress=False)
     assert report["task"] == "embedding" and report["removed"]["heads"] == 0.5
