@@ -6,7 +6,7 @@ from pathlib import Path
 from . import common
 
 GiB = 2**30
-CRITERIA = ("lora", "sketch", "gradient")
+CRITERIA = ("lora", "sketch", "streamed", "gradient")
 TITLE = "2b. Memory and time at 0.36B-7B shapes (bf16, CPU): lora vs sketch vs gradient"
 
 
@@ -115,7 +115,7 @@ def plot(args, rows: list[dict], payloads: list[dict]) -> str:
     from .scale import SHAPES, model_config
 
     plt = common.pyplot()
-    colours = {"lora": "tab:green", "sketch": "tab:blue", "gradient": "tab:red"}
+    colours = {"lora": "tab:green", "sketch": "tab:blue", "streamed": "tab:purple", "gradient": "tab:red"}
     seqs = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(1, len(seqs), figsize=(6 * len(seqs), 4.6), sharey=True, squeeze=False)
     sizes = [p["size"] for p in payloads]
