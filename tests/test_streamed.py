@@ -92,8 +92,8 @@ def test_sums_reset_each_step_and_nothing_is_kept_outside_training():
     assert pruner.head_score.abs().sum() > 0
     with pytest.raises(RuntimeError, match="no streamed scores"):
         projection_scores(module, pruner.criterion, 1)
+    causal_lm_loss(peft_model, _batches(1)[0]).backward()
     with pytest.raises(ValueError, match="summed over dim 1"):
-        causal_lm_loss(peft_model, _batches(1)[0]).backward()
         projection_scores(module, pruner.criterion, 0)
     pruner.close()
     assert not any(hasattr(m, "loraprune_streamed_score") for m in peft_model.modules())
