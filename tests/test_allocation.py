@@ -17,7 +17,7 @@ CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
 
 def pruner_with_scores(allocation: str, min_keep: float = 0.1, layers: int = 4) -> Pruner:
     model = tiny_model("llama-gqa", layers=layers)  # 6 heads, 40 channels a layer
-    config = PruneConfig(skip_layers="none", allocation=allocation, min_keep=min_keep)
+    config = PruneConfig(criterion="lora", skip_layers="none", allocation=allocation, min_keep=min_keep)
     pruner = Pruner(attach_lora(model, arch_for(model.config), config).get_base_model(), arch_for(model.config), config)
     g = torch.Generator().manual_seed(0)
     pruner.head_score.uniform_(generator=g)

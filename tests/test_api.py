@@ -84,7 +84,7 @@ def test_non_finite_scores_are_skipped_and_counted():
     from loraprune.pipeline.lora import attach_lora
 
     model = tiny_model("llama-mha")
-    config = PruneConfig(ema=0.5)
+    config = PruneConfig(criterion="lora", ema=0.5)
     peft_model = attach_lora(model, arch_for(model.config), config)
     pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
     tokens = torch.randint(0, 64, (2, 8))
@@ -102,7 +102,7 @@ def test_pruned_groups_never_come_back():
     from loraprune.pipeline.lora import attach_lora
 
     model = tiny_model("llama-gqa")
-    config = PruneConfig(skip_layers="none")
+    config = PruneConfig(criterion="lora", skip_layers="none")
     peft_model = attach_lora(model, arch_for(model.config), config)
     pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
     g = torch.Generator().manual_seed(0)

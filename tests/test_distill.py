@@ -33,7 +33,7 @@ def test_distillation_loss_is_t_squared_kl_per_position():
 def test_dense_teacher_is_the_model_before_lora_and_masks():
     model = tiny_model("llama-gqa")
     dense = copy.deepcopy(model)
-    config = PruneConfig(lora_dropout=0.0, skip_layers="none")
+    config = PruneConfig(criterion="lora", lora_dropout=0.0, skip_layers="none")
     peft_model = attach_lora(model, arch_for(model.config), config)
     randomize_lora(peft_model)
     pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)

@@ -98,16 +98,17 @@ def test_streamed_scores_are_averaged_over_the_ranks(tmp_path, tiny_folder, text
 
 
 def test_accelerate_launch_with_the_example_fsdp_config(tmp_path, tiny_folder, text_file):
-    """examples/fsdp.yaml as a user runs it (2 processes; gloo here, no CUDA): FSDP is on, same groups."""
+    """examples/fsdp.yaml as a user runs it (2 processes; gloo here, no CUDA): FSDP is on, the default
+    criterion falls back to lora (streamed cannot serve FSDP), and the groups are one lora process's."""
     common = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--lora-dropout", 0, *RUN]
-    run(1, *common, "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
+    run(1, *common, "--criterion", "lora", "--batch-size", 4, "--output", tmp_path / "one", cwd=tmp_path)
     config = Path(__file__).parents[1] / "examples" / "fsdp.yaml"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     argv = [*launcher, "-m", "loraprune", "prune", *map(str, common), "--batch-size", "2", "--output", "two"]
     done = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "two" / "loraprune.json").read_text())
-    assert (report["processes"], report["fsdp"]) == (2, True)
+    assert (report["processes"], report["fsdp"], report["config"]["criterion"]) == (2, True, "lora")
     masks_a, masks_b = (load_file(str(tmp_path / p / "loraprune_scores.safetensors")) for p in ("one", "two"))
     assert all(masks_a[m].equal(masks_b[m]) for m in ("head_alive", "channel_alive"))
 

@@ -105,7 +105,8 @@ CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
 
 @pytest.mark.parametrize(
     "family, criterion",
-    [(family, c) for family in MODERN for c in ("lora", "streamed")] + [("phi3-gqa", "sketch"), ("phi3-gqa", "gradient")],
+    [(family, c) for family in MODERN for c in ("lora", "streamed")]
+    + [("phi3-gqa", "sketch"), ("phi3-gqa", "gradient")],
 )
 def test_modern_family_trains_prunes_and_inspects(tiny_tokenizer, family, criterion):
     """The whole method (LoRA on every projection, fused ones included, scores, masks, shrink), and

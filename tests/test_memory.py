@@ -40,8 +40,12 @@ print(runtime, peak_bytes("cpu"))
 
 @pytest.mark.parametrize(
     "dtype,criterion,checkpointing",
-    [("float32", "lora", "off"), ("bfloat16", "gradient", "off"), ("bfloat16", "sketch", "on"),
-     ("float32", "streamed", "off")],  # fmt: skip
+    [
+        ("float32", "lora", "off"),
+        ("bfloat16", "gradient", "off"),
+        ("bfloat16", "sketch", "on"),
+        ("float32", "streamed", "off"),
+    ],  # fmt: skip
 )
 def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype, criterion, checkpointing):
     from transformers import LlamaConfig

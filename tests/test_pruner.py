@@ -12,7 +12,7 @@ from tiny import randomize_lora, tiny_model
 def make_pruner(family: str = "llama-gqa", **settings):
     model = tiny_model(family)
     arch = arch_for(model.config)
-    config = PruneConfig(lora_dropout=0.0, **settings)
+    config = PruneConfig(**{"criterion": "lora", "lora_dropout": 0.0} | settings)
     peft_model = attach_lora(model, arch, config)
     randomize_lora(peft_model)
     return peft_model, Pruner(peft_model.get_base_model(), arch, config)

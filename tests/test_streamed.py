@@ -57,7 +57,13 @@ def _true_scores(pruner, peft_model, batches, square: bool) -> dict:
 
 @pytest.mark.parametrize(
     "family,checkpointing,square",
-    [("llama-gqa", False, False), ("llama-gqa", True, False), ("llama-gqa", False, True), ("qwen2-gqa", False, False), ("phi3-gqa", False, False)],
+    [
+        ("llama-gqa", False, False),
+        ("llama-gqa", True, False),
+        ("llama-gqa", False, True),
+        ("qwen2-gqa", False, False),
+        ("phi3-gqa", False, False),
+    ],
 )
 def test_the_hooks_sum_the_true_gradient_score(family, checkpointing, square):
     """Two micro-batches (accumulated), LoRA dropout on, a head masked: each projection's streamed
@@ -117,6 +123,16 @@ def test_prune_with_the_streamed_criterion(tiny_tokenizer):
         pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, corpus, config, progress=False)
         assert report["score_updates"] == SparsitySchedule.of(config).end and report["removed"]["heads"] == 0.5
         assert not any(hasattr(m, "loraprune_streamed_score") for m in pruned.modules())
+
+
+def test_streamed_is_the_default_and_lora_under_fsdp():
+    model_config = tiny_config("llama-gqa")
+    assert PruneConfig().criterion is None  # undecided until the run's setting is known
+    assert check_compatible(model_config, PruneConfig()).config.criterion == "streamed"
+    assert check_compatible(model_config, PruneConfig(fsdp=True)).config.criterion == "lora"
+    assert check_compatible(model_config, PruneConfig(criterion="sketch", fsdp=True)).config.criterion == "sketch"
+    with pytest.raises(ValueError, match="criterion is undecided"):
+        Pruner(tiny_model("llama-gqa"), arch_for(model_config), PruneConfig())
 
 
 def test_fsdp_is_refused():

@@ -162,7 +162,7 @@ def masked_then_pruned(
         model = tiny_encoder(family, seed=seed) if family in ENCODERS else tiny_model(family, seed=seed)
     arch = arch_for(model.config)
     skip_layers = "none" if uniform else skip_layers
-    config = PruneConfig(ratio=ratio, skip_layers=skip_layers, uniform=uniform, lora_dropout=0.0)
+    config = PruneConfig(criterion="lora", ratio=ratio, skip_layers=skip_layers, uniform=uniform, lora_dropout=0.0)
     peft_model = attach_lora(model, arch, config)
     randomize_lora(peft_model)
     pruner = Pruner(peft_model.get_base_model(), arch, config)

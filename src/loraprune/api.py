@@ -57,9 +57,7 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
-    if config.criterion == "streamed" and fsdp.requested(config.fsdp):
-        raise LoraPruneError("--criterion streamed cannot be combined with --fsdp: its backward hooks score "
-                             "whole projections, and FSDP shards them; use --criterion lora or sketch")  # fmt: skip
+    config = resolve_criterion(config, fsdp.requested(config.fsdp))
     resolve_shrink(config, fsdp.requested(config.fsdp))  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
@@ -72,6 +70,17 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
                 "choose another ratio or drop --uniform"
             )
     return Plan(config, arch, task, target)
+
+
+def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
+    """`config` with --criterion decided: streamed (the gradient's score inside LoRA's memory, which
+    won on three seeds, BENCHMARKS.md 7c) unless FSDP shards the projections it scores (then lora)."""
+    if config.criterion is None:
+        return replace(config, criterion="lora" if sharded else "streamed")
+    if config.criterion == "streamed" and sharded:
+        raise LoraPruneError("--criterion streamed cannot be combined with --fsdp: its backward hooks score "
+                             "whole projections, and FSDP shards them; use --criterion lora or sketch")  # fmt: skip
+    return config
 
 
 def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) -> PruneConfig:

@@ -50,13 +50,14 @@ class PruneConfig:
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling s = alpha / r)")
     lora_dropout: float = setting(0.05, "dropout on the LoRA branch")
-    criterion: str = setting(
-        "lora",
-        "importance criterion: lora (LoRA-guided, the method), gradient (true |dL/dW0 * W0|, stores full "
+    criterion: str | None = setting(
+        None,
+        "importance criterion: lora (LoRA-guided, the paper's method), gradient (true |dL/dW0 * W0|, stores full "
         "weight gradients), magnitude (|W0 + s*B*A|, no gradient), random (seeded by --seed), sketch (the true "
         "gradient through --lora-r fresh random directions each step, collected by hooks; never stores dL/dW0), "
         "streamed (the true |dL/dW0 * (W0 + s*B*A)| summed per group during backward, a block at a time: the "
-        "gradient's score without storing dL/dW0; keeps each projection's input in bfloat16)",
+        "gradient's score without storing dL/dW0; keeps each projection's input in bfloat16). "
+        "None: streamed, or lora under --fsdp (which streamed cannot serve)",
     )
     normalize: bool = setting(True, "L2-normalise each module's group scores before summing a group")
     aggregation: str = setting(
@@ -133,7 +134,7 @@ class PruneConfig:
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive")
         require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        require(self.criterion in CRITERION_NAMES, "criterion", f"must be one of {', '.join(CRITERION_NAMES)}")
+        require(self.criterion in (None, *CRITERION_NAMES), "criterion", f"must be one of {', '.join(CRITERION_NAMES)}")
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")

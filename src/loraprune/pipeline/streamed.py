@@ -74,7 +74,9 @@ class StreamedScore:
         self.output_grad, self.inputs = output_grad.flatten(0, -2).to(KEPT_DTYPE), kept_input.flatten(0, -2)
         try:
             c = self.criterion
-            sums = c.projection_scores(self.module, streamed_element_scores, self.dim, square=c.square, scratch=c.scratch)
+            sums = c.projection_scores(
+                self.module, streamed_element_scores, self.dim, square=c.square, scratch=c.scratch
+            )
         finally:
             self.output_grad = self.inputs = None
         self.sums = sums if self.sums is None else self.sums + sums
