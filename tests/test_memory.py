@@ -175,10 +175,11 @@ def test_preflight_counts_processes_on_cpu_and_names_the_device():
     from loraprune.errors import LoraPruneError
     from loraprune.tools.memory import preflight
 
-    config, run_config = LlamaConfig(**CONFIG), PruneConfig(batch_size=2, seq_len=64)
+    config, run_config = LlamaConfig(**CONFIG), PruneConfig(criterion="streamed", batch_size=2, seq_len=64)
     est, needed, available = preflight(config, run_config, "float32", available=10 * 2**30)
     assert needed == est.peak and available == 10 * 2**30
-    with pytest.raises(LoraPruneError, match=r"for 4 processes \(.* of RAM available; levers: "):
+    levers = r"for 4 processes \(streamed, .* of RAM available; levers: --criterion lora \("
+    with pytest.raises(LoraPruneError, match=levers):
         preflight(config, run_config, "float32", processes=4, available=int(est.peak * 3.5))
     with pytest.raises(LoraPruneError, match="free on cuda:0 per process"):
         preflight(config, run_config, "float32", device="cuda:0", processes=4, available=1)
@@ -194,7 +195,7 @@ def test_preflight_returns_freed_memory_only_on_a_tight_run(tmp_path, monkeypatc
 
     LlamaConfig(**CONFIG).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").touch()
-    config = PruneConfig(batch_size=2, seq_len=64)
+    config = PruneConfig(criterion="streamed", batch_size=2, seq_len=64)
     needed = memory.run_estimate(LlamaConfig(**CONFIG), config, "float32", "cpu", 1, None).peak
     monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * free_over_needed))
     calls = []

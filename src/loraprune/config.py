@@ -155,6 +155,12 @@ class PruneConfig:
         if self.uniform and self.skip_layers not in ("none", "first10pct,last"):
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")
 
+    def decided_criterion(self) -> str:
+        """--criterion once api.check_compatible has decided its default (which depends on --fsdp)."""
+        if self.criterion is None:
+            raise ValueError("the config's criterion is undecided: pass it through api.check_compatible first")
+        return self.criterion
+
     def skipped_layers(self, num_layers: int) -> set[int]:
         """Indices of the layers left unpruned (none under --uniform)."""
         spec = "none" if self.uniform else self.skip_layers.replace(" ", "")

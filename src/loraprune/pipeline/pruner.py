@@ -82,9 +82,8 @@ class Pruner:
         self.arch, self.config = arch, config
         self.layers = arch.layers_of(model)
         self.groups = LayerGroups.from_config(model.config, arch)
-        if config.criterion is None:
-            raise ValueError("the config's criterion is undecided: pass it through api.check_compatible first")
-        self.criterion = make_criterion(config.criterion, config.seed, config.lora_r, config.aggregation == "square")
+        square = config.aggregation == "square"
+        self.criterion = make_criterion(config.decided_criterion(), config.seed, config.lora_r, square)
         skipped = config.skipped_layers(len(self.layers))
         self.prunable = [i for i in range(len(self.layers)) if i not in skipped]
         self.head_pools = self.groups.head_pools(config.uniform)

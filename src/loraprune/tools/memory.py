@@ -323,6 +323,7 @@ def _levers(model_config, config, dtype: str, device: str, processes: int) -> st
     options = []
     if config.criterion == "gradient":  # the same score without dL/dW0, or LoRA's estimate of it
         options.append(("--criterion streamed", config, {"criterion": "streamed"}))
+    if config.criterion in ("gradient", "streamed"):  # LoRA's estimate keeps no inputs
         options.append(("--criterion lora", config, {"criterion": "lora"}))
     if not config.gradient_checkpointing:
         options.append(("--gradient-checkpointing", config, {"gradient_checkpointing": True}))
@@ -342,7 +343,7 @@ def run_estimate(model_config, config, dtype: str, device: str = "cpu", sharded_
                  quantize_bits: int | None = None) -> Estimate:  # fmt: skip
     """The estimate of one process of a run: `config` is its PruneConfig; FSDP over `sharded_over`
     processes divides the weights; 8-/4-bit loading stores the base weights in that many bits."""
-    est = estimate(model_config, config.batch_size, config.seq_len, config.lora_r, dtype, config.criterion,
+    est = estimate(model_config, config.batch_size, config.seq_len, config.lora_r, dtype, config.decided_criterion(),
                    config.gradient_checkpointing, "cpu" if device == "cpu" else "cuda", config.skip_layers,
                    config.lora_dropout, distill=bool(config.distill))  # fmt: skip
     if quantize_bits:
