@@ -321,9 +321,9 @@ def _levers(model_config, config, dtype: str, device: str, processes: int) -> st
     from dataclasses import replace
 
     options = []
-    if config.criterion == "gradient":  # the same score without dL/dW0, or LoRA's estimate of it
+    if config.criterion == "gradient":  # the same score without dL/dW0
         options.append(("--criterion streamed", config, {"criterion": "streamed"}))
-    if config.criterion in ("gradient", "streamed"):  # LoRA's estimate keeps no inputs
+    if config.criterion in ("gradient", "streamed"):  # LoRA's estimate of it keeps no inputs
         options.append(("--criterion lora", config, {"criterion": "lora"}))
     if not config.gradient_checkpointing:
         options.append(("--gradient-checkpointing", config, {"gradient_checkpointing": True}))
