@@ -45,7 +45,7 @@ print(runtime, peak_bytes("cpu"))
         ("bfloat16", "gradient", "off"),
         ("bfloat16", "sketch", "on"),
         ("float32", "streamed", "off"),
-    ],  # fmt: skip
+    ],
 )
 def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype, criterion, checkpointing):
     from transformers import LlamaConfig
