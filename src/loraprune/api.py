@@ -57,8 +57,9 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
-    config = resolve_criterion(config, fsdp.requested(config.fsdp))
-    resolve_shrink(config, fsdp.requested(config.fsdp))  # refuses --shrink progressive where it cannot work
+    sharded = fsdp.requested(config.fsdp)
+    config = resolve_criterion(config, sharded)
+    resolve_shrink(config, sharded)  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
