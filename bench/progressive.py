@@ -21,12 +21,26 @@ from .scale import reset_peak, rss_kib
 
 NAME = "progressive"
 MODES = ("end", "progressive")
+# the flags a child run inherits from its parent
+CHILD_FLAGS = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "prune_freq",
+    "eval_windows",
+    "eval_seq",
+    "seed",
+    "threads",
+    "criterion",
+)
 
 
 def arguments():
     p = common.budget_arguments(common.parser(__doc__.splitlines()[0]))
     p.add_argument("--ratios", type=common.floats, default=[0.5, 0.2])
     p.add_argument("--rounds", type=int, default=1, help="runs of each mode per ratio (alternated)")
+    p.add_argument("--criterion", default="streamed", help="scoring criterion of every run (default: the tool's)")
     p.add_argument("--child", default="", help="internal: ratio,mode of one child run")
     p.add_argument("--in-process", action="store_true",
                    help="every run in this process on copies of one loaded model (no reload per run; peak RSS "
@@ -79,7 +93,7 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
             phases.start("shrink + merge")
 
     api.train = timed_train
-    config = common.budget(args, float(ratio), shrink=mode)
+    config = common.budget(args, float(ratio), args.criterion, shrink=mode)
     torch.manual_seed(args.seed)
     try:
         pruned, report = prune(model, tokenizer, text, config, progress=False)
@@ -110,7 +124,7 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
 
 def _run_child(args, ratio: float, mode: str) -> dict:
     cmd = [sys.executable, "-m", "bench.progressive", "--model", args.model, "--data", args.data]
-    for flag in ("steps", "batch_size", "seq_len", "lr", "prune_freq", "eval_windows", "eval_seq", "seed", "threads"):
+    for flag in CHILD_FLAGS:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--child", f"{ratio},{mode}", "--markdown", ""]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
@@ -165,7 +179,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             if args.in_process
             else " One fresh process per run"
         )
-        + f", modes alternated, {args.rounds} run(s) of each per ratio.\n\n"
+        + f", modes alternated, {args.rounds} run(s) of each per ratio, criterion `{args.criterion}`.\n\n"
         + common.table(
             [
                 "ratio",
