@@ -44,6 +44,7 @@ def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
         ("ddp", "lora", ("--shrink", "end")),
         ("fsdp", "lora", ()),  # --shrink end (FSDP's default)
         ("ddp", "sketch", ()),
+        ("ddp", "gradient", ()),  # base weights in DDP while scoring; a new wrapper without them after
         ("ddp", "lora", ("--distill", 0.5, "--allocation", "global", "--skip-layers", "none")),
     ],
 )

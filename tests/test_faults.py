@@ -78,6 +78,27 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tiny_tokenizer,
     assert latest(tmp_path / "run").step == 6
 
 
+@pytest.mark.parametrize("criterion", ["streamed", "gradient", "sketch"])
+def test_a_run_stopped_by_an_error_leaves_no_hooks_on_the_model(tiny_tokenizer, criterion):
+    """Masks (--shrink end) and the criterion's hooks come off, and the base weights are frozen again,
+    when training raises (here: NaN steps in a row)."""
+    model = tiny_model("llama-gqa")
+    nan_on_calls(model, set(range(5, 100)))
+    ours = {id(h) for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())}
+    config = PruneConfig(**FAST, max_nan_steps=3, criterion=criterion, shrink="end")
+    with pytest.raises(LoraPruneError, match="NaN or infinite for 3 steps in a row"):
+        prune(model, tiny_tokenizer, CORPUS, config, progress=False)
+    left = [
+        (name, h)
+        for name, m in model.named_modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        if id(h) not in ours
+    ]
+    assert left == []
+    assert not any(hasattr(m, "loraprune_streamed_score") for m in model.modules())
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
+
+
 def test_disk_full_while_saving_keeps_the_previous_output(tiny_tokenizer, tmp_path, monkeypatch):
     from loraprune import save_pruned
     from loraprune.pipeline import export

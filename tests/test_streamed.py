@@ -138,3 +138,64 @@ def test_streamed_is_the_default_and_lora_under_fsdp():
 def test_fsdp_is_refused():
     with pytest.raises(LoraPruneError, match="--criterion streamed cannot be combined with --fsdp"):
         check_compatible(tiny_config("llama-gqa"), PruneConfig(criterion="streamed", fsdp=True))
+
+
+@pytest.mark.parametrize("criterion", ["streamed", "gradient", "sketch"])
+def test_no_scoring_work_after_the_last_pruning_step(tiny_tokenizer, monkeypatch, criterion):
+    """One-shot pruning at step 4 of 20: the criterion collects (streamed: block products in backward;
+    sketch: its projections; gradient: dL/dW0 of the base weights) in steps 1-4 and never after."""
+    from loraprune.pipeline.sketch import GradientSketch
+    from loraprune.pipeline.streamed import StreamedScore
+
+    model = tiny_model("llama-gqa")
+    forwards, collected = [0], []  # training forwards so far; the forward of each collection
+
+    def count_forward(module, args, output):
+        forwards[0] += 1
+        if any(p.requires_grad for name, p in model.named_parameters() if "lora_" not in name):
+            collected.append(forwards[0])  # the base weights would get a gradient in this backward
+
+    model.get_input_embeddings().register_forward_hook(count_forward)
+    for cls, name in ((StreamedScore, "add"), (GradientSketch, "_accumulate")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _f=original: collected.append(forwards[0]) or _f(self, *a))
+    config = PruneConfig(ratio=0.5, steps=20, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion,
+                         schedule="oneshot", skip_layers="none")  # fmt: skip
+    corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+    _, report = prune(model, tiny_tokenizer, corpus, config, progress=False)
+    last = SparsitySchedule.of(config).end
+    assert report["history"]["pruning_steps"] == [last] == [4]
+    assert sorted(set(collected)) == list(range(1, last + 1))  # every scoring step, and none after
+    assert report["score_updates"] == last
+
+
+@pytest.mark.parametrize("criterion", ["streamed", "gradient"])
+def test_resume_into_the_cooldown_scores_nothing_and_ends_alike(tiny_tokenizer, tmp_path, monkeypatch, criterion):
+    """A run resumed after its last pruning step attaches no scoring work (the hooks are dropped before
+    its first step) and ends with the uninterrupted run's weights, masks and scores."""
+    import shutil
+
+    from loraprune.pipeline.streamed import StreamedScore
+    from loraprune.runtime.checkpoint import Checkpointer, latest
+
+    config = PruneConfig(ratio=0.5, steps=10, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion,
+                         schedule="oneshot", skip_layers="none", shrink="end")  # fmt: skip
+    corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
+    checkpointer = Checkpointer(tmp_path / "run", {"model": "tiny"}, every=6)
+    whole, whole_report = prune(tiny_model("llama-gqa"), tiny_tokenizer, corpus, config, False, checkpointer)
+    shutil.rmtree(tmp_path / "run" / "step-000010")  # resume from step 6, in the cooldown (pruned at step 4)
+    resume = latest(tmp_path / "run")
+    assert resume.step == 6
+    adds, base_grads = [], []
+    monkeypatch.setattr(StreamedScore, "add", lambda self, *a: adds.append(1))
+    model = tiny_model("llama-gqa")
+    model.get_input_embeddings().register_forward_hook(
+        lambda m, a, o: base_grads.append(any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n))
+    )
+    resumed, report = prune(model, tiny_tokenizer, corpus, config, False, resume=resume)
+    assert adds == [] and not any(base_grads) and len(base_grads) == 4
+    assert report["history"]["loss"] == whole_report["history"]["loss"]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    for key in ("head_score", "channel_score", "head_alive", "channel_alive"):
+        assert torch.equal(report["scores"][key], whole_report["scores"][key]), key

@@ -159,20 +159,22 @@ def prune(
     torch.manual_seed(config.seed + distributed.rank())  # LoRA dropout: each rank its own stream
     rank, world = distributed.rank(), distributed.world_size()  # --batch-size is per process
     batches = iter(BatchSampler(train_windows, config.batch_size, seed=config.seed, rank=rank, world_size=world))
-    history = train(
-        peft_model,
-        pruner,
-        batches,
-        config,
-        loss_fn,
-        progress=progress,
-        checkpointer=checkpointer,
-        resume=resume,
-        on_pruning_step=on_pruning_step,
-    )
-    pruner.close()
-    if config.gradient_checkpointing:
-        set_activation_checkpointing(model, False)
+    try:
+        history = train(
+            peft_model,
+            pruner,
+            batches,
+            config,
+            loss_fn,
+            progress=progress,
+            checkpointer=checkpointer,
+            resume=resume,
+            on_pruning_step=on_pruning_step,
+        )
+    finally:  # also when training stops on an error: the caller's model keeps no hooks of ours
+        pruner.close()
+        if config.gradient_checkpointing:
+            set_activation_checkpointing(model, False)
     if sharded:  # the whole model on rank 0 from here on; the other ranks are done
         peft_model = fsdp.gather(peft_model, lambda: attach_lora(type(model)(model.config), arch, config))
         if peft_model is None:

@@ -115,6 +115,7 @@ class Pruner:
         # (never an optimizer step: train() only optimizes LoRA factors), freed after each update
         for weight in self.scored_weights:
             weight.requires_grad_(True)
+        self.scoring = True  # until stop_scoring: the criterion's hooks and gradients are live
         self.criterion.attach({m: summed_dim(role) for i in self.prunable for role, m in self.projections(i).items()})
 
     def _mask_input(self, mask: Tensor):
@@ -292,13 +293,23 @@ class Pruner:
             hook.remove()
         self.hooks = []
 
-    def close(self) -> None:
-        """Remove the masks' (and the criterion's) hooks and freeze the base weights again (after training)."""
-        self.remove_hooks()
+    def stop_scoring(self) -> None:
+        """After the last pruning step no score can change a mask: drop the criterion's hooks (the
+        inputs `streamed` keeps, its products in backward) and the base weights' gradients
+        (`gradient`'s dL/dW0), so that the steps left cost a plain LoRA step. Idempotent."""
+        if not self.scoring:
+            return
         self.clear_step_gradients()
         self.criterion.detach()
         for weight in self.scored_weights:
             weight.requires_grad_(False)
+        self.scoring = False
+
+    def close(self) -> None:
+        """Remove the masks' (and the criterion's) hooks and freeze the base weights again (after
+        training, or after a failure inside it)."""
+        self.remove_hooks()
+        self.stop_scoring()
 
 
 def _remove_lowest(alive: Tensor, score: Tensor, pool: Tensor | None, target: int) -> None:

@@ -146,8 +146,11 @@ def train(
         for step in bar:
             started = time.perf_counter()
             history.parameters.append(size)
-            # after the last pruning step no score can change a mask: skip the scoring
-            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn, score=step <= schedule.end)
+            if step > schedule.end and pruner.scoring:  # no pruning step left (also on resume into the cooldown)
+                pruner.stop_scoring()
+                del ddp_model
+                ddp_model = distributed.wrap(model)  # DDP reduces what required grad when built: no base weights now
+            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
             nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -194,9 +197,7 @@ def _trailing_run(steps: list[int], last: int) -> int:
     return run
 
 
-def _step(
-    model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn, score=True
-) -> tuple[float, bool]:
+def _step(model: nn.Module, pruner: Pruner, optimizer, batches, config: PruneConfig, loss_fn) -> tuple[float, bool]:
     """One optimizer step (grad_accum micro-batches); a NaN/inf loss, or a NaN/inf LoRA gradient under a
     finite loss, updates nothing (no score update, no optimizer step). Returns (loss, whether it updated)."""
     loss = 0.0
@@ -211,10 +212,8 @@ def _step(
     bad_gradient = distributed.any_rank(not _gradients_finite(optimizer))  # FSDP: each rank checks its shards
     updated = math.isfinite(loss) and not bad_gradient
     if updated:
-        if score:
+        if pruner.scoring:
             pruner.update_scores()  # from the accumulated gradients, before they are consumed
-        else:
-            pruner.clear_step_gradients()
         optimizer.step()
     else:
         pruner.clear_step_gradients()
