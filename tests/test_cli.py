@@ -6,6 +6,7 @@ import re
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import make_tokenizer
 from loraprune.cli import main
 
 FAST = ["--steps", "6", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet"]
@@ -176,3 +177,28 @@ def test_invalid_yaml_config_is_one_line_with_its_place(tmp_path, capsys):
     code, _, err = run(capsys, "prune", "--config", settings, "--output", tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"--config file .*run.yaml is not valid YAML at line \d+, column \d+", err), err
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_every_task_prunes_from_the_command_line_with_the_memory_preflight(tmp_path, capsys, text_file, family):
+    """As a user runs it: the pre-flight (on by default) traces the task's own inputs (a ViT has no
+    input_ids), then the run prunes, evaluates and reloads."""
+    from loraprune.tools.vit_digits import image_processor
+    from tiny import tiny_encoder
+
+    folder = tmp_path / family
+    tiny_encoder(family).save_pretrained(folder)
+    if family == "bert":
+        tokenizer = make_tokenizer()
+        tokenizer.pad_token = "</s>"
+        tokenizer.save_pretrained(folder)
+        data = text_file
+    else:
+        image_processor().save_pretrained(folder)
+        data = "digits"
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "prune", "--model", folder, "--data", data, "--output", out, *FAST,
+                            "--eval-windows", 16)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "loraprune.json").read_text())["removed"]["heads"] == 0.5
+    assert "reloaded with" in stdout

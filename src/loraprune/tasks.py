@@ -80,6 +80,9 @@ class Task:
     # than forward + logits, or None where this model cannot (the whole logits are used then)
     distilled_loss: Callable[..., Tensor | None] | None = None
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
+    # (model config, batch size, seq len) -> the model's keyword inputs for one training batch, on the
+    # meta device: what the memory estimate traces (tools/memory.py)
+    meta_inputs: Callable[[Any, int, int], dict] | None = None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -134,6 +137,11 @@ def _lm_probe(model, eval_set) -> dict:
     """16 seeded random token ids: they check the weights whether or not there was an evaluation."""
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids.to(_device(model))}
+
+
+def _token_inputs(model_config, batch_size: int, seq_len: int) -> dict:
+    # no attention mask: a full one is what training batches hold, and masks cannot be built on meta
+    return {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")}
 
 
 def _lm_sample(model, tokenizer) -> str:
@@ -285,6 +293,12 @@ def _image_examples(model, processor, images: tuple[Tensor, Tensor], config) -> 
     return {"pixel_values": pixel_values, "labels": labels}
 
 
+def _image_inputs(model_config, batch_size: int, seq_len: int) -> dict:
+    size, channels = model_config.image_size, model_config.num_channels
+    pixel_values = torch.zeros(batch_size, channels, size, size, device="meta")
+    return {"pixel_values": pixel_values, "labels": torch.zeros(batch_size, dtype=torch.long, device="meta")}
+
+
 def _image_eval_set(model, processor, images: tuple[Tensor, Tensor], seq_len: int, limit: int | None) -> dict:
     pixel_values, labels = images
     return {"pixel_values": pixel_values[:limit], "labels": labels[:limit]}
@@ -344,6 +358,7 @@ TASKS: dict[str, Task] = {
         logits=_logits,
         direct_loss=causal_lm_loss,
         distilled_loss=_lm_distilled_loss,
+        meta_inputs=_token_inputs,
     ),
     "embedding": Task(
         "embedding",
@@ -367,6 +382,7 @@ TASKS: dict[str, Task] = {
         timed_pass=_embedding_pass,
         speed_key="sentences_per_second",
         compares_to_dense=True,
+        meta_inputs=_token_inputs,
     ),
     "image-classification": Task(
         "image-classification",
@@ -388,6 +404,7 @@ TASKS: dict[str, Task] = {
         timed_pass=_image_pass,
         speed_key="images_per_second",
         logits=_logits,
+        meta_inputs=_image_inputs,
     ),
 }
 

@@ -99,15 +99,15 @@ def _config_with_layers(model_config, layers: int):
     return config
 
 
-def _meta_lora_model(model_config, criterion: str, dtype: str, lora_r: int, lora_dropout: float):
-    """The model with LoRA and the criterion's Pruner on the meta device; every layer scored."""
+def _meta_lora_model(model_config, criterion: str, dtype: str, lora_r: int, lora_dropout: float, task: str | None):
+    """The `task`'s model with LoRA and the criterion's Pruner on the meta device; every layer scored."""
     from ..config import PruneConfig
     from ..pipeline.lora import attach_lora
     from ..pipeline.pruner import Pruner
     from ..tasks import auto_class_for
 
     with torch.device("meta"):
-        model = auto_class_for(model_config).from_config(model_config, dtype=getattr(torch, dtype))
+        model = auto_class_for(model_config, task).from_config(model_config, dtype=getattr(torch, dtype))
     config = PruneConfig(criterion=criterion, lora_r=lora_r, lora_dropout=lora_dropout, skip_layers="none")
     arch = arch_for(model_config)
     peft_model = attach_lora(model, arch, config)
@@ -152,16 +152,19 @@ def _memo(function):
 
 
 def saved_bytes(model_config, batch_size: int, seq_len: int, criterion: str = "lora", dtype: str = "float32",
-                lora_r: int = 8, lora_dropout: float = 0.05, distill: bool = False) -> int:  # fmt: skip
+                lora_r: int = 8, lora_dropout: float = 0.05, distill: bool = False,
+                task: str | None = None) -> int:  # fmt: skip
     """Bytes autograd keeps for backward after a training forward and loss of this model (meta
-    device): the chunked loss of lm_loss.py, distilled from the dense model under `distill`."""
-    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill)
+    device) on a batch the `task` (the family's default if None) builds: for a causal LM the chunked
+    loss of lm_loss.py, distilled from the dense model under `distill`; an encoder's forward."""
+    return _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill, task)
 
 
 @_memo
-def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill) -> int:
+def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lora_dropout, distill, task) -> int:
+    from ..tasks import task_for
 
-    model = _meta_lora_model(model_config, criterion, dtype, lora_r, lora_dropout)
+    model = _meta_lora_model(model_config, criterion, dtype, lora_r, lora_dropout, task)
     model.train()
     params = {id(p) for p in model.parameters()}
     kept: dict[int, torch.Tensor] = {}  # by storage (a view's base): one input saved by q, k and v counts once
@@ -172,13 +175,14 @@ def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lo
             kept[id(base)] = base  # the reference keeps the id unique while counting
         return t
 
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    inputs = task_for(model_config, task).meta_inputs(model_config, batch_size, seq_len)
+    ids = inputs.get("input_ids")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     try:
         torch.nn.functional.scaled_dot_product_attention = _flash_like
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if chunked_head(model) is None:  # an encoder: its forward (no LM loss)
-                model(input_ids=ids, labels=ids)
+            if chunked_head(model) is None:  # an encoder: its forward on the task's inputs (no LM loss)
+                model(**inputs)
             elif distill:  # the teacher: the same model without gradients (nothing kept)
                 distilled_causal_lm_loss(model, ids, lambda fn: torch.no_grad()(fn)(model), 0.5, 1.0)
             else:
@@ -188,17 +192,17 @@ def _saved_bytes(model_config, batch_size, seq_len, criterion, dtype, lora_r, lo
     return sum(t.numel() * t.element_size() for t in kept.values())
 
 
-def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,last") -> dict:
-    """Parameters of the model, of its LoRA factors, and of the projections a criterion scores."""
-    return dict(_model_counts(model_config, lora_r, skip_layers))
+def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,last", task: str | None = None) -> dict:
+    """Parameters of the `task`'s model, of its LoRA factors, and of the projections a criterion scores."""
+    return dict(_model_counts(model_config, lora_r, skip_layers, task))
 
 
 @_memo
-def _model_counts(model_config, lora_r, skip_layers) -> dict:
+def _model_counts(model_config, lora_r, skip_layers, task) -> dict:
     from ..config import PruneConfig
     from ..tasks import meta_model
 
-    model = meta_model(model_config)
+    model = meta_model(model_config, task)
     arch = arch_for(model.config)
     layers = arch.layers_of(model)
     skipped = PruneConfig(skip_layers=skip_layers).skipped_layers(len(layers))
@@ -224,16 +228,18 @@ def estimate(
     skip_layers: str = "first10pct,last",
     lora_dropout: float = 0.05,
     distill: bool = False,
+    task: str | None = None,
 ) -> Estimate:
     """Expected peak bytes of one process's training step for this config; `distill`: the loss
-    distills from the dense model (--distill; its last hidden states and logits a chunk at a time)."""
-    counts = model_counts(model_config, lora_r, skip_layers)
+    distills from the dense model (--distill; its last hidden states and logits a chunk at a time);
+    `task`: what the model is trained for (tasks.py; the family's default if None)."""
+    counts = model_counts(model_config, lora_r, skip_layers, task)
     layers, e = counts["layers"], BYTES[dtype]
     tokens = batch_size * seq_len
 
     def saved(n: int, crit: str) -> int:
         config = _config_with_layers(model_config, n)
-        return saved_bytes(config, batch_size, seq_len, crit, dtype, lora_r, lora_dropout, distill)
+        return saved_bytes(config, batch_size, seq_len, crit, dtype, lora_r, lora_dropout, distill, task)
 
     one = saved(1, "lora")
     layer = saved(2, "lora") - one  # one layer's activations
@@ -345,7 +351,7 @@ def run_estimate(model_config, config, dtype: str, device: str = "cpu", sharded_
     processes divides the weights; 8-/4-bit loading stores the base weights in that many bits."""
     est = estimate(model_config, config.batch_size, config.seq_len, config.lora_r, dtype, config.decided_criterion(),
                    config.gradient_checkpointing, "cpu" if device == "cpu" else "cuda", config.skip_layers,
-                   config.lora_dropout, distill=bool(config.distill))  # fmt: skip
+                   config.lora_dropout, distill=bool(config.distill), task=config.task)  # fmt: skip
     if quantize_bits:
         est.base_weights = est.base_weights * quantize_bits // (8 * BYTES[dtype])
     if sharded_over > 1:
