@@ -185,8 +185,15 @@ def test_preflight_counts_processes_on_cpu_and_names_the_device():
         preflight(config, run_config, "float32", device="cuda:0", processes=4, available=1)
 
 
-@pytest.mark.parametrize("free_over_needed,tight", [(1.5, True), (3.0, False)])
-def test_preflight_returns_freed_memory_only_on_a_tight_run(tmp_path, monkeypatch, free_over_needed, tight):
+@pytest.mark.parametrize(
+    "free_over_needed,allowed,tight",
+    [(1.1, True, True), (1.1, False, False), (1.5, True, False), (3.0, True, False)],
+)
+def test_preflight_returns_freed_memory_only_where_the_run_would_not_fit_otherwise(
+    tmp_path, monkeypatch, capsys, free_over_needed, allowed, tight
+):
+    """Only where the heap's measured overshoot would take the run past the free RAM, never under
+    --no-return-freed-memory, and one line on stderr when it is set (it is process-wide)."""
     from transformers import LlamaConfig
 
     from loraprune.config import PruneConfig
@@ -199,6 +206,10 @@ def test_preflight_returns_freed_memory_only_on_a_tight_run(tmp_path, monkeypatc
     needed = memory.run_estimate(LlamaConfig(**CONFIG), config, "float32", "cpu", 1, None).peak
     monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * free_over_needed))
     calls = []
-    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1))
-    memory.check_memory(LlamaConfig(**CONFIG), config, RunSettings(model=str(tmp_path), data="ptb", output="x"))
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1) or True)
+    run = RunSettings(model=str(tmp_path), data="ptb", output="x", return_freed_memory=allowed)
+    memory.check_memory(LlamaConfig(**CONFIG), config, run)
     assert calls == ([1] if tight else [])
+    said = capsys.readouterr().err
+    assert ("glibc now returns freed memory" in said and "--no-return-freed-memory" in said) == tight
+    assert said.count("\n") == int(tight)

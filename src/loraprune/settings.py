@@ -17,7 +17,7 @@ from .errors import LoraPruneError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
-                     "gradient_checkpointing", "overwrite", "memory_check", "gguf"}  # fmt: skip
+                     "gradient_checkpointing", "overwrite", "memory_check", "return_freed_memory", "gguf"}  # fmt: skip
 REQUIRED = ("model", "data", "output")
 
 
@@ -54,6 +54,12 @@ class RunSettings:
         "before loading, refuse a run whose estimated peak memory (loraprune estimate) exceeds the free "
         "RAM (GPU memory per process)",
         flag="--memory-check",
+    )
+    return_freed_memory: bool = setting(
+        True,
+        "when the estimated peak is within the heap's overshoot of the free RAM, make glibc return freed "
+        "memory to the system (lower peak, slower steps; process-wide, and said on stderr when set)",
+        flag="--return-freed-memory",
     )
 
     def __post_init__(self):

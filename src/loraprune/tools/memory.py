@@ -24,6 +24,7 @@ On CPU the peak is the process's resident memory, so the Python + torch runtime 
 
 import copy
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,9 +73,12 @@ class Estimate:
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 18
-# Returning freed memory costs time (every large block is mapped and zeroed afresh: 12 steps of the
-# demo took 1.45x as long for 23% less resident peak), so `prune` asks for it only on a tight run.
-TIGHT_FRACTION = 0.5
+# Resident peak over the estimate (which counts live bytes) when glibc keeps freed blocks in its heap:
+# the largest measured, the demo's 3.2 GiB against 2.5 GiB with freed memory returned (SmolLM2-360M
+# at 1 x 512: 1.25). Returning it costs time (every large block is mapped and zeroed afresh: the
+# demo's steps took 1.45x as long), so `prune` asks for it only when the estimate times this factor
+# exceeds the free memory: a run that would otherwise not fit.
+HEAP_OVERSHOOT = 1.28
 
 
 def return_freed_memory() -> bool:
@@ -82,7 +86,8 @@ def return_freed_memory() -> bool:
     does by default only until the first large free raises its threshold up to 32 MiB. Without this,
     activation-sized blocks freed in backward stay in the heap, fragmented, and a training process's
     resident peak is 10-25% above what it holds live (measured: bench/scale.py); the estimate counts
-    what is live. Called by `loraprune prune`; False where the C library is not glibc."""
+    what is live. One-way and process-wide (glibc has no call to undo it): `prune` calls it only
+    on a run that would not fit otherwise, and says so. False where the C library is not glibc."""
     import ctypes
 
     try:
@@ -396,8 +401,13 @@ def check_memory(model_config, config, run) -> None:
     _, needed, available = preflight(
         model_config, config, run.dtype, device, processes, fsdp.requested(config.fsdp), run.quantize_bits
     )
-    if device == "cpu" and needed > TIGHT_FRACTION * available:
-        return_freed_memory()  # resident memory then follows what is live, which the estimate counts
+    if device == "cpu" and needed * HEAP_OVERSHOOT > available and run.return_freed_memory and return_freed_memory():
+        print(
+            f"loraprune: the estimated peak ({needed / GiB:.1f} GiB) is near the {available / GiB:.1f} GiB available: "
+            "glibc now returns freed memory to the system for this process (lower peak, slower steps; "
+            "--no-return-freed-memory keeps it off)",
+            file=sys.stderr,
+        )
     kind, path = _resolve(run.model)
     if kind == "folder" and not any(name.endswith(WEIGHT_FILES) for name in os.listdir(path)):
         raise LoraPruneError(
