@@ -1,6 +1,6 @@
-"""Shared helpers of the benchmark scripts: arguments and the shared fine-tuning budget, a prune
-loop that shows each pruning step, machine info, JSON results, PNG figures, and BENCHMARKS.md
-sections (between markers, so a rerun replaces only its own section).
+"""Shared helpers of the benchmark scripts: arguments and the shared fine-tuning budget, machine
+info, JSON results, PNG figures, and the benchmark's page in docs/benchmarks/ (bench/pages.py
+builds it from the JSON, so a page never shows a number that is not in bench/results).
 
 Timing rule on a shared machine: compared variants are measured side by side, alternated, in
 one process; we report medians and ratios, never a lone absolute number as a claim.
@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,15 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-MARKDOWN = ROOT / "BENCHMARKS.md"
-HEADER = """# Benchmarks
-
-Measured claims of LoRAPrune (arXiv 2305.18403) on this implementation: SmolLM2-135M-Instruct
-(float32) + Penn Treebank, equal fine-tuning budget for every row. Each section below is written
-by one script in `bench/` (`make bench-quick` / `make bench`, or `python -m bench.<name> --help`);
-its raw numbers are in `bench/results/<name>-<label>.json`. Timings on a shared 2-core machine are
-noisy: compared variants are measured alternated in one process and given as medians and ratios.
-"""
+PAGES = ROOT / "docs" / "benchmarks"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -42,7 +35,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
-    p.add_argument("--markdown", default=str(MARKDOWN), help="BENCHMARKS.md to update ('' to skip)")
+    p.add_argument(
+        "--markdown",
+        default=None,
+        help="where the page goes: by default docs/benchmarks/<page>.md, rebuilt from every JSON of the "
+        "benchmark in --results; a FILE.md gets the page as a marked section instead (several benchmarks can "
+        "share one file); '' writes no page",
+    )
     return p
 
 
@@ -117,13 +116,14 @@ def budget(args, ratio: float, criterion: str = "lora", **overrides):
     )
 
 
-def budget_text(args) -> str:
-    """The markdown sentence stating the shared budget (flags of `budget_arguments`)."""
+def budget_text(args: dict, splits: str = "each split") -> str:
+    """The markdown sentence stating the shared budget, from a run's arguments (its JSON's `args`)."""
+    a = args if isinstance(args, dict) else vars(args)
+    windows = f"the first {a['eval_windows']}" if a.get("eval_windows") else "all"
     return (
-        f"Configuration **{args.label}**: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, "
-        f"lr {args.lr:g}, LoRA r=8 alpha=16 dropout 0.05, prune every {args.prune_freq} steps, seed {args.seed}; "
-        f"perplexity over {f'the first {args.eval_windows}' if args.eval_windows else 'all'} "
-        f"{args.eval_seq}-token windows of each split."
+        f"{a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
+        f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}; perplexity over {windows} "
+        f"{a.get('eval_seq', 128)}-token windows of {splits}."
     )
 
 
@@ -153,6 +153,26 @@ def perplexities(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, w)["perplexity"] for name, w in sets.items()}
 
 
+def code_version() -> dict:
+    """The commit of the working tree and whether src/ differs from it: which code a result measures
+    (bench/pages.py compares it with the commits that changed what a benchmark measures)."""
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "src")
+    return {"commit": commit, "src_modified": None if status is None else bool(status)}
+
+
+# taken when a script starts, as the code it imports is the code it measures
+CODE = code_version()
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -170,6 +190,7 @@ def machine() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     info = {
+        **CODE,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -213,41 +234,48 @@ def table(headers: list[str], rows: list[list]) -> str:
     return markdown_table(headers, rows)
 
 
-def provenance(info: dict, cmd: str) -> str:
-    v = info["versions"]
-    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
-    return (
-        f"_{info['date']}; {info['cores']} cores ({info['cpu']}), torch threads {info['torch_threads']}{gpu}; "
-        f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
-        f"loraprune {v['loraprune']}._  \n_Command:_ `{cmd}`"
-    )
-
-
-def update_markdown(args, name: str, title: str, body: str) -> None:
-    """Replace (or append) the section `name` of the markdown file."""
-    if not args.markdown:
-        return
-    path = Path(args.markdown)
-    text = path.read_text() if path.exists() else HEADER
+def update_markdown(path: Path, name: str, title: str, body: str) -> None:
+    """Replace (or append) the section `name` of the markdown file at `path`, between markers, so
+    that several benchmarks can share one file (`--markdown FILE.md`)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)
         text = before + section + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n" + section + "\n"
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
     path.write_text(text)
 
 
-def publish(args, argv, name: str, title: str, results: dict, body: str) -> dict:
-    """Write a run's JSON (args, machine, command and `results`) and its markdown section
-    (the provenance line, then `body`); returns the JSON payload."""
-    info = machine()
+def write_page(args, page: str, section: str, title: str) -> Path | None:
+    """Rebuild the page `page` (bench/pages.py) from every JSON in --results, where --markdown says:
+    docs/benchmarks/<page>.md by default, or as the marked section `section` titled `title` of a
+    shared markdown file; '' writes none."""
+    if args.markdown == "":
+        return None
+    from . import pages
+
+    results = Path(args.results)
+    if args.markdown is None:
+        path = PAGES / f"{page}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pages.page(page, results, path))
+    else:
+        path = Path(args.markdown)
+        update_markdown(path, section, title, pages.body(page, results, path))
+    return path
+
+
+def publish(args, argv, name: str, title: str, results: dict) -> dict:
+    """Write a run's JSON (args, machine, command and `results`), then rebuild its page from the JSON
+    (`title`: the section's title in a shared --markdown file); returns the JSON payload."""
     cmd = command(argv, f"bench.{name}")
-    payload = {"benchmark": name, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
+    payload = {"benchmark": name, "label": args.label, "args": vars(args), "machine": machine(), "command": cmd}
     payload.update(results)
     write_json(args, name, payload)
-    update_markdown(args, name, title, f"{provenance(info, cmd)}\n\n{body}")
+    write_page(args, name, name, title)
     return payload
 
 
@@ -262,14 +290,18 @@ def pyplot():
 
 
 def save_figure(args, name: str, fig, caption: str) -> tuple[Path, str]:
-    """Save `fig` as <results>/<name>-<label>.png; returns the path and the markdown line showing it."""
+    """Save `fig` as <results>/<name>-<label>.png; returns its path and caption (`image` shows it on a page)."""
     path = Path(args.results) / f"{name}-{args.label}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
-    where = Path(args.markdown).resolve().parent if args.markdown else ROOT
-    return path, f"![{caption}]({Path(os.path.relpath(path.resolve(), where)).as_posix()})"
+    return path, caption
+
+
+def image(path: Path, caption: str, page: Path) -> str:
+    """The markdown line that shows the figure at `path` on the page at `page` (a relative link)."""
+    return f"![{caption}]({Path(os.path.relpath(Path(path).resolve(), Path(page).resolve().parent)).as_posix()})"
 
 
 class Timer:

@@ -99,10 +99,16 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         print(f"[ema] λ={lam:g}: {row['perplexity']}, mean flip rate {row['mean_flip_rate']}", flush=True)
         del pruned
 
-    key = next(iter(evals))
-    body = (
-        f"{common.budget_text(args)} Ratio {args.ratio:g}; flip rates are fractions of all groups of the pruned "
-        f"layers (heads and channels), at most {2 * args.ratio:g}; see the docstring of `bench/ema.py`.\n\n"
+    return common.publish(args, argv, NAME, "6.2 Moving-average sensitivity (λ)", {"rows": rows})
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    args, rows = payload["args"], payload["rows"]
+    key = next(iter(rows[0]["perplexity"]))
+    return (
+        f"{common.budget_text(args)} Ratio {args['ratio']:g}; flip rates are fractions of all groups of the pruned "
+        f"layers (heads and channels), at most {2 * args['ratio']:g}.\n\n"
         + common.table(
             [
                 "λ",
@@ -125,9 +131,8 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                 ]
                 for r in rows
             ],
-        )
+        )  # fmt: skip
     )
-    return common.publish(args, argv, NAME, "6.2 Moving-average sensitivity (λ)", {"rows": rows}, body)
 
 
 if __name__ == "__main__":

@@ -125,26 +125,32 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         forwards += latency(args, torch.randint(0, 512, (b, s), generator=g).to(args.device))
         print(f"[{NAME}] {forwards[-2:]}", flush=True)
 
-    info = common.machine()
-    cmd = common.command(argv, f"bench.{NAME}")
-    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
-    payload.update(steps=steps, forwards=forwards, seconds=time.perf_counter() - started)
+    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": common.machine(),
+               "command": common.command(argv, f"bench.{NAME}"), "steps": steps, "forwards": forwards,
+               "seconds": time.perf_counter() - started}  # fmt: skip
     common.write_json(args, NAME, payload)
-    ratio = {}
+    title = f"GPU: a LLaMA-{args.shape}-shaped model ({args.label})"
+    common.write_page(args, NAME, f"{NAME}-{args.label}", title)
+    return payload
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    args, steps = payload["args"], payload["steps"]
+    peaks = {}
     for row in steps:
-        key = (row["batch"], row["gradient_checkpointing"])
-        ratio.setdefault(key, {})[row["criterion"]] = row["peak_GB"]
+        peaks.setdefault((row["batch"], row["gradient_checkpointing"]), {})[row["criterion"]] = row["peak_GB"]
     step_rows = []
     for r in steps:
-        gradient = ratio[(r["batch"], r["gradient_checkpointing"])].get("gradient", float("nan"))
+        gradient = peaks[(r["batch"], r["gradient_checkpointing"])].get("gradient", float("nan"))
         checkpointing = "on" if r["gradient_checkpointing"] else "off"
         step_rows.append([r["batch"], checkpointing, r["criterion"], r["peak_GB"], r["weights_GB"],
                           r["median_step_s"], r["peak_GB"] / gradient])  # fmt: skip
-    body = (
-        f"{common.provenance(info, cmd)}\n\n"
-        f"LLaMA-{args.shape}-shaped model, random weights, {args.dtype} on {args.device}; peak = "
-        f"{'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'RSS high-water mark'}. "
-        "Paper (LLaMA-7B, 1 x 2048): 18.3 GB (LoRA-guided) vs 38.6 GB (gradient), ratio 0.47.\n\n"
+    peak = "torch.cuda.max_memory_allocated" if args["device"].startswith("cuda") else "the RSS high-water mark"
+    return (
+        f"LLaMA-{args['shape']}-shaped model, random weights, {args['dtype']} on {args['device']}; peak: {peak}. "
+        "The paper (LLaMA-7B, 1 x 2048): 18.3 GB with the LoRA-guided criterion against 38.6 GB with the "
+        "gradient, a ratio of 0.47.\n\n"
         + common.table(
             ["batch", "grad. checkpointing", "criterion", "peak GB", "weights GB", "median step s", "peak / gradient"],
             step_rows,
@@ -154,12 +160,10 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             ["batch", "model", "parameters", "median forward s", "speedup"],
             [
                 [r["batch"], r["model"], f"{r['parameters'] / 1e9:.2f}B", r["median_forward_s"], r["speedup"]]
-                for r in forwards
+                for r in payload["forwards"]
             ],
         )  # fmt: skip
     )
-    common.update_markdown(args, f"{NAME}-{args.label}", f"GPU: a LLaMA-{args.shape}-shaped model ({args.label})", body)
-    return payload
 
 
 if __name__ == "__main__":

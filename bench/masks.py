@@ -61,16 +61,17 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         rows.append(row)
         print(f"[masks] {row}", flush=True)
 
-    info = common.machine()
-    cmd = common.command(argv, "bench.masks")
-    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
-    payload["rows"] = rows
-    common.write_json(args, NAME, payload)
-    body = (
-        f"{common.provenance(info, cmd)}\n\n"
-        f"Configuration **{args.label}**: `{first}` vs `{second}`, each {args.steps} steps x batch {args.batch_size} "
-        f"x {args.seq_len} tokens, lr {args.lr:g}, prune every {args.prune_freq}, seed {args.seed}; IoU of the "
-        "pruned groups over the prunable layers.\n\n"
+    return common.publish(args, argv, NAME, f"5. Mask agreement: {first} vs {second}", {"rows": rows})
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    a = payload["args"]
+    first, second = [c for c in a["criteria"].split(",") if c]
+    return (
+        f"`{first}` vs `{second}`, each {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr "
+        f"{a['lr']:g}, prune every {a['prune_freq']}, seed {a['seed']}; IoU of the pruned groups over the prunable "
+        f"layers; 'pruned': by `{first}`.\n\n"
         + common.table(
             [
                 "ratio",
@@ -91,12 +92,10 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                     r["heads_pruned"][0],
                     r["channels_pruned"][0],
                 ]
-                for r in rows
+                for r in payload["rows"]
             ],
-        )
+        )  # fmt: skip
     )
-    common.update_markdown(args, NAME, f"5. Mask agreement: {first} vs {second}", body)
-    return payload
 
 
 if __name__ == "__main__":

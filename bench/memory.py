@@ -158,47 +158,55 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                     "met": lo[key] / gr[key] <= 0.5,
                 }
             )
-    info = common.machine()
-    cmd = common.command(argv, "bench.memory")
-    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
-    payload.update(runs=runs, ratios=ratios)
-    common.write_json(args, NAME, payload)
+    return common.publish(args, argv, NAME, "2. Memory: lora vs gradient criterion", {"runs": runs, "ratios": ratios})
 
+
+def mib(value: float | None) -> str:
+    """MiB as the tables show them: whole above 100, one decimal below."""
+    return "" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    args, runs = payload["args"], payload["runs"]
     parts = list(runs[0]["breakdown_MiB"])
+    cuda = args["device"].startswith("cuda")
     rows = []
     for r in runs:
         m = r["measured"]
         rows.append(
             [
-                r["criterion"] + (f", distill {r['distill']:g}" if r["distill"] else ""),
+                r["criterion"] + (f", distill {r['distill']:g}" if r.get("distill") else ""),
                 f"{r['batch']}x{r['seq_len']}",
-                m.get("cuda_peak_MiB", m["peak_rss_MiB"]),
-                r["estimated_peak_MiB"],
-                m["peak_above_runtime_MiB"],
-                *[r["breakdown_MiB"][k] for k in parts],
-                r["breakdown_total_MiB"],
+                *[mib(v) for v in (m.get("cuda_peak_MiB", m["peak_rss_MiB"]), r.get("estimated_peak_MiB"))],
+                *[mib(v) for v in (m["peak_above_runtime_MiB"], *[r["breakdown_MiB"][k] for k in parts])],
+                mib(r["breakdown_total_MiB"]),
             ]
         )
-    peak = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS"
-    body = (
-        f"{common.provenance(info, cmd)}\n\n"
-        f"Configuration **{args.label}**: {args.steps} training steps per fresh process (forward, backward, "
-        f"importance update, AdamW step), LoRA r=8 on all 7 projections, float32, device {args.device}. "
-        f"MiB. 'above runtime' = peak RSS minus the RSS of the bare Python+torch process before loading; "
-        f"'predicted' = the analytic breakdown's sum, to compare with it; 'estimate' = `loraprune estimate`'s "
-        f"expected peak for the same run.\n\n"
-        + common.table(["criterion", "batch", peak, "estimate", "above runtime", *parts, "predicted"], rows)
-        + "\n\n"
+    ratios = [[r["batch"], r["peak_ratio"], r["peak_above_runtime_ratio"]] for r in payload["ratios"]]
+    return (
+        f"{args['steps']} training steps per fresh process (forward, backward, importance update, AdamW step), "
+        f"LoRA r=8 on all 7 projections, float32, device {args['device']}; MiB. 'above runtime': the peak less the "
+        "RSS of the bare Python and torch process before loading; 'estimate': what `loraprune estimate` expects "
+        "for the same run; 'sum of parts': the breakdown's sum, counted from the shapes.\n\n"
         + common.table(
-            ["batch", "peak(lora)/peak(gradient)", "same, above runtime", "target <= 0.5"],
             [
-                [r["batch"], r["peak_ratio"], r["peak_above_runtime_ratio"], "yes" if r["met"] else "**no**"]
-                for r in ratios
+                "criterion",
+                "batch",
+                "peak CUDA alloc" if cuda else "peak RSS",
+                "estimate",
+                "above runtime",
+                *parts,
+                "sum of parts",
             ],
+            rows,
+        )  # fmt: skip
+        + (
+            "\n\n" + common.table(["batch", "peak lora / peak gradient", "same, above runtime"], ratios)
+            if ratios
+            else ""
         )
     )
-    common.update_markdown(args, NAME, "2. Memory: lora vs gradient criterion", body)
-    return payload
 
 
 if __name__ == "__main__":

@@ -100,14 +100,15 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                     "met": value <= limit,
                 }
             )
-    info = common.machine()
-    cmd = common.command(argv, "bench.quality")
-    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
-    payload.update(rows=rows, targets=targets)
-    common.write_json(args, NAME, payload)
+    return common.publish(args, argv, NAME, "1. Quality: perplexity by criterion and ratio",
+                          {"rows": rows, "targets": targets})  # fmt: skip
 
-    keys = list(evals)
-    dense = by["dense, as shipped"]["parameters"]
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    args, rows = payload["args"], payload["rows"]
+    keys = list(rows[0]["perplexity"])
+    dense = next(r for r in rows if r["name"] == "dense, as shipped")["parameters"]
     table = common.table(
         ["run", *[f"ppl {k}" for k in keys], "params total", "params prunable", "removed total", "final train loss"],
         [
@@ -122,21 +123,10 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             for r in rows
         ],
     )
-    span = "all windows" if not n else f"the first {n} {short}-token windows"
     tokens = ", ".join(f"{k}: {v} tokens" for k, v in rows[0]["tokens"].items())
-    body = (
-        f"{common.provenance(info, cmd)}\n\n"
-        f"Configuration **{args.label}**: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, "
-        f"lr {args.lr:g}, LoRA r=8 alpha=16 dropout 0.05, prune every {args.prune_freq} steps, seed {args.seed}; "
-        f"perplexity over {span} of each split ({tokens}).\n\n"
-        f"{table}\n\n"
-        + common.table(
-            ["target", "measured", "met"],
-            [[t["claim"], t["measured"], "yes" if t["met"] else "**no**"] for t in targets],
-        )
-    )
-    common.update_markdown(args, NAME, "1. Quality: perplexity by criterion and ratio", body)
-    return payload
+    checks = [[t["claim"], t["measured"], "yes" if t["met"] else "**no**"] for t in payload["targets"]]
+    checks = "\n\n" + common.table(["check", "measured", "holds"], checks) if checks else ""
+    return f"{common.budget_text(args)} Tokens scored: {tokens}.\n\n{table}{checks}"
 
 
 if __name__ == "__main__":

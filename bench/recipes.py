@@ -10,6 +10,7 @@ reference as the interpreter ships it): text from another domain than the tuning
 """
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         "layers": None if report is None else report["layers"],
         "config": None if report is None else report["config"],
         "prune_seconds": seconds,
+        "args": vars(args),
         "machine": common.machine(),
         "command": common.command(None, "bench.recipes"),
     }
@@ -84,12 +86,27 @@ def main(argv=None, model=None, tokenizer=None) -> None:
         }
         for spec in args.runs:
             run_one(args, spec, base, tokenizer, evals, folder)
-    rows = sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["machine"]["date"])
-    if not rows:
-        return
+    common.write_page(args, NAME, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})")
+
+
+def runs_of(folder: Path) -> list[dict]:
+    """Every run measured under one label (a folder of JSON, one per run), in the order they ran."""
+    return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["machine"]["date"])
+
+
+def run_arguments(row: dict) -> dict:
+    """The arguments a run was measured with: recorded in its JSON, or read back from its command."""
+    if "args" in row:
+        return row["args"]
+    return vars(arguments().parse_args(shlex.split(row["command"])[3:]))  # after '.venv/bin/python -m bench.recipes'
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one label: {"label", "rows"} (the runs of one folder)."""
+    rows = payload["rows"]
     keys = [f"{data} {split}" for data, split in EVALS]
     table = common.table(
-        ["run", "recipe", "shrink", *[f"ppl {k}" for k in keys], "params removed", "prune s"],
+        ["run", "recipe", "shrink", *[f"ppl {k}" for k in keys], "params removed"],
         [
             [
                 r["name"],
@@ -97,17 +114,19 @@ def main(argv=None, model=None, tokenizer=None) -> None:
                 "" if r["config"] is None else r["config"].get("shrink", "end"),  # before --shrink: masked
                 *[r["perplexity"].get(k) for k in keys],
                 f"{1 - r['parameters']['total'] / r['dense_parameters']:.1%}",
-                round(r["prune_seconds"]),
             ]
             for r in rows
         ],
     )
-    body = (
-        f"{common.provenance(rows[-1]['machine'], rows[-1]['command'])}\n\n"
-        f"The latest run's provenance; each row's own command, machine and config are in {folder.name}/NAME.json. "
-        f"{common.budget_text(args)} `pydoc`: the Python reference (out of the tuning domain).\n\n{table}"
+    budgets = {common.budget_text(run_arguments(r)) for r in rows}
+    budget = budgets.pop() if len(budgets) == 1 else "Budgets differ between rows: see each run's JSON."
+    commands = sorted({r["command"] for r in rows})
+    return (
+        f"{budget} `pydoc`: the Python reference, text from another domain than the tuning data. A recipe is "
+        "`CRITERION:RATIO[:setting=value,...]` (PruneConfig settings); ratio 0 is dense + LoRA, `none` the model as "
+        f"shipped.\n\n{table}\n\nCommands (a run already in the folder is skipped):\n\n"
+        + "\n".join(f"- `{c}`" for c in commands)
     )
-    common.update_markdown(args, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})", body)
 
 
 if __name__ == "__main__":

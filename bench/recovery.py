@@ -104,11 +104,21 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         print(f"[recovery] ratio {ratio:g}: {row['perplexity']} ({row['seconds']:.0f} s)", flush=True)
         del pruned, recovered
 
-    figure, image = plot(args, shipped, rows, key)
-    body = (
-        f"{common.budget_text(args)} Recovery: {args.recovery_steps} further steps with a fresh LoRA, same "
+    figure, _ = plot(args, shipped, rows, key)
+    results = {"dense_as_shipped": shipped, "rows": rows, "figure": figure}
+    return common.publish(args, argv, NAME, "6.4 Recovery after pruning", results)
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON), and its figure."""
+    args, rows, shipped = payload["args"], payload["rows"], payload["dense_as_shipped"]
+    key = f"test@{args['eval_seq']}"
+    figure = results / f"{NAME}-{payload['label']}.png"
+    caption = "perplexity vs parameters kept, after pruning and after recovery"
+    return (
+        f"{common.budget_text(args)} Recovery: {args['recovery_steps']} further steps with a fresh LoRA, same "
         f"settings, no pruning. Ratio 0 is the dense model with the same LoRA budget; the dense model as "
-        f"shipped has perplexity {shipped['perplexity']:.4g} ({dense / 1e6:.2f}M parameters).\n\n"
+        f"shipped has perplexity {shipped['perplexity']:.4g} ({shipped['parameters'] / 1e6:.2f}M parameters).\n\n"
         + common.table(
             ["ratio", "params total", "kept", f"ppl {key} after pruning", "after recovery", "final recovery loss"],
             [
@@ -122,11 +132,9 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                 ]
                 for r in rows
             ],
-        )
-        + f"\n\n{image}"
+        )  # fmt: skip
+        + (f"\n\n{common.image(figure, caption, page)}" if figure.exists() else "")
     )
-    results = {"dense_as_shipped": shipped, "rows": rows, "figure": figure}
-    return common.publish(args, argv, NAME, "6.4 Recovery after pruning", results, body)
 
 
 if __name__ == "__main__":

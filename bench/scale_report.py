@@ -8,12 +8,17 @@ from . import common
 GiB = 2**30
 CRITERIA = ("lora", "sketch", "streamed", "gradient")
 TITLE = "2b. Memory and time at 0.36B-7B shapes (bf16, CPU): lora vs sketch vs gradient"
+CAPTION = "peak memory against parameters per criterion"
 
 
 def load_rows(results: Path) -> tuple[list[dict], list[dict]]:
     """(rows, payloads) of all scale-*.json in `results`, smallest model first."""
-    payloads = [json.loads(p.read_text()) for p in sorted(results.glob("scale-*.json"))]
-    payloads.sort(key=lambda p: p["counts"]["parameters"])
+    return rows_of([json.loads(p.read_text()) for p in sorted(results.glob("scale-*.json"))])
+
+
+def rows_of(payloads: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows, payloads) of the given sizes' JSON, smallest model first."""
+    payloads = sorted(payloads, key=lambda p: p["counts"]["parameters"])
     rows = [dict(r, parameters=p["counts"]["parameters"]) for p in payloads for r in p["rows"]]
     return rows, payloads
 
@@ -44,8 +49,9 @@ def ratio(a: dict | None, b: dict | None) -> str:
 
 
 def tables(rows: list[dict]) -> tuple[str, str, dict]:
-    """(memory table, time table, numbers for the targets)."""
+    """(memory table, time table, numbers for the claims), a column per criterion measured."""
     keyed = {(r["size"], r["point"], r["criterion"]): r for r in rows}
+    criteria = [c for c in CRITERIA if any(r["criterion"] == c for r in rows)]
     order = []
     for r in rows:
         if (r["size"], r["point"]) not in order:
@@ -53,63 +59,46 @@ def tables(rows: list[dict]) -> tuple[str, str, dict]:
     order.sort(key=lambda sp: (keyed_params(rows, sp[0]), sp[1].split(":")[0].split("x")[1].zfill(5), sp[1]))
     memory, time = [], []
     for size, point in order:
-        at = {c: keyed.get((size, point, c)) for c in CRITERIA}
+        at = {c: keyed.get((size, point, c)) for c in criteria}
         first = next(r for r in at.values() if r)
         b, s, ckpt = first["batch"], first["seq_len"], "on" if first["checkpointing"] else "off"
         params = f"{first['parameters'] / 1e9:.2f}B"
         memory.append(
-            [size, params, f"{b}x{s}", ckpt, *(cell(at[c]) for c in CRITERIA), ratio(at["lora"], at["gradient"])]
+            [
+                size,
+                params,
+                f"{b}x{s}",
+                ckpt,
+                *(cell(at[c]) for c in criteria),
+                ratio(at.get("lora"), at.get("gradient")),
+            ]
         )
-        steps = [f"{at[c]['median_step_s']:.1f}" if at[c] and "median_step_s" in at[c] else "" for c in CRITERIA]
-        shares = [f"{at[c]['score_share']:.1%}" if at[c] and "score_share" in at[c] else "" for c in CRITERIA]
+        steps = [f"{at[c]['median_step_s']:.1f}" if at[c] and "median_step_s" in at[c] else "" for c in criteria]
+        shares = [f"{at[c]['score_share']:.1%}" if at[c] and "score_share" in at[c] else "" for c in criteria]
         if any(steps):
             time.append([size, params, f"{b}x{s}", ckpt, *steps, *shares])
     measured = [r for r in rows if "peak_bytes" in r]
     errors = [(abs(error(r)), r) for r in measured]
     numbers = {"max_estimate_error": max(errors, key=lambda e: e[0]) if errors else None}
     mem_table = common.table(
-        ["model", "parameters", "batch", "grad. ckpt", "lora GiB (est.)", "sketch GiB (est.)", "gradient GiB (est.)",
-         "peak lora / gradient"],
+        ["model", "parameters", "batch", "grad. ckpt", *[f"{c} GiB (est.)" for c in criteria], "peak lora / gradient"],
         memory,
-    )  # fmt: skip
+    )
     time_table = common.table(
-        ["model", "parameters", "batch", "grad. ckpt", "step s lora", "step s sketch", "step s gradient",
-         "scoring share lora", "scoring share sketch", "scoring share gradient"],
+        ["model", "parameters", "batch", "grad. ckpt", *[f"step s {c}" for c in criteria],
+         *[f"scoring share {c}" for c in criteria]],
         time,
     )  # fmt: skip
     return mem_table, time_table, numbers
-
-
-def estimate_table(sizes: list[str], dtype: str, seqs=(128, 512)) -> tuple[str, dict]:
-    """The estimate alone at every size, batch 1 x each of `seqs`, checkpointing off/on: lora,
-    gradient and their ratio (for the sizes and points this machine could not measure)."""
-    from loraprune.tools.memory import estimate
-
-    from .scale import model_config
-
-    rows, ratios = [], {}
-    for size in sizes:
-        config = model_config(size)
-        for seq in seqs:
-            for ckpt in (False, True):
-                peak = {c: estimate(config, 1, seq, dtype=dtype, criterion=c, gradient_checkpointing=ckpt).peak
-                        for c in ("lora", "gradient")}  # fmt: skip
-                ratios[(size, seq, ckpt)] = peak["lora"] / peak["gradient"]
-                rows.append([size, f"1x{seq}", "on" if ckpt else "off", peak["lora"] / GiB, peak["gradient"] / GiB,
-                             ratios[(size, seq, ckpt)]])  # fmt: skip
-    table = common.table(
-        ["model", "batch", "grad. ckpt", "lora GiB (est.)", "gradient GiB (est.)", "lora / gradient (est.)"], rows
-    )
-    return table, ratios
 
 
 def keyed_params(rows: list[dict], size: str) -> int:
     return next(r["parameters"] for r in rows if r["size"] == size)
 
 
-def plot(args, rows: list[dict], payloads: list[dict]) -> str:
+def plot(args, rows: list[dict], payloads: list[dict]) -> Path:
     """Peak memory against parameters, one colour per criterion: measured points and the estimate's
-    lines, at 1x128 and 1x512, checkpointing off (solid) and on (dashed); returns the markdown image line."""
+    lines, at 1x128 and 1x512, checkpointing off (solid) and on (dashed); returns the PNG's path."""
     from loraprune.tools.memory import estimate
 
     from .scale import SHAPES, model_config
@@ -148,46 +137,40 @@ def plot(args, rows: list[dict], payloads: list[dict]) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("peak memory (GiB): points measured RSS, lines estimate")
     axes[0][-1].legend(fontsize=7, loc="upper left")
-    _, line = common.save_figure(args, "scale", fig, "peak memory against parameters per criterion")
-    return line
+    path, _ = common.save_figure(args, "scale", fig, CAPTION)
+    return path
 
 
 def render(args) -> dict:
-    results = Path(args.results)
-    rows, payloads = load_rows(results)
+    """After a run (or --render-only): the plot from every scale-*.json in --results, then the page."""
+    rows, payloads = load_rows(Path(args.results))
     if not rows:
-        print("[scale] no scale-*.json in", results)
+        print("[scale] no scale-*.json in", args.results)
         return {}
-    mem_table, time_table, numbers = tables(rows)
-    image = plot(args, rows, payloads)
-    from .scale import SIZES
+    plot(args, rows, payloads)
+    common.write_page(args, "scale", "memory-scale", TITLE)
+    return {"rows": rows, "numbers": tables(rows)[2]}
 
-    est_table, _ = estimate_table(SIZES, payloads[0]["args"]["dtype"])
-    info = payloads[-1]["machine"]
+
+def section(payload: dict, page, results: Path) -> str:
+    """The page's section of one label: {"label", "payloads": one JSON per size, "folder"}."""
+    rows, payloads = rows_of(payload["payloads"])
+    mem_table, time_table, numbers = tables(rows)
     err = numbers["max_estimate_error"]
-    worst = f"{err[0]:.1%} ({err[1]['size']} {err[1]['criterion']} {err[1]['point']})" if err else "n/a"
-    total = sum(p.get("seconds", 0) for p in payloads)
+    worst = f"{err[0]:.1%} ({err[1]['size']} {err[1]['criterion']} {err[1]['point']})" if err else "none measured"
+    first = payloads[0]["args"]
     commands = "\n".join(f"- {p['size']}: `{p['command']}`" for p in payloads)
-    body = (
-        f"{common.provenance(info, '.venv/bin/python -m bench.scale --render-only --label ' + args.label)}\n\n"
-        f"One process per size, as run:\n{commands}\n\n"
-        f"Sizes present: {', '.join(p['size'] for p in payloads)} ({total / 60:.0f} min in all). Random weights in "
-        f"{payloads[0]['args']['dtype']}, built from each model's published config (bench/scale.py); every size "
-        "and criterion in one fresh process, which measures its points in the order of the table; "
-        f"{payloads[0]['args']['steps']} LoRAPrune step(s) per point (forward, backward, score update, AdamW "
-        "step), LoRA r=8 on all 7 projections, the AdamW state created before measuring. Peak = the process's RSS "
-        "high-water mark (reset before each point), GiB; in brackets the estimate of `loraprune estimate` (the "
-        "pre-flight's). 'does not fit': the pre-flight refused it (estimate > MemAvailable at that moment), "
-        f"so it was not run. Largest estimate error over the measured points: {worst}.\n\n"
-        + mem_table
-        + "\n\n"
-        + "Step time (median of the measured steps, seconds; the machine is shared with other work, so absolute "
-        "times are noisy; the scoring share is measured within the same steps):\n\n"
-        + time_table
-        + "\n\n"
-        + image
-        + "\n\nThe estimate alone at every size (the pre-flight's numbers, GiB of RSS):\n\n"
-        + est_table
+    figure = payload["folder"] / f"scale-{payload['label']}.png"
+    return (
+        f"Random weights in {first['dtype']}, built from each model's published configuration (bench/scale.py); "
+        "every size and criterion in a fresh process, which measures its points in the order of the table; "
+        f"{first['steps']} LoRAPrune step(s) per point (forward, backward, score update, AdamW step), LoRA r=8 on "
+        "all 7 projections, the AdamW state created before measuring. Peak: the process's RSS high-water mark "
+        "(reset before each point), GiB; in brackets what `loraprune estimate` (the pre-flight) expected. 'does "
+        "not fit': the pre-flight refused the point (its estimate was above the memory available), so it did not "
+        f"run. Largest estimate error over the measured points: {worst}.\n\n"
+        f"{mem_table}\n\nStep time (median of the measured steps, seconds) and the share of it spent in the "
+        f"score update, measured in the same steps:\n\n{time_table}"
+        + (f"\n\n{common.image(figure, CAPTION, page)}" if figure.exists() else "")
+        + f"\n\nOne process per size and criterion, as run:\n\n{commands}"
     )
-    common.update_markdown(args, "memory-scale", TITLE, body)
-    return {"rows": rows, "numbers": numbers}

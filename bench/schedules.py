@@ -59,10 +59,17 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         print(f"[schedules] {schedule}: {row['perplexity']} ({row['seconds']:.0f} s)", flush=True)
         del pruned
 
-    figure, image = plot(args, rows)
-    keys = list(evals)
-    body = (
-        f"{common.budget_text(args)} Ratio {args.ratio:g}.\n\n"
+    figure, _ = plot(args, rows)
+    return common.publish(args, argv, NAME, "6.3 Schedules", {"rows": rows, "figure": figure})
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON), and its figure."""
+    args, rows = payload["args"], payload["rows"]
+    keys = list(rows[0]["perplexity"])
+    figure = results / f"{NAME}-{payload['label']}.png"
+    return (
+        f"{common.budget_text(args)} Ratio {args['ratio']:g}.\n\n"
         + common.table(
             ["schedule", *[f"ppl {k}" for k in keys], "pruning steps", "removed total", "final train loss"],
             [
@@ -75,10 +82,9 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                 ]
                 for r in rows
             ],
-        )
-        + f"\n\n{image}"
+        )  # fmt: skip
+        + (f"\n\n{common.image(figure, 'sparsity per step of each schedule', page)}" if figure.exists() else "")
     )
-    return common.publish(args, argv, NAME, "6.3 Schedules", {"rows": rows, "figure": figure}, body)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,27 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                "block_bytes": scoring.SCORE_BLOCK_BYTES, "rows": rows}  # fmt: skip
     tight = "-tight" if args.return_freed_memory else ""
     common.write_json(args, f"{NAME}-{args.size}{tight}", payload)
+    common.write_page(args, NAME, f"{NAME}-{args.size}{tight}-{args.label}", f"Score blocks: {args.size}{tight}")
     return payload
+
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    a = payload["args"]
+    allocator = (
+        "glibc returning every freed block of 256 KiB or more to the system at once, as `prune` sets it on a run "
+        "near the RAM limit"
+        if a["return_freed_memory"]
+        else "glibc's default allocator settings"
+    )
+    return (
+        f"The {a['size']} shape in {a['dtype']}, criterion `{a['criterion']}`, {a['rounds']} timed score updates "
+        f"per variant, alternated in one process (medians); {allocator}. Blocks of "
+        f"{payload['block_bytes'] // 2**20} MiB by default.\n\n"
+        + common.table(
+            ["variant", "median s", "vs default"], [[r["variant"], r["median_s"], r["ratio"]] for r in payload["rows"]]
+        )
+    )
 
 
 if __name__ == "__main__":

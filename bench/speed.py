@@ -119,13 +119,13 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             r["speedup"] = r["tokens_per_s"] / dense_tps
         print(f"[speed] {r}", flush=True)
 
-    info = common.machine()
-    cmd = common.command(argv, "bench.speed")
-    payload = {"benchmark": NAME, "label": args.label, "args": vars(args), "machine": info, "command": cmd}
-    payload["rows"] = rows
-    payload["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
-    common.write_json(args, NAME, payload)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
+    return common.publish(args, argv, NAME, "4. Inference speed: dense vs pruned", {"rows": rows, "params": params})
 
+
+def section(payload: dict, page, results) -> str:
+    """The page's section of one run (its JSON)."""
+    args, rows = payload["args"], payload["rows"]
     fwd = [
         [
             r["variant"],
@@ -140,18 +140,15 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         if "median_s" in r
     ]
     gen = [[r["variant"], r["tokens_per_s"], r["speedup"]] for r in rows if "tokens_per_s" in r]
-    body = (
-        f"{common.provenance(info, cmd)}\n\n"
-        f"Configuration **{args.label}**: {args.rounds} alternated rounds per shape (median), pruned models from "
-        f"{args.prune_steps} steps of `prune()` (shapes are fixed by the ratio); greedy generation of "
-        f"{args.new_tokens} tokens from a 16-token prompt, {args.gen_rounds} rounds. MACs per token include the "
-        "LM head and attention at the mean causal context. Target: speedup >= 90% of the MAC limit.\n\n"
+    return (
+        f"{args['rounds']} alternated rounds per shape (medians); the pruned models come from "
+        f"{args['prune_steps']} steps of `prune()` (the ratio fixes their shapes); greedy generation of "
+        f"{args['new_tokens']} tokens from a 16-token prompt, {args['gen_rounds']} rounds. MACs per token count the "
+        "LM head and attention at the mean causal context; the MAC limit is dense MACs / pruned MACs.\n\n"
         + common.table(["model", "shape", "median ms", "MACs/token", "speedup", "MAC limit", "speedup / limit"], fwd)
         + "\n\n"
         + common.table(["model", "greedy tokens/s (median)", "speedup"], gen)
     )
-    common.update_markdown(args, NAME, "4. Inference speed: dense vs pruned", body)
-    return payload
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark scripts (bench/) at tiny size, so they cannot rot: the real code
-paths (prune, perplexity, subprocess memory runs, timing, markdown sections) on a tiny llama."""
+paths (prune, perplexity, subprocess memory runs, timing, the pages built from the JSON) on a tiny llama."""
 
 import json
 import sys
@@ -80,19 +80,58 @@ def test_a_rerun_replaces_only_its_own_section(outputs):
 
 
 def test_table_and_markers(tmp_path):
-    class Args:
-        markdown = str(tmp_path / "B.md")
-
-    common.update_markdown(Args, "x", "X", "first body")
-    common.update_markdown(Args, "y", "Y", "second body")
-    common.update_markdown(Args, "x", "X", common.table(["a", "b"], [[1, 0.5]]))
-    text = (tmp_path / "B.md").read_text()
+    path = tmp_path / "B.md"
+    common.update_markdown(path, "x", "X", "first body")
+    common.update_markdown(path, "y", "Y", "second body")
+    common.update_markdown(path, "x", "X", common.table(["a", "b"], [[1, 0.5]]))
+    text = path.read_text()
     assert (
         "first body" not in text
         and "second body" in text
         and "| 1 | 0.5 |" in text
         and text.index("bench:x") < text.index("bench:y")
     )
+
+
+def test_a_page_is_built_from_the_json_alone_and_carries_no_provenance(outputs, tmp_path, monkeypatch):
+    from bench import pages
+
+    out, payloads, base = outputs
+    monkeypatch.setattr(common, "PAGES", tmp_path / "pages")
+    args = quality.arguments().parse_args(base[:-2])  # without --markdown
+    assert args.markdown is None  # the default: docs/benchmarks/<page>.md, here under tmp_path
+    common.write_page(args, "quality", "quality", "unused")
+    text = (tmp_path / "pages" / "quality.md").read_text()
+    assert text.startswith(f"# {pages.PAGES['quality'].title}\n") and "\n## smoke\n" in text
+    assert "| lora 0.5 |" in text and "quality-smoke.json" in text
+    machine = payloads["quality"]["machine"]
+    assert machine["commit"] and machine["date"] not in text and machine["cpu"] not in text
+    # rebuilt from the JSON, without the run: the same page
+    assert pages.page("quality", out / "results", tmp_path / "pages" / "quality.md") == text
+
+
+def test_a_stale_result_is_left_out_until_it_is_measured_again(outputs, tmp_path, monkeypatch):
+    from bench import pages
+
+    out, _, _ = outputs
+    results = out / "results"
+    path = results / "masks-smoke.json"
+    monkeypatch.setitem(pages.STALE, "masks-smoke.json", (pages.fingerprint(path), "code changed"))
+    assert pages.results_of("masks", results) == []
+    assert "No current measurement" in pages.body("masks", results, tmp_path / "masks.md")
+    assert [r.label for r in pages.results_of("masks", results, stale_too=True)] == ["smoke"]
+    monkeypatch.setitem(pages.STALE, "masks-smoke.json", ("0" * 12, "another file"))  # a rerun: shown again
+    assert [r.label for r in pages.results_of("masks", results)] == ["smoke"]
+
+
+def test_bench_pages_checks_and_writes_every_page(outputs, tmp_path):
+    from bench import pages
+
+    out, _, _ = outputs
+    argv = ["--results", str(out / "results"), "--pages", str(tmp_path), "--claims", str(tmp_path / "CLAIMS.md")]
+    assert pages.main([*argv, "--check"]) == 1 and not (tmp_path / "quality.md").exists()
+    assert pages.main(argv) == 0 and pages.main([*argv, "--check"]) == 0
+    assert {p.stem for p in tmp_path.glob("*.md")} == {*pages.PAGES, "CLAIMS"}
 
 
 def test_the_gpu_scale_script_runs_at_tiny_size_on_cpu(tmp_path):
