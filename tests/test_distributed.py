@@ -88,12 +88,20 @@ def test_two_processes_prune_like_one_at_the_same_global_batch(
 
 
 def test_streamed_scores_are_averaged_over_the_ranks(tmp_path, tiny_folder, text_file):
-    """The streamed criterion sums |dL/dW0 ⊙ W| per micro-batch, so two ranks' scores are not one
-    process's; they are averaged, so the ranks prune alike (the run checks it) and shrink alike."""
-    argv = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--criterion", "streamed", *RUN]
-    run(2, *argv, "--batch-size", 2, "--output", tmp_path / "two", cwd=tmp_path)
-    scores = load_file(str(tmp_path / "two" / "loraprune_scores.safetensors"))
-    assert (~scores["head_alive"]).sum() > 0 and scores["head_score"].abs().sum() > 0
+    """The streamed criterion sums |dL/dW0 ⊙ W| per micro-batch and averages the ranks' sums. Two ranks
+    with one window each see what one process sees in two micro-batches of one window (the sampler
+    gives rank r row r of the global batch), and grad-accum halves each micro-batch's gradient as the
+    average over two ranks does: the same scores, the same groups. Summing the ranks' sums would double them."""
+    argv = ["--model", tiny_folder, "--data", text_file, "--steps", 12, "--criterion", "streamed", "--lora-dropout", 0]
+    argv += [*RUN, "--batch-size", 1, "--no-normalize"]  # raw sums: a factor of 2 would show
+    run(1, *argv, "--grad-accum", 2, "--output", tmp_path / "one", cwd=tmp_path)
+    run(2, *argv, "--output", tmp_path / "two", cwd=tmp_path)
+    one, two = (load_file(str(tmp_path / p / "loraprune_scores.safetensors")) for p in ("one", "two"))
+    assert (~two["head_alive"]).sum() > 0 and two["head_score"].abs().sum() > 0
+    for name in ("head_score", "channel_score"):
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=SCORE_ATOL, msg=name)
+    for name in ("head_alive", "channel_alive"):
+        assert two[name].equal(one[name]), name
     report = json.loads((tmp_path / "two" / "loraprune.json").read_text())
     assert report["processes"] == 2 and report["config"]["criterion"] == "streamed"
 
