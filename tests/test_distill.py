@@ -96,6 +96,60 @@ def test_prune_with_distillation(tiny_tokenizer):
     assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
 
 
+def test_alpha_one_with_the_student_equal_to_the_teacher_has_zero_loss_and_gradient(tiny_tokenizer):
+    """Before any pruning and with LoRA's B = 0 (peft's initialisation) the student is the dense model:
+    the distillation loss and every LoRA gradient are 0 (a loss that mixed in anything else, or a
+    teacher that was not the dense model, would not be)."""
+    from loraprune.api import training_loss
+
+    model = tiny_model("llama-gqa")
+    config = PruneConfig(distill=1.0, distill_temperature=2.0, distill_teacher="model", criterion="lora")
+    peft_model = attach_lora(model, arch_for(model.config), config)
+    pruner = Pruner(peft_model.get_base_model(), arch_for(model.config), config)
+    peft_model.train()
+    batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = training_loss(TASKS["causal-lm"], peft_model, pruner, config)(peft_model, batch)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    grads = [p.grad for name, p in peft_model.named_parameters() if "lora_" in name]
+    assert grads and max(g.abs().max().item() for g in grads) < 1e-6
+
+
+def test_the_logged_distillation_loss_is_the_kl_of_the_whole_logits(tiny_tokenizer, monkeypatch):
+    """At step 5 of a pruning run (after the pruning step 3, LoRA trained), the loss logged with
+    alpha = 1 equals T²·KL(dense ‖ pruned) computed from both models' whole logits on that batch."""
+    from loraprune import api
+
+    whole = {}
+    made = api.training_loss
+
+    def training_loss(task, peft_model, pruner, config):
+        loss_fn, teacher, calls = (
+            made(task, peft_model, pruner, config),
+            DenseTeacher(peft_model, task.forward, pruner),
+            [],
+        )
+
+        def loss(model, batch):
+            calls.append(1)
+            if len(calls) == 5:
+                with torch.no_grad():
+                    student = task.forward(model, batch).logits
+                    whole["kl"] = distillation_loss(student, teacher(batch).logits, config.distill_temperature).item()
+            return loss_fn(model, batch)
+
+        return loss
+
+    monkeypatch.setattr(api, "training_loss", training_loss)
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=1.0, lora_dropout=0,
+                         distill_temperature=2.0, distill_teacher="model", lr=1e-2)  # fmt: skip
+    _, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False)
+    assert report["history"]["pruning_steps"] == [3, 5]
+    assert whole["kl"] > 1e-3  # the pruned, trained student is not the teacher
+    # to float32 rounding of the per-position sums (the chunked loss is not formed as the same differences)
+    assert report["history"]["loss"][4] == pytest.approx(whole["kl"], abs=2e-6)
+
+
 def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
     config = PruneConfig(distill=0.5, seq_len=16)
     with pytest.raises(LoraPruneError, match="--distill applies to tasks with logits"):
