@@ -18,6 +18,8 @@ README, BENCHMARKS, DOCS = ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "d
 PENDING = {DOCS / "architecture.md"}
 # the sections source docstrings cite as docs/method.md#<anchor>
 METHOD_SECTIONS = (
+    "setting",
+    "groups",
     "lora-guided-criterion",
     "scores-and-criteria",
     "streamed-criterion",
