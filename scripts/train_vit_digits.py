@@ -1,6 +1,6 @@
-"""Train the digits ViT fixture (see loraprune.tools.vit_digits): python scripts/train_vit_digits.py --output DIR"""
+"""Train the digits ViT fixture (see loraprune.pipeline.vit_digits): python scripts/train_vit_digits.py --output DIR"""
 
-from loraprune.tools.vit_digits import main
+from loraprune.pipeline.vit_digits import main
 
 if __name__ == "__main__":
     main()

@@ -183,7 +183,7 @@ def test_invalid_yaml_config_is_one_line_with_its_place(tmp_path, capsys):
 def test_every_task_prunes_from_the_command_line_with_the_memory_preflight(tmp_path, capsys, text_file, family):
     """As a user runs it: the pre-flight (on by default) traces the task's own inputs (a ViT has no
     input_ids), then the run prunes, evaluates and reloads."""
-    from loraprune.tools.vit_digits import image_processor
+    from loraprune.pipeline.vit_digits import image_processor
     from tiny import tiny_encoder
 
     folder = tmp_path / family

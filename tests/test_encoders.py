@@ -172,7 +172,7 @@ def test_vit_digits_fixture(tmp_path):
     from sklearn.datasets import load_digits
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from loraprune.tools.vit_digits import accuracy, train_vit_digits
+    from loraprune.pipeline.vit_digits import accuracy, train_vit_digits
 
     info = train_vit_digits(tmp_path / "vit")
     assert info["test_accuracy"] >= 0.95

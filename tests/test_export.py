@@ -7,10 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraprune.errors import LoraPruneError
-from loraprune.pipeline.export import MODELING_FILE, save_pruned
+from loraprune.pipeline.export import MODELING_FILE, REPORT_FILE, save_pruned
 from loraprune.pipeline.load import load_model
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
-from loraprune.tools.report import REPORT_FILE
 from tiny import FAMILIES, masked_then_pruned, tiny_inputs, tiny_model
 
 # Runs in a fresh interpreter where `import loraprune` fails, as on a machine without it.

@@ -15,6 +15,14 @@ from torch import nn
 
 from .errors import LoraPruneError
 
+# per task (tasks.py): the transformers Auto class that holds its model, and what preprocesses the
+# model's inputs ("tokenizer" for text, "image" for an image processor)
+TASK_MODELS: dict[str, tuple[str, str]] = {
+    "causal-lm": ("AutoModelForCausalLM", "tokenizer"),
+    "embedding": ("AutoModel", "tokenizer"),
+    "image-classification": ("AutoModelForImageClassification", "image"),
+}
+
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "gate_up", "down")
 
@@ -179,6 +187,26 @@ def arch_for(config) -> Arch:
         supported = ", ".join(sorted(ARCHS))
         raise LoraPruneError(f"unsupported architecture {model_type!r}; supported: {supported}")
     return ARCHS[model_type]
+
+
+def task_name(model_config, task: str | None = None) -> str:
+    """`task`, or the default task of the model's family."""
+    return task or arch_for(model_config).task
+
+
+def auto_class_for(model_config, task: str | None = None) -> type:
+    """The transformers Auto class that builds/loads a model of this config for `task` (default: the family's)."""
+    import transformers
+
+    return getattr(transformers, TASK_MODELS[task_name(model_config, task)][0])
+
+
+def meta_model(model_config, task: str | None = None) -> nn.Module:
+    """The task's model of this config on the meta device: shapes and parameter counts, no weights."""
+    import torch
+
+    with torch.device("meta"):
+        return auto_class_for(model_config, task).from_config(model_config)
 
 
 def get_path(root, path: str):

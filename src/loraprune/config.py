@@ -9,13 +9,14 @@ validates against are listed here, and each table asserts that it has exactly th
 import math
 from dataclasses import dataclass, field
 
+from .archs import TASK_MODELS
 from .errors import LoraPruneError
 
 CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch", "streamed")  # importance.CRITERIA
 SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPES
 ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
 AGGREGATIONS = ("sum", "square")
-TASK_NAMES = ("causal-lm", "embedding", "image-classification")  # tasks.TASKS
+TASK_NAMES = tuple(TASK_MODELS)  # tasks.TASKS holds one entry each
 SHRINK_MODES = ("progressive", "end")
 TEACHER_PRECISIONS = ("auto", "bfloat16", "model")  # train.teacher_autocast
 

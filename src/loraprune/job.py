@@ -13,7 +13,7 @@ from .api import check_compatible, prune
 from .config import PruneConfig
 from .errors import LoraPruneError
 from .pipeline.evaluate import count_parameters, count_prunable
-from .pipeline.export import check_output, save_pruned
+from .pipeline.export import REPORT_FILE, check_output, save_pruned
 from .pipeline.gguf_export import check_gguf_output, describe_export, export_gguf
 from .pipeline.load import load_config, load_model
 from .pipeline.modeling_pruned import LAYOUT_KEY
@@ -22,7 +22,7 @@ from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, 
 from .settings import EvalSettings, RunSettings, record
 from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
 from .tools.memory import check_memory
-from .tools.report import REPORT_FILE, format_summary
+from .tools.report import format_summary, write_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,7 +59,7 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
         check_no_checkpoints(checkpoints, run.overwrite)
     train_data = task.load(run.data, "train")
     test_data = task.load(run.data, "test") if evaluate else None
-    model, tokenizer = load_model(run.model, DTYPES[run.dtype], run.quantize_bits, task=task)
+    model, tokenizer = load_model(run.model, DTYPES[run.dtype], run.quantize_bits, task=task.name)
     if distributed.device() is not None:  # several processes on GPUs: each rank on its own
         model.to(distributed.device())
     checkpointer = Checkpointer(checkpoints, record(config, run), every=run.checkpoint_every, replace=resume is None)
@@ -81,7 +81,7 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
         report["resumed_from_step"] = resume.step
     if not main:
         return report  # the other ranks are done: rank 0 saves (the CLI waits for it)
-    save_pruned(pruned, tokenizer, output, report, overwrite=run.overwrite)
+    save_pruned(pruned, tokenizer, output, report, overwrite=run.overwrite, extras=write_report)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: nothing left to resume
     print(format_summary(report))
     print(_reload_check(task, pruned, tokenizer, output, eval_set))
@@ -92,7 +92,7 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
 
 def _time_dense_and_pruned(task: Task, run: RunSettings, pruned, eval_set, evaluation: dict) -> None:
     """Speeds again, dense (reloaded: it was pruned in place) and pruned timed in alternation."""
-    dense = load_model(run.model, DTYPES[run.dtype], task=task)[0]
+    dense = load_model(run.model, DTYPES[run.dtype], task=task.name)[0]
     speeds = paired_speeds(task, [dense, pruned], eval_set, run.eval_batch_size)
     for result, speed in zip((evaluation["dense"], evaluation["pruned"]), speeds, strict=True):
         result[task.speed_key] = speed
@@ -124,12 +124,12 @@ def evaluate_job(settings: EvalSettings) -> dict:
     model uses `settings.reference`, by default the model a pruned folder's loraprune.json names."""
     task = task_for(load_config(settings.model), settings.task)
     test_data = task.load(settings.data, "test")
-    loaded, tokenizer = load_model(settings.model, task=task)
+    loaded, tokenizer = load_model(settings.model, task=task.name)
     reference = settings.reference
     report_file = Path(settings.model) / REPORT_FILE
     if task.compares_to_dense and reference is None and report_file.is_file():
         reference = json.loads(report_file.read_text()).get("model")
-    teacher = load_model(reference, task=task)[0] if task.compares_to_dense and reference else None
+    teacher = load_model(reference, task=task.name)[0] if task.compares_to_dense and reference else None
     eval_set = task.eval_set(teacher, tokenizer, test_data, settings.seq_len, settings.eval_windows)
     result = task.evaluate(loaded, eval_set, settings.eval_batch_size, progress=not settings.json)
     result.update(model=settings.model, data=settings.data, split="test", task=task.name, reference=reference)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .archs import arch_for
+from .archs import TASK_MODELS, task_name
 from .config import TASK_NAMES
 from .errors import LoraPruneError
 from .pipeline.data import (
@@ -52,9 +52,7 @@ MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set f
 
 @dataclass(frozen=True)
 class Task:
-    name: str
-    auto_class: str  # the transformers Auto class that loads such a model
-    processor: str  # what preprocesses its inputs: "tokenizer" (text) or "image" (an image processor)
+    name: str  # its Auto class and input processor: archs.TASK_MODELS
     load: Callable[[str, str], Any]  # (data spec, split) -> raw data (text, sentences, images)
     examples: Callable[..., Tensor | dict]  # (dense model, tokenizer, raw, config) -> training examples
     forward: Callable[[nn.Module, Any], Any]  # (model, batch on the CPU) -> what the loss reads
@@ -83,6 +81,11 @@ class Task:
     # (model config, batch size, seq len) -> the model's keyword inputs for one training batch, on the
     # meta device: what the memory estimate traces (tools/memory.py)
     meta_inputs: Callable[[Any, int, int], dict] | None = None
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads such a model."""
+        return TASK_MODELS[self.name][0]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -340,8 +343,6 @@ def _image_evaluate(model, eval_set: dict, batch_size: int = 64, progress: bool 
 TASKS: dict[str, Task] = {
     "causal-lm": Task(
         "causal-lm",
-        "AutoModelForCausalLM",
-        "tokenizer",
         load_text,
         _lm_examples,
         _lm_forward,
@@ -362,8 +363,6 @@ TASKS: dict[str, Task] = {
     ),
     "embedding": Task(
         "embedding",
-        "AutoModel",
-        "tokenizer",
         load_sentences,
         _embedding_examples,
         embed,
@@ -386,8 +385,6 @@ TASKS: dict[str, Task] = {
     ),
     "image-classification": Task(
         "image-classification",
-        "AutoModelForImageClassification",
-        "image",
         load_images,
         _image_examples,
         _classify,
@@ -450,23 +447,10 @@ def objective(task: Task, teacher=None, distill: float = 0.0, temperature: float
 
 def task_for(model_config, name: str | None = None) -> Task:
     """The task called `name`, or the default of the model's family."""
-    name = name or arch_for(model_config).task
+    name = task_name(model_config, name)
     if name not in TASKS:
         raise LoraPruneError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def auto_class_for(model_config, name: str | None = None):
-    """The transformers Auto class that builds/loads a model of this config for its task."""
-    import transformers
-
-    return getattr(transformers, task_for(model_config, name).auto_class)
-
-
-def meta_model(model_config, name: str | None = None) -> nn.Module:
-    """The task's model of this config on the meta device: shapes and parameter counts, no weights."""
-    with torch.device("meta"):
-        return auto_class_for(model_config, name).from_config(model_config)
 
 
 def model_output(model: nn.Module, inputs: dict) -> tuple[str, Tensor]:

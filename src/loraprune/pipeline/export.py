@@ -10,21 +10,22 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from ..archs import auto_class_for
 from ..errors import LoraPruneError, write_error
-from ..tasks import task_for
-from ..tools.report import REPORT_FILE, SCORES_FILE, write_report
 from . import modeling_pruned
 from .modeling_pruned import LAYOUT_KEY
 
 MODELING_FILE = "modeling_loraprune.py"
 SETTINGS_FILE = "loraprune.yaml"
+REPORT_FILE = "loraprune.json"  # the run's report (prune()'s, without the scores)
+SCORES_FILE = "loraprune_scores.safetensors"  # the final score averages and masks
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -42,13 +43,15 @@ def pruned_class_name(model: nn.Module) -> str:
     return name
 
 
-def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, overwrite: bool = False) -> Path:
+def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, overwrite: bool = False,
+                extras: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Write weights (safetensors), config, tokenizer and loraprune.json to `output`, plus the final
-    scores and report.md with plots when `report` comes from `prune()`. Everything goes to a
-    temporary folder beside it first, renamed into place only when complete."""
+    scores when `report` comes from `prune()`; `extras(folder)` adds more files (the job: report.md
+    with plots). Everything goes to a temporary folder beside it first, renamed into place only when
+    complete."""
     with staged_folder(Path(output), overwrite, "saving the pruned model") as staging:
         if hasattr(model.config, LAYOUT_KEY):
-            auto_class = task_for(model.config, report.get("task")).auto_class  # the auto_map key
+            auto_class = auto_class_for(model.config, report.get("task")).__name__  # the auto_map key
             model.config.auto_map = {auto_class: f"{MODELING_FILE[:-3]}.{pruned_class_name(model)}"}
             shutil.copyfile(modeling_pruned.__file__, staging / MODELING_FILE)
         model.save_pretrained(staging, safe_serialization=True)
@@ -61,8 +64,8 @@ def save_pruned(model: nn.Module, tokenizer, output: str | Path, report: dict, o
         if "config" in report:  # the resolved settings, reusable as `prune --config`
             settings = {"model": report.get("model"), "data": report.get("data"), **report["config"]}
             (staging / SETTINGS_FILE).write_text(yaml.safe_dump(settings, sort_keys=False))
-        if "history" in report:
-            write_report(staging)
+        if extras is not None:
+            extras(staging)
     return Path(output)
 
 

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
+from ..archs import TASK_MODELS  # noqa: E402
 from ..errors import LoraPruneError  # noqa: E402
 
 EMBEDDED = "smollm2"
@@ -70,7 +71,7 @@ def _embedded_folder(spec: str) -> str | None:
     if spec == MINILM:
         return minilm_path()
     if spec == "vit-digits":
-        from ..tools.vit_digits import ensure_vit_digits
+        from .vit_digits import ensure_vit_digits
 
         return str(ensure_vit_digits())  # trained into the cache (~30 s) when missing
     return None
@@ -111,11 +112,11 @@ def load_config(spec: str):
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, quantize_bits: int | None = None, task=None
+    spec: str, dtype: torch.dtype = torch.float32, quantize_bits: int | None = None, task: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) from 'smollm2', a .gguf file or a local Hugging Face folder;
     `quantize_bits` 8 or 4 loads a folder's weights through bitsandbytes (CUDA only, quant.py).
-    Also 'minilm' and 'vit-digits'. The model class is the task's (a tasks.Task; by default the
+    Also 'minilm' and 'vit-digits'. The model class is the task's (a task name; by default the
     model type's: causal LM, BERT AutoModel, ViT image classifier); an image model's "tokenizer" is
     its image processor, or None when the folder has none."""
     kind, path = _resolve(spec)
@@ -168,17 +169,16 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _folder_task(path: str, task):
-    """The task of a folder's model, from its config.json's model_type (or `task`), or None when
-    loraprune does not know the type (then it is loaded as a causal LM, as before)."""
+def _folder_task(path: str, task: str | None) -> str:
+    """The task of a folder's model: `task`, or its family's from config.json's model_type; a type
+    loraprune does not know is loaded as a causal LM."""
     from ..archs import ARCHS
-    from ..tasks import TASKS
 
     if task is not None:
         return task
     with open(os.path.join(path, "config.json")) as f:
         model_type = json.load(f).get("model_type")
-    return TASKS[ARCHS[model_type].task] if model_type in ARCHS else None
+    return ARCHS[model_type].task if model_type in ARCHS else "causal-lm"
 
 
 def _load_image_folder(path: str, dtype: torch.dtype, auto_class: str):
@@ -196,14 +196,14 @@ def _load_image_folder(path: str, dtype: torch.dtype, auto_class: str):
     return model, processor
 
 
-def _load_folder(path: str, dtype: torch.dtype, quantize_bits: int | None = None, task=None):
+def _load_folder(path: str, dtype: torch.dtype, quantize_bits: int | None = None, task: str | None = None):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise LoraPruneError(f"{path} has no config.json: not a Hugging Face model folder")
-    found = _folder_task(path, task)
-    if found is not None and found.processor == "image":
-        return _load_image_folder(path, dtype, found.auto_class)
-    auto_class = getattr(transformers, found.auto_class) if found is not None else AutoModelForCausalLM
+    auto_class_name, processor = TASK_MODELS[_folder_task(path, task)]
+    if processor == "image":
+        return _load_image_folder(path, dtype, auto_class_name)
+    auto_class = getattr(transformers, auto_class_name)
     # checked before loading the (possibly large) model, to fail fast
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise LoraPruneError(

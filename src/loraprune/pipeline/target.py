@@ -9,10 +9,9 @@ k/v head stays, so the prediction is a lower bound and the run may remove slight
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
-from ..archs import arch_for
+from ..archs import arch_for, meta_model
 from ..config import PruneConfig
 from ..errors import LoraPruneError
-from ..tasks import meta_model
 from .evaluate import count_parameters
 from .groups import LayerGroups
 

@@ -210,7 +210,7 @@ def run_diagnose(settings, training: PruneConfig) -> dict:
     config = replace(training, ratio=0.0, steps=max(at_steps[-1], 1))
     task = task_for(load_config(settings.model), config.task)
     data = task.load(settings.data, "train")
-    model, tokenizer = load_model(settings.model, task=task)
+    model, tokenizer = load_model(settings.model, task=task.name)
     examples = task.examples(model, tokenizer, data, config)
     result = diagnose(model, examples, config, task, at_steps, settings.probe_batches,
                       settings.layers_per_pass, progress=not settings.quiet)  # fmt: skip

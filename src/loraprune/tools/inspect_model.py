@@ -3,14 +3,13 @@ from its config alone (shapes on the meta device; no weights are read)."""
 
 from dataclasses import replace
 
-from ..archs import arch_for
+from ..archs import arch_for, meta_model
 from ..config import PruneConfig
 from ..errors import LoraPruneError
 from ..pipeline.evaluate import count_prunable
 from ..pipeline.groups import LayerGroups
 from ..pipeline.shrink import stock_config_error
 from ..pipeline.target import ParameterCounts
-from ..tasks import meta_model
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..archs import arch_for
+from ..archs import arch_for, meta_model
 from ..errors import LoraPruneError
 from ..pipeline.lm_loss import LOGIT_COPIES, causal_lm_loss, chunked_head, distilled_causal_lm_loss, loss_chunk_tokens
 from ..pipeline.scoring import SCORE_BLOCK_BYTES
@@ -106,10 +106,10 @@ def _config_with_layers(model_config, layers: int):
 
 def _meta_lora_model(model_config, criterion: str, dtype: str, lora_r: int, lora_dropout: float, task: str | None):
     """The `task`'s model with LoRA and the criterion's Pruner on the meta device; every layer scored."""
+    from ..archs import auto_class_for
     from ..config import PruneConfig
     from ..pipeline.lora import attach_lora
     from ..pipeline.pruner import Pruner
-    from ..tasks import auto_class_for
 
     with torch.device("meta"):
         model = auto_class_for(model_config, task).from_config(model_config, dtype=getattr(torch, dtype))
@@ -205,7 +205,6 @@ def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,l
 @_memo
 def _model_counts(model_config, lora_r, skip_layers, task) -> dict:
     from ..config import PruneConfig
-    from ..tasks import meta_model
 
     model = meta_model(model_config, task)
     arch = arch_for(model.config)

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import LoraPruneError
-
-REPORT_FILE = "loraprune.json"
-SCORES_FILE = "loraprune_scores.safetensors"
+from ..pipeline.export import REPORT_FILE, SCORES_FILE
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -8,7 +8,7 @@ AdamW (one-cycle, peak lr 1e-3; ~30 s on 2 CPU cores). Test accuracy is measured
 a ViTImageProcessor (no resize; rescale 1/16; normalise mean 0.5, std 0.5) that turns raw
 0..16 digit images into the same pixel_values as `load_images`.
 
-    python -m loraprune.vit_digits --output DIR     # or scripts/train_vit_digits.py
+    python -m loraprune.pipeline.vit_digits --output DIR    # or scripts/train_vit_digits.py
     loraprune prune --model vit-digits ...          # builds it into the cache on first use
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.data import load_images
+from .data import load_images
 
 EMBEDDED = "vit-digits"
 CACHE = Path(os.environ.get("LORAPRUNE_CACHE", Path.home() / ".cache" / "loraprune")) / EMBEDDED
