@@ -110,7 +110,6 @@ def test_the_method_page_has_the_sections_sources_cite():
     assert cited <= sections, f"cited but missing in docs/method.md: {sorted(cited - sections)}"
 
 
-@pytest.mark.xfail(reason="docstrings still cite METHOD.md and BENCHMARKS.md sections: to be pointed at docs/")
 def test_sources_cite_only_documents_that_ship():
     stale = [
         f"{path.relative_to(ROOT)}: {match}"

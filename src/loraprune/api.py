@@ -75,7 +75,7 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
 
 def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
     """`config` with --criterion decided: streamed (the gradient's score inside LoRA's memory, which
-    won on three seeds, BENCHMARKS.md 7c) unless FSDP shards the projections it scores (then lora)."""
+    won on three seeds, docs/benchmarks/recipes.md) unless FSDP shards the projections it scores (then lora)."""
     if config.criterion is None:
         return replace(config, criterion="lora" if sharded else "streamed")
     if config.criterion == "streamed" and sharded:

@@ -1,4 +1,4 @@
-"""Coupled groups of one decoder layer (METHOD.md §3), from the model config.
+"""Coupled groups of one decoder layer (docs/method.md#groups), from the model config.
 
 Under grouped-query attention (fewer k/v heads than query heads) our prunable head is one
 *query head*: its q rows and the o columns that read it. A k/v head goes with the last query

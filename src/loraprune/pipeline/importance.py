@@ -140,7 +140,7 @@ def merged_weight(f: LoraFactors) -> Tensor:
 
 @formula(needs_lora_grads=True)
 def lora_guided(f: LoraFactors) -> Tensor:
-    """METHOD.md §2: |(G_B·A + B·G_A − G_B·G_A) ⊙ (W0 + s·B·A)|."""
+    """docs/method.md#lora-guided-criterion: |(G_B·A + B·G_A − G_B·G_A) ⊙ (W0 + s·B·A)|."""
     # two (rows, in) tensors in all (the estimate and the merged weight), the product in place:
     # 3.5x faster than the term-by-term form on SmolLM2's shapes (bench/overhead.py)
     return lora_gradient_estimate(f).mul_(merged_weight(f)).abs_()

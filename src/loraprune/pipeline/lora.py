@@ -1,4 +1,4 @@
-"""Attach LoRA adapters with peft (METHOD.md §1): only A and B will receive gradients."""
+"""Attach LoRA adapters with peft (docs/method.md#setting): only A and B will receive gradients."""
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model

@@ -1,4 +1,4 @@
-"""Moving-average group scores, masks, and the pruning step (METHOD.md §4-5).
+"""Moving-average group scores, masks, and the pruning step (docs/method.md#moving-average, #masks-and-shrinking).
 
 Masks zero the *inputs* of the column-pruned projections (o reads heads, down reads channels).
 That is exactly what removing the group does: a pruned head's attention output, or a pruned

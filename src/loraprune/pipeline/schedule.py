@@ -1,4 +1,4 @@
-"""Sparsity schedules (METHOD.md §5): pure functions of the step, tested without a model.
+"""Sparsity schedules (docs/method.md#schedule): pure functions of the step, tested without a model.
 
 Every shape holds sparsity 0 through the warmup, rises to the target inside the pruning window
 and holds it through the cooldown; they differ in how fast they rise (p: progress through the

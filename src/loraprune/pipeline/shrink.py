@@ -1,4 +1,4 @@
-"""Physical pruning (METHOD.md §6): cut the dead rows and columns out of W0 and the LoRA factors.
+"""Physical pruning (docs/method.md#masks-and-shrinking): cut the dead rows and columns out of W0 and the LoRA factors.
 
 Works on plain and peft-wrapped projections alike: a LoRA layer keeps B's rows with its output
 rows and A's columns with its input columns, so merging afterwards gives exactly the kept part

@@ -1,10 +1,9 @@
 """The `sketch` criterion: the true gradient seen through fresh random directions, never formed.
 
-LoRA's own estimate (METHOD.md §2) sees dL/dW0 = G through the directions of A (and of B), which
-training turns towards G's largest ones. `loraprune diagnose` on SmolLM2 measured that its group
-ranking agrees with the true gradient's *less* as LoRA trains (Spearman, heads: 0.74 at step 0,
-when A is random, 0.57 at step 120), while fresh random directions keep agreeing, and more so
-averaged over steps (BENCHMARKS.md, section 6.1).
+LoRA's own estimate (docs/method.md#lora-guided-criterion) sees dL/dW0 = G through the directions
+of A (and of B), which training turns towards G's largest ones, so its group ranking can agree
+with the true gradient's less as LoRA trains (`loraprune diagnose` measures it), while fresh
+random directions keep seeing G from every side, and more so averaged over steps.
 
 So for every scored projection, hooks collect G·Rᵀ = Σ_tokens dy·(R·x)ᵀ (out × r) for a Gaussian
 R (r × in, entries N(0, 1/r), so that E[RᵀR] = I) drawn anew at every optimizer step, and the score

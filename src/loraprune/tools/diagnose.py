@@ -1,6 +1,6 @@
 """How good is the LoRA gradient estimate? `loraprune diagnose` (no pruning).
 
-LoRAPrune scores with G_W ≈ G_B·A + B·G_A − G_B·G_A instead of the true dL/dW0 (METHOD.md §2).
+LoRAPrune scores with G_W ≈ G_B·A + B·G_A − G_B·G_A instead of the true dL/dW0 (docs/method.md#lora-guided-criterion).
 This fine-tunes LoRA as the method does and, at chosen steps, compares the two on the same fixed
 probe batches (dropout off):
 - per module: cosine similarity and relative error ‖Ĝ − G‖ / ‖G‖ of the estimate Ĝ to the
