@@ -33,14 +33,19 @@ from .tasks import Task, objective, task_for
 class Plan:
     """A PruneConfig checked against one model's config: what `prune` runs, found once."""
 
-    config: PruneConfig  # its ratio is the one --target-params picks when that is set
+    config: PruneConfig  # every default decided: ratio (from --target-params), criterion, shrink
     arch: Arch
     task: Task
     target: dict | None  # --target-params: {"requested", "predicted"} fractions of all parameters
+    sharded: bool  # FSDP shards the model while it trains
 
 
-def check_compatible(model_config, config: PruneConfig) -> Plan:
-    """Every check that needs only the model's config, run before any work is done."""
+def check_compatible(model_config, config: PruneConfig, quantized: bool | None = None) -> Plan:
+    """Every check that needs only the model's config, run before any work is done, and every
+    default of the run decided, once. `quantized`: the base weights are loaded in 8 or 4 bits
+    (default: whether `model_config` says so)."""
+    if quantized is None:
+        quantized = getattr(model_config, "quantization_config", None) is not None
     arch = arch_for(model_config)
     task = task_for(model_config, config.task)
     config, target = resolve_ratio(model_config, config)
@@ -59,7 +64,7 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
         )
     sharded = fsdp.requested(config.fsdp)
     config = resolve_criterion(config, sharded)
-    resolve_shrink(config, sharded)  # refuses --shrink progressive where it cannot work
+    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
@@ -70,7 +75,7 @@ def check_compatible(model_config, config: PruneConfig) -> Plan:
                 f"per layer, which {type(model_config).__name__} rejects ({problem}); "
                 "choose another ratio or drop --uniform"
             )
-    return Plan(config, arch, task, target)
+    return Plan(config, arch, task, target, sharded)
 
 
 def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
@@ -136,9 +141,7 @@ def prune(
     `on_pruning_step(step, pruner)` is called after each pruning step (train.train)."""
     started = time.perf_counter()
     plan = config if isinstance(config, Plan) else check_compatible(model.config, config)
-    config, arch, task = plan.config, plan.arch, plan.task
-    sharded = fsdp.requested(config.fsdp)
-    config = resolve_shrink(config, sharded, getattr(model.config, "quantization_config", None) is not None)
+    config, arch, task, sharded = plan.config, plan.arch, plan.task, plan.sharded
     # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()

@@ -17,7 +17,7 @@ from .pipeline.export import REPORT_FILE, check_output, save_pruned
 from .pipeline.gguf_export import check_gguf_output, describe_export, export_gguf
 from .pipeline.load import load_config, load_model
 from .pipeline.modeling_pruned import LAYOUT_KEY
-from .runtime import distributed, fsdp
+from .runtime import distributed
 from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .settings import EvalSettings, RunSettings, record
 from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
@@ -39,15 +39,15 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     if run.gguf is not None:
         check_gguf_output(Path(run.gguf), run.overwrite)
     model_config = load_config(run.model)
-    plan = check_compatible(model_config, config)
+    plan = check_compatible(model_config, config, quantized=run.quantize_bits is not None)
     if run.memory_check:  # from the config alone: a run that cannot fit fails in seconds
-        check_memory(model_config, plan.config, run)
+        check_memory(model_config, plan.config, run, plan.sharded)
     task = plan.task
     # torchrun / accelerate launch: every rank trains (DDP), rank 0 alone evaluates, prints and writes
     main = not distributed.init() or distributed.is_main()
     if not main:
         evaluate = progress = False
-    several = distributed.active() or fsdp.requested(config.fsdp)
+    several = distributed.active() or plan.sharded
     if several and not (task.multi_process and run.quantize_bits is None):
         what = f"--load-in-{run.quantize_bits}bit" if run.quantize_bits else f"the {task.name} task"
         raise LoraPruneError(

@@ -388,18 +388,15 @@ def preflight(model_config, config, dtype: str, device: str = "cpu", processes: 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def check_memory(model_config, config, run) -> None:
+def check_memory(model_config, config, run, sharded: bool = False) -> None:
     """The pre-flight of `prune` (job.py), before weights or data are read: the estimate against
     the free memory; then, for a folder without weights, a verdict instead of a failed load."""
     from ..pipeline.load import _resolve
-    from ..runtime import fsdp
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = run.quantize_bits is not None or (processes > 1 and torch.cuda.is_available())
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_gpu else "cpu"
-    _, needed, available = preflight(
-        model_config, config, run.dtype, device, processes, fsdp.requested(config.fsdp), run.quantize_bits
-    )
+    _, needed, available = preflight(model_config, config, run.dtype, device, processes, sharded, run.quantize_bits)
     if device == "cpu" and needed * HEAP_OVERSHOOT > available and run.return_freed_memory and return_freed_memory():
         print(
             f"loraprune: the estimated peak ({needed / GiB:.1f} GiB) is near the {available / GiB:.1f} GiB available: "
