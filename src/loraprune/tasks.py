@@ -44,7 +44,7 @@ from .pipeline.data import (
 )
 from .pipeline.evaluate import count_parameters, greedy_generate, perplexity
 from .pipeline.lm_loss import causal_lm_loss as chunked_lm_loss
-from .pipeline.lm_loss import distilled_causal_lm_loss
+from .pipeline.lm_loss import distillation_loss, distilled_causal_lm_loss
 
 SPEED_REPEATS = 3  # throughput is the median of this many timings
 MIN_TIMING_SECONDS = 0.5  # each timing repeats whole passes over the eval set for at least this long
@@ -407,19 +407,6 @@ TASKS: dict[str, Task] = {
 
 
 assert tuple(TASKS) == TASK_NAMES  # the names config validates --task against
-
-
-def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, rows: int = 1024) -> Tensor:
-    """T²·KL(teacher ‖ student) per position, averaged over positions, of logits [..., vocab]. In
-    chunks of `rows` positions, so that the teacher's log-probabilities never exist for more than
-    one chunk beside its logits (the student's are kept for backward, as cross-entropy keeps them)."""
-    student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
-    total = student.new_zeros((), dtype=torch.float32)
-    for s, t in zip(student.split(rows), teacher.split(rows), strict=True):
-        log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
-        log_p_student = F.log_softmax(s.float() / temperature, dim=-1)
-        total = total + F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
-    return total * temperature**2 / len(student)
 
 
 def objective(task: Task, teacher=None, distill: float = 0.0, temperature: float = 1.0):

@@ -56,6 +56,38 @@ def _kl_and_its_gradient(logits: Tensor, log_norm: Tensor, teacher_logits: Tenso
     return kl, p_student.sub_(p_teacher)
 
 
+class LogitsKL(torch.autograd.Function):
+    """T²·KL(teacher ‖ student) per position, averaged over positions, of whole logits [..., vocab]
+    (tasks whose head the chunked loss cannot read: --distill on a ViT): the chunked loss's formula
+    (_kl_and_its_gradient), `rows` positions at a time, its gradient formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float, rows: int = 1024) -> Tensor:
+        flat, n = student.detach().flatten(0, -2).float(), student.shape[:-1].numel()
+        teacher = teacher.detach().flatten(0, -2)
+        kl, grad = flat.new_zeros(()), torch.empty_like(flat)
+        for start in range(0, n, rows):
+            chunk = slice(start, start + rows)
+            logits = flat[chunk]
+            teacher_logits = teacher[chunk].float().clone()  # divided in place
+            kl_sum, grad[chunk] = _kl_and_its_gradient(logits, torch.logsumexp(logits, -1), teacher_logits, temperature)
+            kl += kl_sum
+        ctx.save_for_backward(grad.mul_(temperature / n))  # d(T²·KL / n)/d(logits) = T·(p_s − p_t) / n
+        ctx.shape, ctx.dtype = student.shape, student.dtype
+        return kl * temperature**2 / n
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).view(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, rows: int = 1024) -> Tensor:
+    """T²·KL(teacher ‖ student) per position, averaged over positions, of logits [..., vocab]: the
+    loss the chunked head computes, on whole logits (LogitsKL); no gradient reaches the teacher."""
+    return LogitsKL.apply(student, teacher, temperature, rows)
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """(1 − distill) · mean cross-entropy of the logits softcap(hidden @ weightᵀ + bias) against
     `targets` (over the positions that have one) + distill · T² · mean KL(teacher ‖ student) at
