@@ -69,7 +69,9 @@ bench-questions: $(STAMP)
 
 # GGUF export in llama.cpp itself (README "Serving"): builds llama.cpp from the llama-cpp-python sdist
 # on PyPI into .llamacpp/ (8 min with 2 jobs, once), prunes SmolLM2 briefly (10 steps, per-layer and
-# --uniform), exports each to GGUF and compares llama.cpp's logits and greedy text with transformers.
+# --uniform), exports each to GGUF and compares llama.cpp's logits and greedy text with transformers;
+# also tiny random Qwen2 and biased Llama models (q/k/v biases, per-layer and uniform) and one with
+# unevenly shared k/v heads (scripts/llamacpp_tiny.py): bench/results/llamacpp-check.json
 LLAMACPP := .llamacpp
 GGUF_RUNS := runs/gguf
 GGUF_PRUNE := --model smollm2 --data ptb --steps 10 --warmup 0.1 --cooldown 0.1 --prune-freq 2 --no-eval --quiet --overwrite
@@ -83,8 +85,8 @@ $(GGUF_RUNS)/u%/config.json: | $(STAMP)
 	$(VENV)/bin/loraprune prune $(GGUF_PRUNE) --uniform --ratio 0.$* --output $(GGUF_RUNS)/u$*
 
 llamacpp-check: llamacpp $(GGUF_RUNS)/pl50/config.json $(GGUF_RUNS)/u50/config.json
-	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) \
-		dense=smollm2 pl50=$(GGUF_RUNS)/pl50 u50=$(GGUF_RUNS)/u50
+	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --tiny \
+		--json bench/results/llamacpp-check.json dense=smollm2 pl50=$(GGUF_RUNS)/pl50 u50=$(GGUF_RUNS)/u50
 
 # the same plus 20% models, llama-bench tokens/s at 2 threads and tokens per CPU second at 1 thread
 # (robust to other work on the machine): bench/results/llamacpp.json

@@ -2,11 +2,13 @@
 
 For each LABEL=MODEL (a loraprune output folder, 'smollm2', ...): export it to GGUF, run
 lp-logits (scripts/llamacpp/logits.cpp) on a prompt, and compare llama.cpp's tokens, logits at
-every prompt position and greedy continuation with transformers' on the same model. With --bench,
+every prompt position and greedy continuation with transformers' on the same model. With --tiny,
+also tiny random Qwen2 and biased Llama models, pruned per layer and uniformly, and one with unevenly
+shared k/v heads whose written k/v head counts are checked (scripts/llamacpp_tiny.py). With --bench,
 llama-bench measures prompt processing and generation tokens/s at --threads threads.
 
     python scripts/llamacpp_check.py --bin .llamacpp/build/bin dense=smollm2 pl50=runs/gguf/pl50 \
-        [--bench] [--json bench/results/llamacpp.json]
+        [--tiny] [--bench] [--json bench/results/llamacpp.json]
 """
 
 import argparse
@@ -17,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import gguf as gguf_py
 import numpy as np
 import torch
 
@@ -45,7 +48,16 @@ def run_llamacpp(binary: Path, gguf: Path, prompt: str, n_gen: int, threads: int
     }
 
 
-def check(label: str, source: str, bin_dir: Path, work: Path, args) -> dict:
+def written_kv_heads(gguf: Path) -> list[int]:
+    """The k/v heads per layer as the GGUF file declares them (what llama.cpp's loader sizes k/v by)."""
+    fields = gguf_py.GGUFReader(gguf).fields
+    arch = fields["general.architecture"].contents()
+    kv = fields[f"{arch}.attention.head_count_kv"].contents()
+    return kv if isinstance(kv, list) else [kv] * fields[f"{arch}.block_count"].contents()
+
+
+def check(label: str, source: str, bin_dir: Path, work: Path, args, kv_heads: list[int] | None = None) -> dict:
+    """`kv_heads`: the k/v heads per layer the file must declare (None: not checked)."""
     gguf = work / f"{label}.{args.outtype}.gguf"
     exported = export_gguf(source, gguf, args.outtype, overwrite=True)
     ours = run_llamacpp(bin_dir / "lp-logits", gguf, args.prompt, args.n_gen, args.threads, work, "exact")
@@ -68,6 +80,8 @@ def check(label: str, source: str, bin_dir: Path, work: Path, args) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "layers": exported["layers"],
         "repeated_kv_heads": exported["repeated_kv_heads"],
+        "kv_heads_written": written_kv_heads(gguf),
+        "kv_heads_expected": kv_heads,
         "tokens_match_transformers": ours["tokens"] == hf_tokens,
         "logits_max_abs_diff": diff,
         "logit_scale": scale,
@@ -81,11 +95,12 @@ def check(label: str, source: str, bin_dir: Path, work: Path, args) -> dict:
         "greedy_first_difference": same,
         "greedy_tokens_equal": ours["greedy"] == generated,
     }
+    kv = "" if kv_heads is None else f" | k/v heads {result['kv_heads_written']} (expected {kv_heads})"
     print(
-        f"{label:8s} {exported['architecture']:6s} tokens {'=' if result['tokens_match_transformers'] else '!='} "
+        f"{label:9s} {exported['architecture']:5s} tokens {'=' if result['tokens_match_transformers'] else '!='} "
         f"| max|Δlogit| {diff:.2e} ({diff / scale:.1e} of max|logit| {scale:.1f}; llama.cpp defaults "
         f"{result['logits_max_abs_diff_llamacpp_defaults']:.1e}) | greedy "
-        f"{'identical' if same is None else f'differs from token {same}'}: {ours['text']!r}",
+        f"{'identical' if same is None else f'differs from token {same}'}: {ours['text']!r}{kv}",
         flush=True,
     )
     return result
@@ -146,10 +161,11 @@ def cpu_time(bin_dir: Path, ggufs: dict[str, Path], work: Path, gen: int, rounds
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="LABEL=MODEL: a loraprune output folder, 'smollm2', ...")
+    parser.add_argument("models", nargs="*", help="LABEL=MODEL: a loraprune output folder, 'smollm2', ...")
     parser.add_argument("--bin", default=".llamacpp/build/bin", help="llama.cpp binaries (scripts/llamacpp/build.sh)")
     parser.add_argument("--work", default="runs/gguf", help="where the GGUF files are written")
     parser.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
+    parser.add_argument("--tiny", action="store_true", help="also the tiny models of scripts/llamacpp_tiny.py")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--n-gen", type=int, default=20, help="greedy tokens to compare")
     parser.add_argument("--threads", type=int, default=2)
@@ -161,15 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-time", action="store_true", help="tokens per CPU second at 1 thread (busy machine)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogit| / max |logit| to pass")
+    # the tiny float32 models agree to ~3e-7; a q or k bias left out moves their logits by ~3e-4
+    parser.add_argument("--tiny-tolerance", type=float, default=1e-5, help="--tolerance of the --tiny models")
     args = parser.parse_args(argv)
+    if not args.models and not args.tiny:
+        parser.error("give LABEL=MODEL arguments, --tiny or both")
     torch.set_num_threads(args.threads)
     bin_dir, work = Path(args.bin), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results, started = {}, time.time()
-    for spec in args.models:
-        label, _, source = spec.partition("=")
+    # label -> (model, k/v heads per layer expected in the file or None, tolerance)
+    models = {label: (source, None, args.tolerance) for label, _, source in (s.partition("=") for s in args.models)}
+    if args.tiny:
+        from llamacpp_tiny import build  # next to this script
+
+        tiny = build(work / "tiny")
+        models |= {label: (str(folder), kv, args.tiny_tolerance) for label, (folder, kv) in tiny.items()}
+    for label, (source, kv_heads, tolerance) in models.items():
         only_speed = args.bench_only or (args.cpu_time and not args.bench)
-        results[label] = {"model": source} if only_speed else check(label, source, bin_dir, work, args)
+        results[label] = {"model": source} if only_speed else check(label, source, bin_dir, work, args, kv_heads)
+        results[label]["tolerance"] = tolerance
     if args.bench or args.bench_only:
         print(f"llama-bench at {args.threads} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
         ggufs = {label: work / f"{label}.{args.outtype}.gguf" for label in results}
@@ -190,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{label:8s} pp{speed['prompt_tokens']} {pp:7.1f} tok/CPU-s  "
                 f"tg{speed['generated_tokens']} {tg:6.1f} tok/CPU-s"
             )
-    failed = [label for label, r in results.items() if r.get("logits_max_abs_diff_relative", 0) > args.tolerance]
+    failed = [
+        label
+        for label, r in results.items()
+        if r.get("logits_max_abs_diff_relative", 0) > r["tolerance"]
+        or r.get("kv_heads_expected") not in (None, r.get("kv_heads_written"))
+    ]
     if args.json:
         record = {
             "prompt": args.prompt,
@@ -205,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     if failed:
-        print(f"llama.cpp and transformers disagree beyond {args.tolerance} for: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"llama.cpp and transformers disagree beyond the tolerance, or k/v heads differ from the expected, "
+            f"for: {', '.join(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

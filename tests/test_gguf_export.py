@@ -1,13 +1,14 @@
 """GGUF export (gguf_export.py), checked by reading the file back: with transformers' own GGUF
-loader (layers of one shape) and with loraprune.load_model (per-layer shapes, llama.cpp's deci).
-No llama.cpp needed; `make llamacpp-check` runs the files in llama.cpp itself."""
+loader (layers of one shape), with loraprune.load_model (per-layer shapes, llama.cpp's deci) and
+against the shapes llama.cpp's loader accepts (llamacpp_rules.py). No llama.cpp needed;
+`make llamacpp-check` runs the files in llama.cpp itself."""
 
 import gguf
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llamacpp_rules import load_errors
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline import gguf_export
@@ -15,21 +16,9 @@ from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.gguf_export import even_groups, export_gguf, permute_rope, unpermute_rope
 from loraprune.pipeline.load import load_config, load_model
 from tiny import masked_then_pruned, tiny_encoder, tiny_model
+from tiny_gguf import bpe_tokenizer
 
 TEXT = "the cat sat on the mat, then it ate."
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of exactly 64 ids, the tiny models' vocab_size."""
-    specials = ["<|endoftext|>", "<|im_start|>"]
-    chars = [*"abcdefghijklmnopqrstuvwxyz", "Ġ", ".", ","]
-    pairs = "th Ġt Ġa he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve".split()
-    vocab = {token: i for i, token in enumerate(specials + chars + pairs)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(p[:-1], p[-1]) for p in pairs]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0])
 
 
 def logits(model, seed: int = 0) -> torch.Tensor:
@@ -52,6 +41,7 @@ def test_dense_llama_round_trips_through_transformers(tmp_path, family):
     model = tiny_model(family)
     result = export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")
     assert result["architecture"] == "llama" and not result["per_layer"]
+    assert load_errors(tmp_path / "m.gguf") == []
     (tmp_path / "plain").write_text("")  # permissions as any new file (not mkstemp's 0600)
     assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     loaded, tokenizer = hf_gguf(tmp_path / "m.gguf")
@@ -72,6 +62,7 @@ def test_uniform_pruned_llama_loads_in_stock_transformers(tmp_path):
     result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf")
     assert result["architecture"] == "llama"
     assert {(s["heads"], s["kv_heads"]) for s in result["layers"]} == {(2, 2)}
+    assert load_errors(tmp_path / "m.gguf") == []
     loaded, _ = hf_gguf(tmp_path / "m.gguf")
     assert type(loaded).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
@@ -86,6 +77,7 @@ def test_per_layer_shapes_are_written_as_deci_and_read_back_exactly(tmp_path, fa
     heads = fields["deci.attention.head_count"].contents()
     assert heads == [s["heads"] for s in result["layers"]] and len(set(heads)) > 1  # layer 0 is skipped
     assert fields["deci.feed_forward_length"].contents() == [s["channels"] for s in result["layers"]]
+    assert load_errors(tmp_path / "m.gguf") == []
     loaded, tokenizer = load_model(str(tmp_path / "m.gguf"))
     torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
     assert tokenizer.encode(TEXT) == bpe_tokenizer().encode(TEXT)
@@ -98,6 +90,78 @@ def test_unevenly_shared_kv_heads_are_repeated_into_even_groups():
     assert even_groups([0, 0, 0, 1]) == [0, 0, 0, 1]  # 3 + 1 readers: one k/v head per query head
     assert even_groups([0, 0, 1, 1, 1, 1]) == [0, 1, 1]
     assert even_groups([2, 2, 2]) == [2]
+
+
+def biased_llama():
+    return tiny_model("llama-gqa", attention_bias=True)  # q/k/v/o biases
+
+
+# name -> (family, model maker or None for tiny_model, pruned --uniform or not or None: dense, architecture written)
+BIAS_CASES = {
+    "qwen2 dense": ("qwen2-gqa", None, None, "qwen2"),
+    "qwen2 per-layer": ("qwen2-gqa", None, False, "deci"),
+    "qwen2 uniform": ("qwen2-gqa", None, True, "deci"),  # 2 heads x 8 < hidden 48: not qwen2's shape
+    "llama biases uniform": ("llama-gqa", biased_llama, True, "llama"),
+    "llama biases per-layer": ("llama-gqa", biased_llama, False, "deci"),
+}
+
+
+def bias_case(name: str):
+    family, make, uniform, arch = BIAS_CASES[name]
+    model = make() if make else tiny_model(family)
+    if uniform is not None:
+        model = masked_then_pruned(family, 0.5, uniform=uniform, model=model)[2]
+    return model, arch
+
+
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_biases_are_written_in_the_shapes_llamacpp_loads(tmp_path, case):
+    model, arch = bias_case(case)
+    result = export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")
+    assert result["architecture"] == arch
+    assert "blk.1.attn_q.bias" in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert load_errors(tmp_path / "m.gguf") == []
+    if arch == "deci":
+        loaded, _ = load_model(str(tmp_path / "m.gguf"))
+        torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
+
+
+def test_the_llamacpp_rules_refuse_a_pruned_layer_in_qwen2s_shape(tmp_path, monkeypatch):
+    """The rules can fail: llama.cpp's qwen2 sizes q hidden x hidden, which 2 heads of 8 are not."""
+    model, _ = bias_case("qwen2 uniform")
+    monkeypatch.setattr(gguf_export, "choose_arch", lambda *args: "qwen2")
+    export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")
+    errors = load_errors(tmp_path / "m.gguf")
+    assert "blk.0.attn_q.weight has wrong shape; expected (48, 48), got (48, 16)" in errors
+    assert "blk.0.attn_q.bias has wrong shape; expected (48,), got (16,)" in errors
+
+
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_a_q_bias_older_llamacpp_refuses_is_warned_of(tmp_path, case):
+    model, _ = bias_case(case)
+    warnings = export_gguf(saved(tmp_path, model), tmp_path / "m.gguf")["warnings"]
+    assert any("attn_q.bias" in w and "older" in w for w in warnings) == (case != "qwen2 dense")
+
+
+def test_uneven_kv_sharing_is_written_with_a_repeated_kv_head(tmp_path):
+    """The last layer keeps query heads 2, 4, 5 of 6 over 2 k/v heads: k/v head 0 has 1 reader, k/v
+    head 1 has 2. llama.cpp's head h reads k/v head h // (heads / kv_heads), so 3 are written."""
+    _, _, pruned, _ = masked_then_pruned("llama-gqa", 0.5, uniform=False, drop_kv_group=True)
+    layout = saved(tmp_path, pruned)
+    assert load_config(str(layout)).loraprune_layout["layers"][2]["kv_index"] == [0, 1, 1]
+    result = export_gguf(layout, tmp_path / "m.gguf")
+    assert [(s["heads"], s["kv_heads"]) for s in result["layers"]] == [(6, 2), (3, 1), (3, 3)]
+    assert result["repeated_kv_heads"] == 1
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [2, 1, 3]
+    tensors = {t.name: t for t in reader.tensors}
+    assert [int(n) for n in tensors["blk.2.attn_k.weight"].shape] == [48, 3 * 8]
+    for name in ("blk.2.attn_k.weight", "blk.2.attn_v.weight"):
+        heads = torch.from_numpy(tensors[name].data.copy()).reshape(3, 8, 48)
+        assert torch.equal(heads[1], heads[2]) and not torch.equal(heads[0], heads[1])  # k/v head 1, twice
+    assert load_errors(tmp_path / "m.gguf") == []
+    loaded, _ = load_model(str(tmp_path / "m.gguf"))
+    torch.testing.assert_close(logits(loaded), logits(pruned), rtol=0, atol=1e-5)
 
 
 def test_rope_permutation_is_the_converters_and_inverts():

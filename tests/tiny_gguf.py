@@ -1,10 +1,13 @@
 """Write a tiny random model of a family as a float32 GGUF file, as llama.cpp's converter would, so
 that loading .gguf input is tested without downloading one: tensor names from gguf's own name map,
 each family's stored conventions (Gemma's norms as 1 + w, llama's rotary row order), and a
-byte-level BPE ("gpt2") vocabulary of the tiny models' 64 ids."""
+byte-level BPE ("gpt2") vocabulary of the tiny models' 64 ids; and `bpe_tokenizer`, a Hugging Face
+tokenizer of 64 ids for saving tiny models as folders that GGUF export accepts."""
 
 import gguf
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 # our family -> (gguf architecture, does llama.cpp store q/k rows in its rotary order)
 ARCHS = {
@@ -71,3 +74,16 @@ def write_gguf(model, path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of exactly 64 ids, the tiny models' vocab_size."""
+    specials = ["<|endoftext|>", "<|im_start|>"]
+    chars = [*"abcdefghijklmnopqrstuvwxyz", "Ġ", ".", ","]
+    pairs = "th Ġt Ġa he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve".split()
+    vocab = {token: i for i, token in enumerate(specials + chars + pairs)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(p[:-1], p[-1]) for p in pairs]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0])

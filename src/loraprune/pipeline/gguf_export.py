@@ -8,6 +8,12 @@ What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cp
   runs each layer with its own head count, k/v head count and MLP width, and accepts the optional
   q/k/v/o and MLP biases. So: layers of one shape are written as the family's own architecture
   (`llama` for llama and mistral, as llama.cpp's converter does, `qwen2`), everything else as `deci`.
+- The optional q/k/v biases (Qwen2, Llama with attention_bias) are created by create_tensor_qkv
+  (src/llama-model.cpp) with the sizes of the layer's q/k/v projections. Builds from before that
+  helper (llama.cpp PR #21245, April 2026) create the `llama` and `deci` attn_q.bias hidden-sized
+  and refuse a pruned layer's ("wrong shape"): the export warns when it writes one. The llama.cpp
+  that `make llamacpp` builds (llama-cpp-python 0.3.36) loads them; `make llamacpp-check` runs
+  pruned Qwen2 and a Llama with biases in it.
 - llama.cpp's attention lets query head h read k/v head h // (heads / kv_heads). A pruned layer
   whose query heads share k/v heads unevenly (3, 1 of 4) is written with its k/v heads repeated
   so that the groups are even: exact, and larger only in that layer's k/v projections.
@@ -62,6 +68,10 @@ PRE_TOKENIZERS = {
 }
 
 UNKNOWN_PRE_TOKENIZER = "pre-tokenizer not recognised: wrote 'default'; llama.cpp may split text differently"
+SHORT_Q_BIAS = (
+    "attn_q.bias is smaller than the hidden size in pruned layers: llama.cpp from PR #21245 (April 2026) "
+    "loads the file, older builds refuse it ('wrong shape')"
+)
 
 
 @dataclass
@@ -181,6 +191,12 @@ def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> d
     return out
 
 
+def short_q_bias_warnings(tensors: dict[str, torch.Tensor], hidden_size: int) -> list[str]:
+    """The warning for llama.cpp builds that need attn_q.bias hidden-sized, when a layer's is not."""
+    short = any(name.endswith("attn_q.bias") and t.numel() != hidden_size for name, t in tensors.items())
+    return [SHORT_Q_BIAS] if short else []
+
+
 def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """Norms and biases stay float32 (as in the converter); rows that Q8_0 cannot block become f16."""
     data = tensor.contiguous().numpy()
@@ -286,6 +302,7 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
         _write_metadata(writer, config, shapes, head_dim, arch, file_type)
         warnings += tokenizer_metadata(writer, tokenizer, config.vocab_size)
         tensors = gguf_tensors(hf_model, shapes, head_dim, arch)
+        warnings += short_q_bias_warnings(tensors, config.hidden_size)
         for name, tensor in tensors.items():
             data, kind = _encode(tensor, qtype)
             writer.add_tensor(name, data, raw_dtype=kind)
