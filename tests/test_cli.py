@@ -119,7 +119,7 @@ def test_criterion_and_target_params_flags(criterion):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--criterion", "bogus"], "--criterion must be one of lora, gradient, magnitude, random"),
+        (["--criterion", "bogus"], "--criterion must be one of lora, sketch, streamed, gradient, magnitude, random"),
         (["--target-params", "1.5"], r"--target-params must be in \(0, 1\)"),
     ],
 )

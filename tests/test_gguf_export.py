@@ -13,7 +13,8 @@ from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline import gguf_export
 from loraprune.pipeline.export import save_pruned
-from loraprune.pipeline.gguf_export import even_groups, export_gguf, permute_rope, unpermute_rope
+from loraprune.pipeline.gguf_export import even_groups, export_gguf, permute_rope
+from loraprune.pipeline.gguf_read import unpermute_rope
 from loraprune.pipeline.load import load_config, load_model
 from tiny import masked_then_pruned, tiny_encoder, tiny_model
 from tiny_gguf import bpe_tokenizer

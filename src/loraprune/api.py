@@ -20,6 +20,7 @@ from .pipeline.load import context_length
 from .pipeline.lora import attach_lora
 from .pipeline.pruner import Pruner
 from .pipeline.schedule import SparsitySchedule
+from .pipeline.scoring import check_criterion
 from .pipeline.shrink import shrink, stock_config_error
 from .pipeline.target import resolve_ratio
 from .pipeline.train import DenseTeacher, set_activation_checkpointing, teacher_autocast, train
@@ -81,6 +82,7 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
 def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
     """`config` with --criterion decided: streamed (the gradient's score inside LoRA's memory, which
     won on three seeds, docs/benchmarks/recipes.md) unless FSDP shards the projections it scores (then lora)."""
+    check_criterion(config.criterion)
     if config.criterion is None:
         return replace(config, criterion="lora" if sharded else "streamed")
     if config.criterion == "streamed" and sharded:

@@ -2,8 +2,9 @@
 
 The CLI's flags are generated from the fields of this and the other settings dataclasses
 (settings.py; a field `lora_r` is `--lora-r`), and each field's `help` is the flag's help, so
-the two cannot drift apart. This module imports nothing from the pipeline: the names it
-validates against are listed here, and each table asserts that it has exactly these.
+the two cannot drift apart. This module imports nothing from the pipeline: a name that only a
+pipeline table knows (the criteria: scoring.CRITERIA) is checked where the run is planned
+(api.check_compatible).
 """
 
 import math
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from .archs import TASK_MODELS
 from .errors import LoraPruneError
 
-CRITERION_NAMES = ("lora", "gradient", "magnitude", "random", "sketch", "streamed")  # importance.CRITERIA
 SCHEDULE_NAMES = ("cubic", "linear", "exponential", "oneshot")  # schedule.SHAPES
 ALLOCATIONS = ("layer", "global")  # pruner.Pruner.prune_to
 AGGREGATIONS = ("sum", "square")
@@ -135,7 +135,6 @@ class PruneConfig:
         require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive")
         require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        require(self.criterion in (None, *CRITERION_NAMES), "criterion", f"must be one of {', '.join(CRITERION_NAMES)}")
         require(0 <= self.warmup < 1 and 0 <= self.cooldown < 1, "warmup", "and --cooldown must be in [0, 1)")
         require(self.warmup + self.cooldown < 1, "warmup", "plus --cooldown must leave steps to prune in")
         require(0 <= self.ema < 1, "ema", "must be in [0, 1)")

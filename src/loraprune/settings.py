@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import TASK_NAMES, PruneConfig, setting
 from .errors import LoraPruneError
+from .pipeline.scoring import check_criterion
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
@@ -147,6 +148,7 @@ def resolve(given: dict, config_file: str | Path | None = None, resume: str | Pa
         values = {key: value for key, value in agreed_settings(checkpoint, resume, given).items() if key in known}
     values |= given
     config = PruneConfig(**{f.name: values[f.name] for f in fields(PruneConfig) if f.name in values})
+    check_criterion(config.criterion)  # the criteria are a pipeline table, which PruneConfig cannot read
     run = RunSettings(**{f.name: values[f.name] for f in fields(RunSettings) if f.name in values})
     return config, run, checkpoint
 
@@ -236,11 +238,8 @@ class EstimateSettings:
     json: bool = setting(False, "print JSON instead of a table")
 
     def __post_init__(self):
-        from .config import CRITERION_NAMES
-
         _require_positive(self, "batch_size", "seq_len", "lora_r", "processes")
-        if self.criterion is not None and self.criterion not in CRITERION_NAMES:
-            raise LoraPruneError(f"--criterion must be one of {', '.join(CRITERION_NAMES)} (got {self.criterion!r})")
+        check_criterion(self.criterion)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise LoraPruneError(f"--device must be cpu or cuda (got {self.device!r})")
 

@@ -101,7 +101,7 @@ def load_config(spec: str):
     kind, path = _resolve(spec)
     try:
         if kind == "gguf":
-            from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf_config
+            from .gguf_read import PER_LAYER_ARCH, gguf_architecture, read_gguf_config
 
             if gguf_architecture(path) == PER_LAYER_ARCH:
                 return read_gguf_config(path)
@@ -148,7 +148,7 @@ def _gguf_config(path: str):
 
 
 def _load_gguf(path: str, dtype: torch.dtype):
-    from .gguf_export import PER_LAYER_ARCH, gguf_architecture, read_gguf
+    from .gguf_read import PER_LAYER_ARCH, gguf_architecture, read_gguf
 
     if gguf_architecture(path) == PER_LAYER_ARCH:  # per-layer shapes, written by gguf_export
         return read_gguf(path, dtype)

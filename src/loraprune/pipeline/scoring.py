@@ -8,28 +8,36 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..config import CRITERION_NAMES
+from ..errors import LoraPruneError
 from ..runtime import fsdp
 from ..runtime.quant import dense_weight
 from .importance import Criterion, LoraFactors, RandomScores, Scratch, lora_guided, magnitude, weight_gradient
 from .sketch import SKETCH_ATTRIBUTE, SketchScores
 from .streamed import STREAM_ATTRIBUTE, StreamedGradient
 
-# name -> a fresh criterion for one run, from (seed, rank, square): stateful ones are built anew
+# The criteria by name (--criterion), the one table the Pruner, the command line and the memory
+# estimate read (its columns in this order): name -> a fresh criterion for one run, from
+# (seed, rank, square); stateful ones are built anew.
 CRITERIA: dict[str, Callable[[int, int, bool], Criterion]] = {
     "lora": lambda seed, rank, square: lora_guided,
+    "sketch": lambda seed, rank, square: SketchScores(seed, rank),  # the true gradient through `rank` random directions
+    "streamed": lambda seed, rank, square: StreamedGradient(projection_scores, square),  # sums formed in backward
     "gradient": lambda seed, rank, square: weight_gradient,
     "magnitude": lambda seed, rank, square: magnitude,
     "random": lambda seed, rank, square: RandomScores(seed),
-    "sketch": lambda seed, rank, square: SketchScores(seed, rank),  # the true gradient through `rank` random directions
-    "streamed": lambda seed, rank, square: StreamedGradient(projection_scores, square),  # sums formed in backward
 }
-assert tuple(CRITERIA) == CRITERION_NAMES  # the names config validates --criterion against
+
+
+def check_criterion(name: str | None) -> None:
+    """Refuse a --criterion that is not in CRITERIA (None: undecided, the run picks its default)."""
+    if name is not None and name not in CRITERIA:
+        raise LoraPruneError(f"--criterion must be one of {', '.join(CRITERIA)} (got {name!r})")
 
 
 def make_criterion(name: str, seed: int = 0, rank: int = 8, square: bool = False) -> Criterion:
     """The criterion called `name`, a stateful one seeded by `seed` (the sketch: of `rank` directions;
     the streamed one sums squared element scores if `square`, as it sums them in backward)."""
+    check_criterion(name)
     return CRITERIA[name](seed, rank, square)
 
 

@@ -32,10 +32,9 @@ import torch
 from ..archs import arch_for, meta_model
 from ..errors import LoraPruneError
 from ..pipeline.lm_loss import LOGIT_COPIES, causal_lm_loss, chunked_head, distilled_causal_lm_loss, loss_chunk_tokens
-from ..pipeline.scoring import SCORE_BLOCK_BYTES
+from ..pipeline.scoring import CRITERIA, SCORE_BLOCK_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CRITERIA = ("lora", "sketch", "streamed", "gradient", "magnitude", "random")  # the order of `estimate`'s columns
 GiB = 2**30
 # resident memory of python + torch + transformers + peft + loraprune before a model is loaded, and
 # what the first forward/backward adds (thread pools, kernel code): measured (bench/scale.py)
