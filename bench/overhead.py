@@ -5,7 +5,9 @@ AdamW step, zero_grad: the body of `loraprune.pipeline.train.train`. Plain step 
 Pruner (no masks, no scoring). With `--distill ALPHA` each criterion is also timed with
 self-distillation (its loss as `prune` builds it: one more forward of the dense teacher per step).
 With `--whole-logits` plain LoRA is also timed with transformers' own loss from the whole logits
-(`labels=`) instead of the chunked loss of lm_loss.py.
+(`labels=`) instead of the chunked loss of lm_loss.py. With `--cooldown` each criterion is also
+timed as a step after the last pruning step runs (`Pruner.stop_scoring`: no scoring hooks, no
+base-weight gradients; the masks stay).
 The models are independent copies, stepped alternately (ABBA order) in one process on the same
 batch; medians and their ratio are reported, and the scoring time of the LoRAPrune step is timed
 on its own as well.
@@ -35,16 +37,19 @@ def arguments():
     p.add_argument("--distill", type=float, default=0.0, help="also time each criterion with --distill ALPHA (0: no)")
     p.add_argument("--distill-teachers", default="auto", help="--distill-teacher precisions timed with --distill")
     p.add_argument("--whole-logits", action="store_true", help="also time plain LoRA with transformers' loss")
+    p.add_argument("--cooldown", action="store_true", help="also time each criterion after its last pruning step")
     return p
 
 
 class Variant:
     def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0, teacher: str = "auto",
-                 whole_logits: bool = False):  # fmt: skip
+                 whole_logits: bool = False, cooldown: bool = False):  # fmt: skip
         config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill, distill_teacher=teacher)
         arch = arch_for(base.config)
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
+        if cooldown:  # a step after the last pruning step, as train() runs it
+            self.pruner.stop_scoring()
         self.loss = training_loss(TASKS["causal-lm"], self.model, self.pruner, config)
         if whole_logits:
             self.loss = lambda model, batch: model(input_ids=batch, labels=batch).loss
@@ -72,6 +77,8 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         if args.whole_logits:
             variants["plain LoRA (whole logits)"] = Variant(base, None, args.seed, whole_logits=True)
         variants.update({f"LoRAPrune ({c})": Variant(base, c, args.seed) for c in criteria})
+        for c in criteria if args.cooldown else ():
+            variants[f"LoRAPrune ({c}, cooldown)"] = Variant(base, c, args.seed, cooldown=True)
         for c in criteria if args.distill else ():
             for teacher in args.distill_teachers.split(","):
                 suffix = f", teacher {teacher}" if teacher != "auto" else ""
@@ -84,7 +91,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
 
             def step(v=v, tag=tag, batch=batch, timer=timer):
                 v.backward(batch)
-                if v.pruner is not None:
+                if v.pruner is not None and v.pruner.scoring:
                     timer.time(f"{tag} / scoring", v.pruner.update_scores)
                 v.finish()
 

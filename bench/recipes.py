@@ -62,6 +62,7 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         "parameters": {"total": count_parameters(model), "prunable": count_prunable(model, arch_for(model.config))},
         "dense_parameters": count_parameters(base),
         "layers": None if report is None else report["layers"],
+        "masks": None if report is None else packed_masks(report["scores"]),
         "config": None if report is None else report["config"],
         "prune_seconds": seconds,
         "args": vars(args),
@@ -71,6 +72,33 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
     print(f"[recipes] {name}: {row['perplexity']} ({seconds:.0f} s to prune)", flush=True)
+
+
+def packed_masks(scores: dict) -> dict:
+    """The final masks, one '0'/'1' string per layer (1: kept), for agreement between runs."""
+    return {
+        name: ["".join("1" if kept else "0" for kept in row) for row in scores[name].tolist()]
+        for name in ("head_alive", "channel_alive")
+    }
+
+
+def _removed(masks: dict) -> set[tuple[str, int, int]]:
+    return {(name, i, j) for name, layers in masks.items() for i, row in enumerate(layers) for j, bit in enumerate(row)
+            if bit == "0"}  # fmt: skip
+
+
+def mask_agreement(rows: list[dict]) -> str:
+    """IoU of the groups (heads and channels together) that two runs removed, for every pair of runs
+    that saved their masks; '' when fewer than two did."""
+    removed = {r["name"]: _removed(r["masks"]) for r in rows if r.get("masks")}
+    if len(removed) < 2:
+        return ""
+    names = list(removed)
+    table = common.table(
+        ["IoU of removed groups", *names],
+        [[a, *(len(removed[a] & removed[b]) / max(1, len(removed[a] | removed[b])) for b in names)] for a in names],
+    )
+    return f"\n\nAgreement of the final masks (removed heads and channels, all pruned layers):\n\n{table}"
 
 
 def main(argv=None, model=None, tokenizer=None) -> None:
@@ -124,7 +152,7 @@ def section(payload: dict, page, results) -> str:
     return (
         f"{budget} `pydoc`: the Python reference, text from another domain than the tuning data. A recipe is "
         "`CRITERION:RATIO[:setting=value,...]` (PruneConfig settings); ratio 0 is dense + LoRA, `none` the model as "
-        f"shipped.\n\n{table}\n\nCommands (a run already in the folder is skipped):\n\n"
+        f"shipped.\n\n{table}{mask_agreement(rows)}\n\nCommands (a run already in the folder is skipped):\n\n"
         + "\n".join(f"- `{c}`" for c in commands)
     )
 
