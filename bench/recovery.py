@@ -20,7 +20,7 @@ from loraprune.pipeline.data import BatchSampler, load_text
 from loraprune.pipeline.evaluate import count_parameters
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.train import lora_optimizer
-from loraprune.tasks import causal_lm_loss
+from loraprune.tasks.causal_lm import causal_lm_loss
 
 from . import common
 

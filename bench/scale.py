@@ -176,7 +176,7 @@ class Stepper:
 
     def measure(self, batch: torch.Tensor, steps: int, device: str) -> dict:
         """`steps` LoRAPrune steps on `batch`: peak memory (reset first), median step and scoring time."""
-        from loraprune.tasks import causal_lm_loss
+        from loraprune.tasks.causal_lm import causal_lm_loss
 
         release(device)
         before = peak_bytes(device)

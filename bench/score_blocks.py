@@ -50,7 +50,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         return_freed_memory()
     stepper = Stepper(build(model_config(args.size), DTYPES[args.dtype]), args.criterion, args.seed)
     batch = torch.randint(0, stepper.base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
-    from loraprune.tasks import causal_lm_loss
+    from loraprune.tasks.causal_lm import causal_lm_loss
 
     causal_lm_loss(stepper.model, batch).backward()  # the gradients every timed update reads
     variants, timer = [v for v in args.variants.split(",") if v], common.Timer()

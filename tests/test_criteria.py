@@ -15,7 +15,7 @@ from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.scoring import make_criterion, projection_scores, read_factors
 from loraprune.pipeline.target import resolve_ratio
 from loraprune.pipeline.train import train
-from loraprune.tasks import causal_lm_loss
+from loraprune.tasks.causal_lm import causal_lm_loss
 from tiny import randomize_lora, tiny_model
 
 CORPUS = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)

@@ -17,7 +17,8 @@ from loraprune.errors import LoraPruneError
 from loraprune.pipeline.data import BatchSampler, load_images, pad_sentences
 from loraprune.pipeline.export import MODELING_FILE, save_pruned
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
-from loraprune.tasks import TASKS, embed, embedding_loss, encode, neighbour_agreement, task_for
+from loraprune.tasks import TASKS, task_for
+from loraprune.tasks.embedding import embed, embedding_loss, encode, neighbour_agreement
 from tiny import ENCODERS, masked_then_pruned, model_output, tiny_encoder, tiny_inputs
 
 AUTO = {"bert": "AutoModel", "vit": "AutoModelForImageClassification"}

@@ -10,7 +10,7 @@ from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.scoring import projection_scores, read_factors
 from loraprune.pipeline.train import set_activation_checkpointing
-from loraprune.tasks import causal_lm_loss
+from loraprune.tasks.causal_lm import causal_lm_loss
 from tiny import tiny_model
 
 

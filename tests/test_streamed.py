@@ -14,7 +14,8 @@ from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.scoring import projection_scores, read_factors
 from loraprune.pipeline.train import set_activation_checkpointing
-from loraprune.tasks import causal_lm_loss, embed, embedding_loss
+from loraprune.tasks.causal_lm import causal_lm_loss
+from loraprune.tasks.embedding import embed, embedding_loss
 from loraprune.tools.memory import saved_bytes
 from tiny import ENCODERS, randomize_lora, tiny_config, tiny_encoder, tiny_inputs, tiny_model
 

@@ -20,7 +20,8 @@ from .pipeline.modeling_pruned import LAYOUT_KEY
 from .runtime import distributed
 from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .settings import EvalSettings, RunSettings, record
-from .tasks import MIN_TIMING_SECONDS, SPEED_REPEATS, Task, model_output, paired_speeds, task_for
+from .tasks import Task, model_output, task_for
+from .tasks.common import MIN_TIMING_SECONDS, SPEED_REPEATS, paired_speeds
 from .tools.memory import check_memory
 from .tools.report import format_summary, write_report
 
