@@ -42,7 +42,8 @@ def child(args) -> dict:
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
     from loraprune.tasks import TASKS
-    from loraprune.tools.memory import return_freed_memory, run_estimate
+    from loraprune.tools.estimate import run_estimate
+    from loraprune.tools.preflight import return_freed_memory
 
     return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
     criterion, b, s, distill = args.child.split(",")

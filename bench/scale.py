@@ -229,7 +229,7 @@ def arguments():
 
 def child(args) -> None:
     """One size and criterion: print 'RESULT {json}' after each point (a later crash keeps them)."""
-    from loraprune.tools.memory import return_freed_memory
+    from loraprune.tools.preflight import return_freed_memory
 
     return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
     size, criterion = args.child.split(",")
@@ -250,7 +250,7 @@ def child(args) -> None:
 
 def run_size(args, size: str) -> list[dict]:
     """Every criterion and point of one size: measured in children where the pre-flight says it fits."""
-    from loraprune.tools.memory import available_bytes, estimate
+    from loraprune.tools.estimate import available_bytes, estimate
 
     config = model_config(size)
     rows = []
@@ -295,7 +295,7 @@ def run_size(args, size: str) -> list[dict]:
 
 
 def parameters(config) -> dict:
-    from loraprune.tools.memory import model_counts
+    from loraprune.tools.estimate import model_counts
 
     return model_counts(config)
 

@@ -99,7 +99,7 @@ def keyed_params(rows: list[dict], size: str) -> int:
 def plot(args, rows: list[dict], payloads: list[dict]) -> Path:
     """Peak memory against parameters, one colour per criterion: measured points and the estimate's
     lines, at 1x128 and 1x512, checkpointing off (solid) and on (dashed); returns the PNG's path."""
-    from loraprune.tools.memory import estimate
+    from loraprune.tools.estimate import estimate
 
     from .scale import SHAPES, model_config
 

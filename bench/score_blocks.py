@@ -7,13 +7,13 @@ variant in turn, alternated in one process (ABBA), medians reported. `default` i
 (scoring.score_block_rows: a byte budget per block; the transients in reused buffers); `rowsN` is N
 rows per block whatever the width (1024 was the block before the byte budget); `fresh` allocates
 every transient anew, as scoring did before the reused buffers. `--return-freed-memory` runs it
-under the allocator setting of a run near the RAM limit (memory.return_freed_memory).
+under the allocator setting of a run near the RAM limit (tools/preflight.return_freed_memory).
 """
 
 import torch
 
 from loraprune.pipeline import importance, scoring
-from loraprune.tools.memory import return_freed_memory
+from loraprune.tools.preflight import return_freed_memory
 
 from . import common
 from .scale import DTYPES, SHAPES, Stepper, build, model_config

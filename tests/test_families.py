@@ -27,8 +27,8 @@ from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.target import ParameterCounts
 from loraprune.tasks import TASKS
 from loraprune.tools.diagnose import diagnose, format_diagnosis
+from loraprune.tools.estimate import estimate
 from loraprune.tools.inspect_model import describe
-from loraprune.tools.memory import estimate
 from tiny import (
     FAMILIES,
     assert_cached_generation_matches_recompute,

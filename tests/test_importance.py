@@ -98,7 +98,7 @@ def test_group_sums_equal_an_explicit_loop_over_members():
 
 def test_scratch_buffers_are_reused_across_blocks_and_projections():
     """A score update writes every block's transients into the same buffers (a fresh tensor per
-    block costs page faults under memory.return_freed_memory), growing them only for a larger block;
+    block costs page faults under preflight.return_freed_memory), growing them only for a larger block;
     the sums equal those of fresh tensors, in float32 for a bfloat16 model."""
     model, _ = lora_model_with_grads()
     scratch = Scratch()

@@ -17,7 +17,7 @@ CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hid
 MEASURE = """
 import gc, json, sys, torch
 torch.set_num_threads(1)
-from loraprune.tools.memory import return_freed_memory
+from loraprune.tools.preflight import return_freed_memory
 return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
 from transformers import LlamaConfig
 from bench.scale import Stepper, build, release, peak_bytes, rss_kib
@@ -50,7 +50,7 @@ print(runtime, peak_bytes("cpu"))
 def test_estimate_is_within_10_percent_of_a_measured_run_above_the_runtime(dtype, criterion, checkpointing):
     from transformers import LlamaConfig
 
-    from loraprune.tools.memory import estimate
+    from loraprune.tools.estimate import estimate
 
     est = estimate(LlamaConfig(**CONFIG), 2, 64, dtype=dtype, criterion=criterion,
                    gradient_checkpointing=checkpointing == "on")  # fmt: skip
@@ -77,7 +77,7 @@ def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, dist
     from loraprune.pipeline.pruner import Pruner
     from loraprune.pipeline.train import DenseTeacher
     from loraprune.tasks import TASKS
-    from loraprune.tools.memory import saved_bytes
+    from loraprune.tools.estimate import saved_bytes
     from tiny import tiny_model
 
     model = tiny_model(family, layers=2).to(torch.bfloat16)
@@ -107,7 +107,7 @@ def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, dist
 def test_estimate_orders_the_criteria_and_the_levers():
     from transformers import LlamaConfig
 
-    from loraprune.tools.memory import estimate
+    from loraprune.tools.estimate import estimate
 
     config = LlamaConfig(**CONFIG)
     criteria = ("lora", "sketch", "streamed", "gradient")
@@ -173,7 +173,7 @@ def test_preflight_counts_processes_on_cpu_and_names_the_device():
 
     from loraprune.config import PruneConfig
     from loraprune.errors import LoraPruneError
-    from loraprune.tools.memory import preflight
+    from loraprune.tools.preflight import preflight
 
     config, run_config = LlamaConfig(**CONFIG), PruneConfig(criterion="streamed", batch_size=2, seq_len=64)
     est, needed, available = preflight(config, run_config, "float32", available=10 * 2**30)
@@ -198,17 +198,17 @@ def test_preflight_returns_freed_memory_only_where_the_run_would_not_fit_otherwi
 
     from loraprune.config import PruneConfig
     from loraprune.settings import RunSettings
-    from loraprune.tools import memory
+    from loraprune.tools import preflight
 
     LlamaConfig(**CONFIG).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").touch()
     config = PruneConfig(criterion="streamed", batch_size=2, seq_len=64)
-    needed = memory.run_estimate(LlamaConfig(**CONFIG), config, "float32", "cpu", 1, None).peak
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * free_over_needed))
+    needed = preflight.run_estimate(LlamaConfig(**CONFIG), config, "float32", "cpu", 1, None).peak
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: int(needed * free_over_needed))
     calls = []
-    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(preflight, "return_freed_memory", lambda: calls.append(1) or True)
     run = RunSettings(model=str(tmp_path), data="ptb", output="x", return_freed_memory=allowed)
-    memory.check_memory(LlamaConfig(**CONFIG), config, run)
+    preflight.check_memory(LlamaConfig(**CONFIG), config, run)
     assert calls == ([1] if tight else [])
     said = capsys.readouterr().err
     assert ("glibc now returns freed memory" in said and "--no-return-freed-memory" in said) == tight

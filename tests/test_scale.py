@@ -25,9 +25,9 @@ def test_the_scale_benchmark_runs_at_a_toy_shape(tmp_path):
 
 
 def test_a_point_that_does_not_fit_is_not_run_and_shows_its_estimate(tmp_path, monkeypatch):
-    from loraprune.tools import memory
+    from loraprune.tools import estimate
 
-    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1)
+    monkeypatch.setattr(estimate, "available_bytes", lambda device="cpu": 1)
     rows = scale.run_size(scale.arguments().parse_args(["--criteria", "lora", "--points", "1x16:off"]), "tiny")
     assert [r["fits"] for r in rows] == [False] and "peak_bytes" not in rows[0]
     assert "does not fit (est." in cell(rows[0])
@@ -39,7 +39,7 @@ def test_a_point_that_does_not_fit_is_not_run_and_shows_its_estimate(tmp_path, m
      ("qwen2.5-3b", 3.086), ("llama-7b", 6.738)],
 )  # fmt: skip
 def test_the_shapes_have_their_published_parameter_counts(size, billions):
-    from loraprune.tools.memory import model_counts
+    from loraprune.tools.estimate import model_counts
 
     assert model_counts(scale.model_config(size))["parameters"] / 1e9 == pytest.approx(billions, abs=0.002)
 

@@ -16,7 +16,7 @@ from loraprune.pipeline.scoring import projection_scores, read_factors
 from loraprune.pipeline.train import set_activation_checkpointing
 from loraprune.tasks.causal_lm import causal_lm_loss
 from loraprune.tasks.embedding import embed, embedding_loss
-from loraprune.tools.memory import saved_bytes
+from loraprune.tools.estimate import saved_bytes
 from tiny import ENCODERS, randomize_lora, tiny_config, tiny_encoder, tiny_inputs, tiny_model
 
 TOLERANCE = 5e-3  # relative: the kept inputs and dL/dy are rounded to bfloat16 (the largest error seen: 2-5e-3)

@@ -65,7 +65,7 @@ def inspect_command(settings: InspectSettings) -> None:
 
 def estimate_command(settings: EstimateSettings) -> None:
     from .pipeline.load import load_config
-    from .tools.memory import estimate_report
+    from .tools.estimate import estimate_report
 
     print(estimate_report(load_config(settings.model), settings))
 

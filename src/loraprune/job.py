@@ -22,7 +22,7 @@ from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, 
 from .settings import EvalSettings, RunSettings, record
 from .tasks import Task, model_output, task_for
 from .tasks.common import MIN_TIMING_SECONDS, SPEED_REPEATS, paired_speeds
-from .tools.memory import check_memory
+from .tools.preflight import check_memory
 from .tools.report import format_summary, write_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -48,7 +48,7 @@ class LoraFactors:
 
 class Scratch:
     """Buffers that every block of a score update reuses. A fresh block-sized tensor per block costs a
-    pass of page faults where glibc maps large blocks afresh (memory.return_freed_memory): 4.8x the
+    pass of page faults where glibc maps large blocks afresh (tools/preflight.return_freed_memory): 4.8x the
     scoring time of a 1B model (bench/score_blocks.py)."""
 
     def __init__(self):

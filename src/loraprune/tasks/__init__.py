@@ -58,7 +58,7 @@ class Task:
     distilled_loss: Callable[..., Tensor | None] | None = None
     multi_process: bool = False  # runs under torchrun / accelerate (DDP, FSDP) and with 8-/4-bit weights
     # (model config, batch size, seq len) -> the model's keyword inputs for one training batch, on the
-    # meta device: what the memory estimate traces (tools/memory.py)
+    # meta device: what the memory estimate traces (tools/estimate.py)
     meta_inputs: Callable[[Any, int, int], dict] | None = None
 
     @property
