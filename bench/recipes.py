@@ -31,6 +31,13 @@ def arguments():
     return p
 
 
+def _number(value: str) -> int | float | str:
+    """A setting's value as written: integers (batch_size=1) stay integers."""
+    if value.isdigit():
+        return int(value)
+    return float(value) if value.replace(".", "", 1).isdigit() else value
+
+
 def parse_run(spec: str) -> tuple[str, str | None, float | None, dict]:
     name, _, what = spec.partition("=")
     if what == "none":
@@ -39,7 +46,7 @@ def parse_run(spec: str) -> tuple[str, str | None, float | None, dict]:
     settings = {}
     for item in filter(None, ",".join(rest).split(",")):
         key, value = item.split("=")
-        settings[key] = value if not value.replace(".", "", 1).isdigit() else float(value)
+        settings[key] = _number(value)
     return name, criterion, float(ratio), settings
 
 
