@@ -436,6 +436,10 @@ CLAIMS = [
     Claim("Time", "The same at 1 x 128, where the score update weighs more", lambda r: " / ".join(
           x(r.step("streamed", "1x128", f"LoRAPrune ({c})")) for c in ("lora", "streamed", "gradient")),
           "overhead#streamed"),
+    Claim("Time", "A step after the last pruning step (the cooldown) against a plain LoRA step, 4 x 128, masks on "
+          "(as `--shrink end`): `streamed` / `gradient`", lambda r: " / ".join(
+          x(r.step("cooldown", "4x128", f"LoRAPrune ({c}, cooldown)")) for c in ("streamed", "gradient")),
+          "overhead#cooldown"),
     Claim("Time", "`streamed` and `streamed --distill 0.9` against a plain LoRA step, 4 x 128, another machine",
           lambda r: f"{x(r.step('streamed-distill', '4x128', 'LoRAPrune (streamed)'))} / "
           f"{x(r.step('streamed-distill', '4x128', 'LoRAPrune (streamed, distill 0.9)'))}",
