@@ -37,10 +37,10 @@ def arguments():
 
 def child(args) -> dict:
     from loraprune import PruneConfig, load_model
-    from loraprune.api import training_loss
     from loraprune.archs import arch_for
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
+    from loraprune.pruning import training_loss
     from loraprune.tasks import TASKS
     from loraprune.tools.estimate import run_estimate
     from loraprune.tools.preflight import return_freed_memory

@@ -16,11 +16,11 @@ on its own as well.
 import torch
 
 from loraprune import PruneConfig
-from loraprune.api import training_loss
 from loraprune.archs import arch_for
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.train import lora_optimizer
+from loraprune.pruning import training_loss
 from loraprune.tasks import TASKS
 
 from . import common

@@ -72,7 +72,7 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
     """One run of `mode` at `ratio`: on a fresh load of the model, or on a copy of `loaded` (model, tokenizer)."""
     import torch
 
-    import loraprune.api as api
+    import loraprune.pruning as pruning
     from loraprune import load_model, prune
     from loraprune.pipeline.data import load_text
     from loraprune.pipeline.evaluate import perplexity
@@ -83,7 +83,7 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
     text = load_text(args.data, "train")
     eval_set = common.token_windows(tokenizer, args.data, "test", args.eval_seq, args.eval_windows or None)
     phases.start("set-up")
-    real_train = api.train
+    real_train = pruning.train
 
     def timed_train(*a, **kw):  # the pruning loop, its own phase
         phases.start("pruning loop")
@@ -92,13 +92,13 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
         finally:
             phases.start("shrink + merge")
 
-    api.train = timed_train
+    pruning.train = timed_train
     config = common.budget(args, float(ratio), args.criterion, shrink=mode)
     torch.manual_seed(args.seed)
     try:
         pruned, report = prune(model, tokenizer, text, config, progress=False)
     finally:
-        api.train = real_train
+        pruning.train = real_train
     phases.start("evaluation")
     ppl = perplexity(pruned, eval_set)
     phases.stop()

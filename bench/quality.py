@@ -11,8 +11,9 @@ import time
 
 from loraprune import prune
 from loraprune.archs import arch_for
+from loraprune.pipeline.counts import count_parameters, count_prunable
 from loraprune.pipeline.data import load_text
-from loraprune.pipeline.evaluate import count_parameters, count_prunable, perplexity
+from loraprune.pipeline.evaluate import perplexity
 
 from . import common
 

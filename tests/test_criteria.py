@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, prune
-from loraprune.api import check_compatible
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.lora import attach_lora
@@ -15,6 +14,7 @@ from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.scoring import make_criterion, projection_scores, read_factors
 from loraprune.pipeline.target import resolve_ratio
 from loraprune.pipeline.train import train
+from loraprune.plan import check_compatible
 from loraprune.tasks.causal_lm import causal_lm_loss
 from tiny import randomize_lora, tiny_model
 

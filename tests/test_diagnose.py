@@ -7,11 +7,11 @@ import torch
 
 from loraprune.archs import arch_for
 from loraprune.cli import main
-from loraprune.config import PruneConfig
 from loraprune.pipeline.groups import LayerGroups
 from loraprune.pipeline.importance import lora_gradient_estimate
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.scoring import read_factors
+from loraprune.prune_config import PruneConfig
 from loraprune.tasks.causal_lm import causal_lm_loss
 from loraprune.tools.diagnose import bottom_overlap, estimate_error, measure, spearman, summarize
 from tiny import tiny_model

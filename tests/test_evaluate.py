@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
-from loraprune.pipeline.evaluate import count_parameters, count_prunable, greedy_generate, perplexity
+from loraprune.pipeline.counts import count_parameters, count_prunable
+from loraprune.pipeline.evaluate import greedy_generate, perplexity
 
 SIZES = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -3,11 +3,11 @@
 import pytest
 from transformers import LlamaConfig
 
-from loraprune.api import check_compatible
 from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.groups import LayerGroups
+from loraprune.plan import check_compatible
+from loraprune.prune_config import PruneConfig
 
 SMOLLM2 = LlamaConfig(
     hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, num_hidden_layers=30

@@ -1,11 +1,11 @@
 import torch
 
 from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
 from loraprune.pipeline.groups import LayerGroups, head_scores, per_unit
 from loraprune.pipeline.importance import Scratch, lora_gradient_estimate, lora_guided
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.scoring import projection_scores, read_factors
+from loraprune.prune_config import PruneConfig
 from tiny import randomize_lora, tiny_model
 
 

@@ -2,7 +2,7 @@
 down, never up, and no two modules import each other, directly or through others.
 
 Layers, lowest first (docs/architecture.md): the base (errors, config, archs), runtime/, pipeline/
-(the method, one step a module), tasks, tools/, then the entry points (api, settings, job, cli).
+(the method, one step a module), tasks, tools/, then the entry points (plan, pruning, settings, job, cli).
 """
 
 import ast
@@ -14,14 +14,15 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "loraprune"
 # a module's layer is the first entry whose prefix names it; lower numbers may not import higher ones
 LAYERS = [
     ("loraprune.errors", 0),
-    ("loraprune.config", 0),
+    ("loraprune.prune_config", 0),
     ("loraprune.archs", 0),
     ("loraprune.runtime", 1),
     ("loraprune.pipeline", 2),
     ("loraprune.tasks", 3),
     ("loraprune.tools", 4),
-    ("loraprune.api", 5),
-    ("loraprune.settings", 5),
+    ("loraprune.plan", 5),
+    ("loraprune.pruning", 5),
+    ("loraprune.run_settings", 5),
     ("loraprune.job", 6),
     ("loraprune.cli", 7),
     ("loraprune.__main__", 8),

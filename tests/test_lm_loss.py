@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
 from loraprune.pipeline import lm_loss
 from loraprune.pipeline.lm_loss import causal_lm_loss, chunked_head, distillation_loss
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.train import DenseTeacher
+from loraprune.prune_config import PruneConfig
 from loraprune.tasks import TASKS, objective
 from tiny import FAMILIES, randomize_lora, tiny_model
 

@@ -71,11 +71,11 @@ def test_the_meta_trace_counts_what_a_real_forward_keeps(family, criterion, dist
     """The estimate's activations: a forward and loss on the meta device, counted as a real one is,
     with the chunked loss (lm_loss.py), distilled from the dense model or not."""
     from loraprune.archs import arch_for
-    from loraprune.config import PruneConfig
     from loraprune.pipeline.lm_loss import causal_lm_loss, distilled_causal_lm_loss
     from loraprune.pipeline.lora import attach_lora
     from loraprune.pipeline.pruner import Pruner
     from loraprune.pipeline.train import DenseTeacher
+    from loraprune.prune_config import PruneConfig
     from loraprune.tasks import TASKS
     from loraprune.tools.estimate import saved_bytes
     from tiny import tiny_model
@@ -171,8 +171,8 @@ def test_preflight_on_a_config_only_folder_is_one_line_and_writes_nothing(tmp_pa
 def test_preflight_counts_processes_on_cpu_and_names_the_device():
     from transformers import LlamaConfig
 
-    from loraprune.config import PruneConfig
     from loraprune.errors import LoraPruneError
+    from loraprune.prune_config import PruneConfig
     from loraprune.tools.preflight import preflight
 
     config, run_config = LlamaConfig(**CONFIG), PruneConfig(criterion="streamed", batch_size=2, seq_len=64)
@@ -196,8 +196,8 @@ def test_preflight_returns_freed_memory_only_where_the_run_would_not_fit_otherwi
     --no-return-freed-memory, and one line on stderr when it is set (it is process-wide)."""
     from transformers import LlamaConfig
 
-    from loraprune.config import PruneConfig
-    from loraprune.settings import RunSettings
+    from loraprune.prune_config import PruneConfig
+    from loraprune.run_settings import RunSettings
     from loraprune.tools import preflight
 
     LlamaConfig(**CONFIG).save_pretrained(tmp_path)

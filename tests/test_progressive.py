@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, prune
-from loraprune.api import resolve_shrink
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
+from loraprune.plan import resolve_shrink
 from loraprune.runtime import checkpoint
 from tiny import ENCODERS, tiny_encoder, tiny_model
 

@@ -3,9 +3,9 @@
 import torch
 
 from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
+from loraprune.prune_config import PruneConfig
 from tiny import randomize_lora, tiny_model
 
 

@@ -1,8 +1,8 @@
 import pytest
 
-from loraprune.config import round_half_up
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.schedule import SHAPES, SparsitySchedule
+from loraprune.prune_config import round_half_up
 
 
 def test_cubic_values_at_known_steps():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, prune
-from loraprune.api import check_compatible
 from loraprune.archs import arch_for
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline import scoring
@@ -14,6 +13,7 @@ from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.schedule import SparsitySchedule
 from loraprune.pipeline.scoring import projection_scores, read_factors
 from loraprune.pipeline.train import set_activation_checkpointing
+from loraprune.plan import check_compatible
 from loraprune.tasks.causal_lm import causal_lm_loss
 from loraprune.tasks.embedding import embed, embedding_loss
 from loraprune.tools.estimate import saved_bytes

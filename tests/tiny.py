@@ -17,10 +17,10 @@ from transformers import (
 )
 
 from loraprune.archs import arch_for
-from loraprune.config import PruneConfig
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.shrink import shrink
+from loraprune.prune_config import PruneConfig
 
 # a head size of its own (hidden 48 = 6 × 8 but heads of 12), as in Mistral-Nemo, Qwen3, Gemma
 OWN_HEAD_DIM = {"head_dim": 12}

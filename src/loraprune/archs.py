@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import LoraPruneError
 
-# per task (tasks.py): the transformers Auto class that holds its model, and what preprocesses the
+# per task (tasks/): the transformers Auto class that holds its model, and what preprocesses the
 # model's inputs ("tokenizer" for text, "image" for an image processor)
 TASK_MODELS: dict[str, tuple[str, str]] = {
     "causal-lm": ("AutoModelForCausalLM", "tokenizer"),

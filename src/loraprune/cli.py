@@ -1,7 +1,7 @@
 """`loraprune prune|eval|inspect|estimate|diagnose|report`: a table of subcommands, each a thin
 call of a typed Python function.
 
-Every flag is a field of a settings dataclass (config.py, settings.py; `lora_r` is `--lora-r`),
+Every flag is a field of a settings dataclass (prune_config.py, run_settings.py; `lora_r` is `--lora-r`),
 its help the field's. A LoraPruneError anywhere becomes one line on stderr and exit status 2.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from .config import PruneConfig
 from .errors import LoraPruneError
-from .settings import (
+from .prune_config import PruneConfig
+from .run_settings import (
     DiagnoseSettings,
     EstimateSettings,
     EvalSettings,
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> None:
     command = COMMANDS[args.command]
     if command.layered:
-        from .settings import resolve
+        from .run_settings import resolve
 
         given = {key: value for key, value in vars(args).items() if key not in ("command", "config", "resume")}
         config, run, checkpoint = resolve(given, args.config, args.resume)

@@ -1,4 +1,4 @@
-"""The jobs behind `loraprune prune` and `loraprune eval`, one path for every task (tasks.py):
+"""The jobs behind `loraprune prune` and `loraprune eval`, one path for every task (tasks/):
 check → load → evaluate dense → prune → evaluate pruned → save → reload with stock transformers."""
 
 import json
@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 import transformers
 
-from .api import check_compatible, prune
-from .config import PruneConfig
 from .errors import LoraPruneError
-from .pipeline.evaluate import count_parameters, count_prunable
+from .pipeline.counts import count_parameters, count_prunable
 from .pipeline.export import REPORT_FILE, check_output, save_pruned
 from .pipeline.gguf_export import check_gguf_output, describe_export, export_gguf
 from .pipeline.load import load_config, load_model
 from .pipeline.modeling_pruned import LAYOUT_KEY
+from .plan import check_compatible
+from .prune_config import PruneConfig
+from .pruning import prune
+from .run_settings import EvalSettings, RunSettings, record
 from .runtime import distributed
 from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
-from .settings import EvalSettings, RunSettings, record
 from .tasks import Task, model_output, task_for
 from .tasks.common import MIN_TIMING_SECONDS, SPEED_REPEATS, paired_speeds
 from .tools.preflight import check_memory
@@ -121,7 +122,7 @@ def _reload_check(task: Task, pruned, tokenizer, output: Path, eval_set) -> str:
 
 def evaluate_job(settings: EvalSettings) -> dict:
     """A model's metrics on `settings.data`'s test split: perplexity and parameter counts for a
-    causal LM, the task's own metrics otherwise (tasks.py). A task that compares with the dense
+    causal LM, the task's own metrics otherwise (tasks/). A task that compares with the dense
     model uses `settings.reference`, by default the model a pruned folder's loraprune.json names."""
     task = task_for(load_config(settings.model), settings.task)
     test_data = task.load(settings.data, "test")

@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from ..config import round_half_up
 from ..errors import LoraPruneError
+from ..prune_config import round_half_up
 
 SPLITS = ("train", "valid", "test")
 CHUNK_CHARS = 1 << 16  # ~64 KiB of text per tokenizer call

@@ -1,11 +1,10 @@
-"""Perplexity, parameter counts and a greedy sample: how good and how big a model is."""
+"""Perplexity and a greedy sample: how good a causal LM is (counts.py: how big)."""
 
 import math
 
 import torch
 from tqdm import tqdm
 
-from ..archs import Arch, arch_for
 from ..errors import LoraPruneError
 from .lm_loss import causal_lm_loss
 
@@ -42,22 +41,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
         "seq_len": seq_len,
         "bos": starts_with_bos,
     }
-
-
-def count_parameters(model) -> int:
-    """All parameters; tied weights (shared embedding / lm_head) count once."""
-    return sum(p.numel() for p in model.parameters())  # parameters() yields each tensor once
-
-
-def count_prunable(model, arch: Arch | None = None) -> int:
-    """Weights and biases of every layer's q/k/v/o and gate/up/down projections."""
-    arch = arch or arch_for(model.config)
-    total = 0
-    for layer in arch.layers_of(model):
-        for module in arch.projections(layer).values():
-            # .weight/.bias rather than .parameters(): a LoRA-wrapped projection also holds adapters
-            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-    return total
 
 
 def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..archs import Arch
-from ..config import round_half_up
 from ..errors import LoraPruneError
+from ..prune_config import round_half_up
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..archs import Arch
-from ..config import PruneConfig
+from ..prune_config import PruneConfig
 
 
 def attach_lora(model: nn.Module, arch: Arch, config: PruneConfig) -> PeftModel:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..archs import Arch
-from ..config import PruneConfig
+from ..prune_config import PruneConfig
 from .groups import LayerGroups, head_scores, per_unit, summed_dim
 from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores

@@ -11,10 +11,10 @@ window, 0..1):
 
 from dataclasses import dataclass
 
-from ..config import SCHEDULE_NAMES, round_half_up
 from ..errors import LoraPruneError
+from ..prune_config import SCHEDULE_NAMES, round_half_up
 
-SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; config.py validates --schedule against them
+SHAPES = SCHEDULE_NAMES  # the shapes sparsity() draws; prune_config.py validates --schedule against them
 
 
 @dataclass(frozen=True)

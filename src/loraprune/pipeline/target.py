@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 
 from ..archs import arch_for, meta_model
-from ..config import PruneConfig
 from ..errors import LoraPruneError
-from .evaluate import count_parameters
+from ..prune_config import PruneConfig
+from .counts import count_parameters
 from .groups import LayerGroups
 
 

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import PruneConfig
 from ..errors import LoraPruneError
+from ..prune_config import PruneConfig
 from ..runtime import distributed, fsdp
 from ..runtime.checkpoint import Checkpoint, Checkpointer
 from .pruner import Pruner
@@ -130,7 +130,7 @@ def train(
 
     With a `checkpointer`, the state is saved as it says (and Ctrl-C saves, then raises
     `Interrupted`); with `resume`, training continues from that checkpoint's step.
-    `loss_fn(model, batch)` is the task's loss (tasks.py); it moves the batch to the model's device.
+    `loss_fn(model, batch)` is the task's loss (tasks/); it moves the batch to the model's device.
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)

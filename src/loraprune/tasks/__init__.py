@@ -21,10 +21,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..archs import TASK_MODELS, task_name
-from ..config import TASK_NAMES
 from ..errors import LoraPruneError
 from ..pipeline.data import load_images, load_sentences, load_text
 from ..pipeline.lm_loss import distillation_loss
+from ..prune_config import TASK_NAMES
 from . import causal_lm, embedding, image
 from .common import input_probe, logits, own_loss, token_inputs
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraPruneError
+from ..pipeline.counts import count_parameters
 from ..pipeline.data import pad_sentences, trim_padding
-from ..pipeline.evaluate import count_parameters
 from .common import device_of, throughput, to_device
 
 

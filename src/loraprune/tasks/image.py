@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from ..pipeline.evaluate import count_parameters
+from ..pipeline.counts import count_parameters
 from .common import device_of, throughput, to_device
 
 

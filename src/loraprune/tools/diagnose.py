@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from ..archs import Arch, arch_for
-from ..config import PruneConfig, round_half_up
 from ..pipeline.data import BatchSampler
 from ..pipeline.groups import LayerGroups, summed_dim
 from ..pipeline.importance import lora_gradient_estimate, lora_guided, magnitude, weight_gradient
@@ -32,6 +31,7 @@ from ..pipeline.pruner import group_scores
 from ..pipeline.scoring import read_factors
 from ..pipeline.sketch import SketchScores
 from ..pipeline.train import lora_optimizer
+from ..prune_config import PruneConfig, round_half_up
 from ..tasks import objective
 
 BOTTOM_FRACTIONS = (0.1, 0.25, 0.5)
@@ -154,7 +154,7 @@ def diagnose(
     progress: bool = True,
 ) -> dict:
     """Fine-tune LoRA on `train_windows` (no pruning; config's lr, batch, LoRA settings) on the
-    task's loss (tasks.py) and measure the estimate at each of `at_steps` (0: before any step) on fixed
+    task's loss (tasks/) and measure the estimate at each of `at_steps` (0: before any step) on fixed
     probe batches."""
     from tqdm.auto import tqdm
 

@@ -79,9 +79,9 @@ def _config_with_layers(model_config, layers: int):
 def _meta_lora_model(model_config, criterion: str, dtype: str, lora_r: int, lora_dropout: float, task: str | None):
     """The `task`'s model with LoRA and the criterion's Pruner on the meta device; every layer scored."""
     from ..archs import auto_class_for
-    from ..config import PruneConfig
     from ..pipeline.lora import attach_lora
     from ..pipeline.pruner import Pruner
+    from ..prune_config import PruneConfig
 
     with torch.device("meta"):
         model = auto_class_for(model_config, task).from_config(model_config, dtype=getattr(torch, dtype))
@@ -176,7 +176,7 @@ def model_counts(model_config, lora_r: int = 8, skip_layers: str = "first10pct,l
 
 @_memo
 def _model_counts(model_config, lora_r, skip_layers, task) -> dict:
-    from ..config import PruneConfig
+    from ..prune_config import PruneConfig
 
     model = meta_model(model_config, task)
     arch = arch_for(model.config)
@@ -208,7 +208,7 @@ def estimate(
 ) -> Estimate:
     """Expected peak bytes of one process's training step for this config; `distill`: the loss
     distills from the dense model (--distill; its last hidden states and logits a chunk at a time);
-    `task`: what the model is trained for (tasks.py; the family's default if None)."""
+    `task`: what the model is trained for (tasks/; the family's default if None)."""
     counts = model_counts(model_config, lora_r, skip_layers, task)
     layers, e = counts["layers"], BYTES[dtype]
     tokens = batch_size * seq_len
@@ -317,7 +317,7 @@ def estimate_report(model_config, settings) -> str:
     """`loraprune estimate`: the table (or JSON) of the estimates for each criterion, and the verdicts."""
     import json
 
-    from ..config import PruneConfig
+    from ..prune_config import PruneConfig
 
     s = settings
     criteria = [s.criterion] if s.criterion else list(CRITERIA)

@@ -4,12 +4,12 @@ from its config alone (shapes on the meta device; no weights are read)."""
 from dataclasses import replace
 
 from ..archs import arch_for, meta_model
-from ..config import PruneConfig
 from ..errors import LoraPruneError
-from ..pipeline.evaluate import count_prunable
+from ..pipeline.counts import count_prunable
 from ..pipeline.groups import LayerGroups
 from ..pipeline.shrink import stock_config_error
 from ..pipeline.target import ParameterCounts
+from ..prune_config import PruneConfig
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 

@@ -68,7 +68,7 @@ def format_eval(result: dict) -> str:
 
 
 def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:
-    """The task's metric rows of `results`, under the task's heading if it has one (tasks.py)."""
+    """The task's metric rows of `results`, under the task's heading if it has one (tasks/)."""
     from ..pipeline.data import window_protocol
     from ..tasks import TASKS, metric_rows
 

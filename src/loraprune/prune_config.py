@@ -1,10 +1,10 @@
 """Settings of a pruning run: one typed dataclass, validated in one place.
 
 The CLI's flags are generated from the fields of this and the other settings dataclasses
-(settings.py; a field `lora_r` is `--lora-r`), and each field's `help` is the flag's help, so
+(run_settings.py; a field `lora_r` is `--lora-r`), and each field's `help` is the flag's help, so
 the two cannot drift apart. This module imports nothing from the pipeline: a name that only a
 pipeline table knows (the criteria: scoring.CRITERIA) is checked where the run is planned
-(api.check_compatible).
+(plan.check_compatible).
 """
 
 import math
@@ -156,9 +156,9 @@ class PruneConfig:
             raise LoraPruneError("--uniform prunes every layer alike; it cannot be combined with --skip-layers")
 
     def decided_criterion(self) -> str:
-        """--criterion once api.check_compatible has decided its default (which depends on --fsdp)."""
+        """--criterion once plan.check_compatible has decided its default (which depends on --fsdp)."""
         if self.criterion is None:
-            raise ValueError("the config's criterion is undecided: pass it through api.check_compatible first")
+            raise ValueError("the config's criterion is undecided: pass it through plan.check_compatible first")
         return self.criterion
 
     def skipped_layers(self, num_layers: int) -> set[int]:

@@ -1,4 +1,4 @@
-"""Settings of a run that are not the method (config.py holds those): what to prune, where to
+"""Settings of a run that are not the method (prune_config.py holds those): what to prune, where to
 write it, how to load, evaluate and checkpoint; and `eval`'s. Typed, validated where they are
 built, each error naming the flag.
 
@@ -11,9 +11,9 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .config import TASK_NAMES, PruneConfig, setting
 from .errors import LoraPruneError
 from .pipeline.scoring import check_criterion
+from .prune_config import TASK_NAMES, PruneConfig, setting
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result

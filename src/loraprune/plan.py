@@ -1,0 +1,102 @@
+"""The plan of a run: every check that needs only the model's config, and every default of the
+run (the ratio --target-params picks, the criterion, the shrink mode) decided once, before any
+weight is read. `prune` (pruning.py) and the job (job.py) run what the plan says.
+"""
+
+from dataclasses import dataclass, replace
+
+from .archs import Arch, arch_for
+from .errors import LoraPruneError
+from .pipeline.groups import LayerGroups
+from .pipeline.load import context_length
+from .pipeline.schedule import SparsitySchedule
+from .pipeline.scoring import check_criterion
+from .pipeline.shrink import stock_config_error
+from .pipeline.target import resolve_ratio
+from .prune_config import PruneConfig
+from .runtime import fsdp
+from .tasks import Task, task_for
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A PruneConfig checked against one model's config: what `prune` runs, found once."""
+
+    config: PruneConfig  # every default decided: ratio (from --target-params), criterion, shrink
+    arch: Arch
+    task: Task
+    target: dict | None  # --target-params: {"requested", "predicted"} fractions of all parameters
+    sharded: bool  # FSDP shards the model while it trains
+
+
+def check_compatible(model_config, config: PruneConfig, quantized: bool | None = None) -> Plan:
+    """Every check that needs only the model's config, run before any work is done, and every
+    default of the run decided, once. `quantized`: the base weights are loaded in 8 or 4 bits
+    (default: whether `model_config` says so)."""
+    if quantized is None:
+        quantized = getattr(model_config, "quantization_config", None) is not None
+    arch = arch_for(model_config)
+    task = task_for(model_config, config.task)
+    config, target = resolve_ratio(model_config, config)
+    context = context_length(model_config)
+    if config.seq_len > context:
+        raise LoraPruneError(f"--seq-len {config.seq_len} exceeds the model's context of {context} tokens")
+    SparsitySchedule.of(config)  # fails here if the steps leave no pruning window
+    if config.distill and task.logits is None:
+        raise LoraPruneError(
+            f"--distill applies to tasks with logits; the {task.name} task already trains against the dense model"
+        )
+    if config.allocation == "global" and config.ratio > 1 - config.min_keep:
+        raise LoraPruneError(
+            f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
+            f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
+        )
+    sharded = fsdp.requested(config.fsdp)
+    config = resolve_criterion(config, sharded)
+    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
+    heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
+    if config.uniform:
+        kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
+        problem = stock_config_error(model_config, arch, heads, kv_heads, channels)
+        if problem:
+            raise LoraPruneError(
+                f"--uniform --ratio {config.ratio} leaves {heads} heads ({kv_heads} k/v) and {channels} channels "
+                f"per layer, which {type(model_config).__name__} rejects ({problem}); "
+                "choose another ratio or drop --uniform"
+            )
+    return Plan(config, arch, task, target, sharded)
+
+
+def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
+    """`config` with --criterion decided: streamed (the gradient's score inside LoRA's memory, which
+    won on three seeds, docs/benchmarks/recipes.md) unless FSDP shards the projections it scores (then lora)."""
+    check_criterion(config.criterion)
+    if config.criterion is None:
+        return replace(config, criterion="lora" if sharded else "streamed")
+    if config.criterion == "streamed" and sharded:
+        raise LoraPruneError("--criterion streamed cannot be combined with --fsdp: its backward hooks score "
+                             "whole projections, and FSDP shards them; use --criterion lora or sketch")  # fmt: skip
+    return config
+
+
+def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) -> PruneConfig:
+    """`config` with --shrink decided: progressive unless something needs the dense layers to the end
+    (then end); a progressive shrink asked for where it cannot work is refused."""
+    reasons = {
+        "--distill": (
+            config.distill > 0,
+            "the distillation teacher is the dense model inside the one being pruned (adapter off, masks "
+            "lifted), and a physical shrink removes the rows it needs",
+        ),
+        "--fsdp": (sharded, "FSDP shards the layers once, and re-sharding after each shrink is not implemented"),
+        "8-/4-bit weights": (quantized, "quantized weights are sliced only after they are dequantized, at the end"),
+    }
+    found = [(name, why) for name, (applies, why) in reasons.items() if applies]
+    if config.shrink is None:
+        return replace(config, shrink="end" if found else "progressive")
+    if config.shrink == "progressive" and found:
+        name, why = found[0]
+        raise LoraPruneError(
+            f"--shrink progressive cannot be combined with {name}: {why}; use --shrink end (or leave --shrink out)"
+        )
+    return config
