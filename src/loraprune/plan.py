@@ -35,6 +35,9 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
     (default: whether `model_config` says so)."""
     if quantized is None:
         quantized = getattr(model_config, "quantization_config", None) is not None
+    sharded = fsdp.requested(config.fsdp)
+    config = resolve_criterion(config, sharded)
+    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
     arch = arch_for(model_config)
     task = task_for(model_config, config.task)
     config, target = resolve_ratio(model_config, config)
@@ -51,9 +54,6 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
-    sharded = fsdp.requested(config.fsdp)
-    config = resolve_criterion(config, sharded)
-    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
     heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
