@@ -373,6 +373,14 @@ def progressive(r: Numbers, ratio: int) -> dict:
     return {"loop": loop["progressive"] / loop["end"], "ppl": ppl, "peak": peak}
 
 
+def iou(r: Numbers, a: str, b: str) -> str:
+    """IoU of the groups two recipes runs removed (from their saved masks), e.g. iou(r, 'accum/x', 'accum/y')."""
+    from .recipes import removed_groups
+
+    one, two = (removed_groups(r.json("recipes-{}/{}.json".format(*run.split("/")))["masks"]) for run in (a, b))
+    return f"{len(one & two) / len(one | two):.2f}"
+
+
 def agreement(model: dict) -> str:
     same = "identical" if model["greedy_tokens_equal"] else "different"
     return f"{model['logits_max_abs_diff']:.1e}; {same}"
@@ -413,6 +421,12 @@ CLAIMS = [
     Claim("Quality", "Distillation alone (α 1.0) is worse out of domain than α 0.9, 20%, medium budget: pydoc "
           "perplexity", lambda r: f"{n(r.ppl('medium/lora20-kd10', 'pydoc test'))} vs "
           f"{n(r.ppl('medium/lora20-kd9-bf16', 'pydoc test'))}", "recipes#medium"),
+    Claim("Quality", "`streamed` under `--grad-accum 4` (4 micro-batches of 1, per-micro-batch sums) against one "
+          "batch of 4, 50%, full budget: PTB test perplexity (first 400 windows), and the share of removed groups "
+          "each has in common with `gradient` under the same accumulation (IoU)",
+          lambda r: f"{n(r.ppl('accum/streamed50-ga4'))} vs {n(r.ppl('accum/streamed50-b4'))} (gradient "
+          f"{n(r.ppl('accum/gradient50-ga4'))}); IoU {iou(r, 'accum/streamed50-ga4', 'accum/gradient50-ga4')} vs "
+          f"{iou(r, 'accum/streamed50-b4', 'accum/gradient50-ga4')}", "recipes#accum"),
     Claim("Memory", "Peak RSS of a step, SmolLM2 float32, 4 x 128: `streamed` / `lora` / `gradient`",
           lambda r: f"{n(r.peak('streamed', 'streamed', '4x128'))} / {n(r.peak('streamed', 'lora', '4x128'))} / "
           f"{n(r.peak('streamed', 'gradient', '4x128'))} MiB", "memory#streamed"),

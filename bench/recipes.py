@@ -89,7 +89,7 @@ def packed_masks(scores: dict) -> dict:
     }
 
 
-def _removed(masks: dict) -> set[tuple[str, int, int]]:
+def removed_groups(masks: dict) -> set[tuple[str, int, int]]:
     return {(name, i, j) for name, layers in masks.items() for i, row in enumerate(layers) for j, bit in enumerate(row)
             if bit == "0"}  # fmt: skip
 
@@ -97,7 +97,7 @@ def _removed(masks: dict) -> set[tuple[str, int, int]]:
 def mask_agreement(rows: list[dict]) -> str:
     """IoU of the groups (heads and channels together) that two runs removed, for every pair of runs
     that saved their masks; '' when fewer than two did."""
-    removed = {r["name"]: _removed(r["masks"]) for r in rows if r.get("masks")}
+    removed = {r["name"]: removed_groups(r["masks"]) for r in rows if r.get("masks")}
     if len(removed) < 2:
         return ""
     names = list(removed)
