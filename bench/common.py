@@ -100,20 +100,13 @@ def prepare(parser: argparse.ArgumentParser, argv, model=None, tokenizer=None):
 
 
 def budget(args, ratio: float, criterion: str = "lora", **overrides):
-    """The fine-tuning budget every row of a benchmark shares; only ratio and criterion vary."""
+    """The fine-tuning budget every row of a benchmark shares; `overrides` may change any of it (a
+    recipe's batch_size=1,grad_accum=4)."""
     from loraprune import PruneConfig
 
-    return PruneConfig(
-        ratio=ratio,
-        criterion=criterion,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        prune_freq=args.prune_freq,
-        seed=args.seed,
-        **overrides,
-    )
+    shared = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                  prune_freq=args.prune_freq, seed=args.seed)  # fmt: skip
+    return PruneConfig(ratio=ratio, criterion=criterion, **(shared | overrides))
 
 
 def budget_text(args: dict, splits: str = "each split") -> str:
