@@ -375,10 +375,10 @@ def progressive(r: Numbers, ratio: int) -> dict:
 
 def iou(r: Numbers, a: str, b: str) -> str:
     """IoU of the groups two recipes runs removed (from their saved masks), e.g. iou(r, 'accum/x', 'accum/y')."""
-    from .recipes import removed_groups
+    from .recipes import removed_groups, removed_iou
 
     one, two = (removed_groups(r.json("recipes-{}/{}.json".format(*run.split("/")))["masks"]) for run in (a, b))
-    return f"{len(one & two) / len(one | two):.2f}"
+    return f"{removed_iou(one, two):.2f}"
 
 
 def agreement(model: dict) -> str:

@@ -94,6 +94,11 @@ def removed_groups(masks: dict) -> set[tuple[str, int, int]]:
             if bit == "0"}  # fmt: skip
 
 
+def removed_iou(a: set, b: set) -> float:
+    """|removed by both| / |removed by either| (1 when neither removed anything)."""
+    return len(a & b) / max(1, len(a | b))
+
+
 def mask_agreement(rows: list[dict]) -> str:
     """IoU of the groups (heads and channels together) that two runs removed, for every pair of runs
     that saved their masks; '' when fewer than two did."""
@@ -103,7 +108,7 @@ def mask_agreement(rows: list[dict]) -> str:
     names = list(removed)
     table = common.table(
         ["IoU of removed groups", *names],
-        [[a, *(len(removed[a] & removed[b]) / max(1, len(removed[a] | removed[b])) for b in names)] for a in names],
+        [[a, *(removed_iou(removed[a], removed[b]) for b in names)] for a in names],
     )
     return f"\n\nAgreement of the final masks (removed heads and channels, all pruned layers):\n\n{table}"
 
