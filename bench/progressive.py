@@ -74,8 +74,8 @@ def child(args, ratio: float, mode: str, loaded=None) -> dict:
 
     import loraprune.pruning as pruning
     from loraprune import load_model, prune
-    from loraprune.pipeline.data import load_text
     from loraprune.pipeline.evaluate import perplexity
+    from loraprune.pipeline.texts import load_text
 
     phases = Phases()
     phases.start("load")

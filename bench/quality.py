@@ -12,8 +12,8 @@ import time
 from loraprune import prune
 from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters, count_prunable
-from loraprune.pipeline.data import load_text
 from loraprune.pipeline.evaluate import perplexity
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

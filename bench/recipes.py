@@ -17,7 +17,7 @@ from pathlib import Path
 from loraprune import prune
 from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters, count_prunable
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

@@ -17,8 +17,9 @@ from torch import nn
 from loraprune import prune
 from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters
-from loraprune.pipeline.data import BatchSampler, load_text
+from loraprune.pipeline.data import BatchSampler
 from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.texts import load_text
 from loraprune.pipeline.train import lora_optimizer
 from loraprune.tasks.causal_lm import causal_lm_loss
 

@@ -10,7 +10,7 @@ channels (solid) and heads (dashed) removed at each step, from the run's history
 import time
 
 from loraprune import prune
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

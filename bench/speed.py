@@ -12,7 +12,7 @@ MACs at that shape; we report achieved speedup / limit.
 import torch
 
 from loraprune import PruneConfig, prune
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 from . import common
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, load_model, prune, save_pruned
-from loraprune.pipeline.data import load_text
 from loraprune.pipeline.groups import LayerGroups
+from loraprune.pipeline.texts import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts next to src/, not an installed package

@@ -49,6 +49,34 @@ def test_prune_then_eval(tmp_path, capsys, tiny_folder, text_file):
     assert result["perplexity"] == pytest.approx(report["evaluation"]["pruned"]["perplexity"], rel=1e-4)
 
 
+def test_every_run_is_judged_on_other_texts_against_the_dense_model(tmp_path, capsys, tiny_folder, text_file):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(reversed(text_file.read_text().splitlines())))
+    out, mix = tmp_path / "out", f"{text_file}*2+{other}"
+    argv = ["--model", tiny_folder, "--data", mix, "--eval-data", f"{other},{mix},pydoc", "--output", out]
+    code, stdout, err = run(capsys, "prune", *argv, *FAST)
+    assert code == 0, err
+    evaluation = json.loads((out / "loraprune.json").read_text())["evaluation"]
+    assert [text["data"] for text in evaluation["other_texts"]] == [str(other), "pydoc"]  # --data's own: once
+    assert [text["tuned_on"] for text in evaluation["other_texts"]] == [True, False]
+    for text in (evaluation, *evaluation["other_texts"]):
+        assert text["ratio"] == pytest.approx(text["pruned"]["perplexity"] / text["dense"]["perplexity"])
+    assert re.search(rf"{re.escape(mix)} test \(tuned on its train split\) +[\d.]+ +[\d.]+ +[\d.]+", stdout)
+    assert re.search(r"\npydoc test +[\d.]+ +[\d.]+ +[\d.]+\n", stdout)
+    assert "pydoc test" in (out / "report.md").read_text()
+
+    code, stdout, err = run(capsys, "eval", "--model", out, "--data", f"{other},pydoc", "--seq-len", 16, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["reference"] == str(tiny_folder) and result["tuned_on"]  # the dense model it was pruned from
+    assert result["other_texts"][0]["data"] == "pydoc" and not result["other_texts"][0]["tuned_on"]
+    pydoc = evaluation["other_texts"][1]
+    for key in ("dense", "pruned"):
+        assert result["other_texts"][0][key]["perplexity"] == pytest.approx(pydoc[key]["perplexity"], rel=1e-4)
+    code, stdout, err = run(capsys, "eval", "--model", out, "--data", "pydoc", "--seq-len", 16)
+    assert code == 0 and re.search(r"pydoc test +[\d.]+ +[\d.]+ +[\d.]+", stdout), err
+
+
 def bad_input_cases(tmp_path, tiny_folder, text_file):
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(
@@ -83,13 +111,20 @@ def bad_input_cases(tmp_path, tiny_folder, text_file):
         "occupied output": ([*model, *data, "--output", occupied], "exists and is not empty; pass --overwrite"),
         "too few steps": ([*model, *data, "--steps", 2, "--warmup", 0.5, "--cooldown", 0.4], "--steps 2 is too few"),
         "bad skip layers": ([*model, *data, "--skip-layers", "7"], "--skip-layers: '7'"),
+        "empty eval data": ([*model, *data, "--eval-data", ""], "--eval-data '' has an empty entry"),
+        "eval data gap": ([*model, *data, "--eval-data", "ptb,,pydoc"], "--eval-data 'ptb,,pydoc' has an empty"),
+        "unknown eval data": ([*model, *data, "--eval-data", "ptb,wiki"], "--eval-data: unknown dataset 'wiki'"),
+        "bad mix weight": ([*model, "--data", f"{text_file}*x+ptb"], "weight 'x' of .* is not a number"),
+        "mix weights sum to 0": ([*model, "--data", f"{text_file}*0+ptb*0"], "the weights sum to 0"),
+        "unknown mix part": ([*model, "--data", f"{text_file}+wiki"], "unknown dataset 'wiki'"),
     }
 
 
 CASES = [
     "missing model", "unknown name", "hub id", "unsupported architecture", "ratio 1", "ratio negative",
     "every head", "every head of a k/v group", "missing data", "empty data", "short data", "unknown data",
-    "seq-len over context", "occupied output", "too few steps", "bad skip layers",
+    "seq-len over context", "occupied output", "too few steps", "bad skip layers", "empty eval data",
+    "eval data gap", "unknown eval data", "bad mix weight", "mix weights sum to 0", "unknown mix part",
 ]  # fmt: skip
 
 

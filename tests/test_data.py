@@ -5,7 +5,8 @@ import torch
 
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline import data
-from loraprune.pipeline.data import BatchSampler, load_text, tokenize, windows
+from loraprune.pipeline.data import BatchSampler, tokenize, windows
+from loraprune.pipeline.texts import load_text
 
 
 def test_ptb_splits():
@@ -65,7 +66,7 @@ def test_missing_file(tmp_path):
 
 def test_unknown_spec():
     with pytest.raises(
-        LoraPruneError, match="unknown dataset 'wikitext'; choose 'ptb', 'pydoc', a .txt file or a .jsonl file"
+        LoraPruneError, match="unknown dataset 'wikitext'; choose 'ptb', 'pydoc', 'gcide', .*, a .txt file or a .jsonl"
     ):
         load_text("wikitext", "train")
 
@@ -152,7 +153,7 @@ def test_sampler_bad_batch_size():
 
 
 def test_pydoc_is_the_python_reference_for_every_split():
-    from loraprune.pipeline.data import load_text
+    from loraprune.pipeline.texts import load_text
 
     text = load_text("pydoc", "test")
     assert len(text) > 100_000 and "assert" in text and text == load_text("pydoc", "train")

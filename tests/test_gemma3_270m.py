@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from loraprune import PruneConfig, load_model, prune, save_pruned
-from loraprune.pipeline.data import bos_token_id, load_text
+from loraprune.pipeline.data import bos_token_id
 from loraprune.pipeline.evaluate import perplexity
+from loraprune.pipeline.texts import load_text
 from loraprune.tasks import TASKS
 from tiny import assert_cached_generation_matches_recompute, reload_logits
 

@@ -9,9 +9,10 @@ import torch
 pytest.importorskip("lm_eval")
 
 from loraprune.cli import main  # noqa: E402
-from loraprune.pipeline.data import load_text, tokenize, windows  # noqa: E402
+from loraprune.pipeline.data import tokenize, windows  # noqa: E402
 from loraprune.pipeline.evaluate import perplexity  # noqa: E402
 from loraprune.pipeline.load import load_model  # noqa: E402
+from loraprune.pipeline.texts import load_text
 from loraprune.tools.harness import run_harness  # noqa: E402
 from loraprune.tools.harness_tasks.local_docs import split_documents  # noqa: E402
 

@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraprune import PruneConfig, load_model, prune, save_pruned
-from loraprune.pipeline.data import load_text, tokenize, windows
+from loraprune.pipeline.data import tokenize, windows
 from loraprune.pipeline.evaluate import perplexity
+from loraprune.pipeline.texts import load_text
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,11 @@ from .pipeline.export import REPORT_FILE, check_output, save_pruned
 from .pipeline.gguf_export import check_gguf_output, describe_export, export_gguf
 from .pipeline.load import load_config, load_model
 from .pipeline.modeling_pruned import LAYOUT_KEY
+from .pipeline.texts import tuned_on
 from .plan import check_compatible
 from .prune_config import PruneConfig
 from .pruning import prune
-from .run_settings import EvalSettings, RunSettings, record
+from .run_settings import EvalSettings, RunSettings, eval_list, record
 from .runtime import distributed
 from .runtime.checkpoint import Checkpoint, Checkpointer, check_no_checkpoints, checkpoint_dir
 from .tasks import Task, model_output, task_for
@@ -59,6 +60,7 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     checkpoints = checkpoint_dir(output)
     if resume is None:
         check_no_checkpoints(checkpoints, run.overwrite)
+    other_texts = eval_texts(task, run) if evaluate else []  # checked before anything is loaded or written
     train_data = task.load(run.data, "train")
     test_data = task.load(run.data, "test") if evaluate else None
     model, tokenizer = load_model(run.model, DTYPES[run.dtype], run.quantize_bits, task=task.name)
@@ -69,12 +71,25 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     eval_set = evaluation = None
     if evaluate:  # the dense numbers (and the embedding teacher) come before the model is pruned in place
         eval_set = task.eval_set(model, tokenizer, test_data, plan.config.seq_len, run.eval_windows)
-        evaluation = {"data": run.data, "split": "test", "task": task.name, "seq_len": plan.config.seq_len}
+        evaluation = {"data": run.data, "split": "test", "task": task.name, "seq_len": plan.config.seq_len,
+                      "tuned_on": True}  # fmt: skip
         evaluation["dense"] = task.evaluate(model, eval_set, run.eval_batch_size, progress)
+        other_sets = {spec: task.eval_set(model, tokenizer, task.load(spec, "test"), plan.config.seq_len,
+                                          run.eval_windows) for spec in other_texts}  # fmt: skip
+        evaluation["other_texts"] = [
+            {"data": spec, "split": "test", "tuned_on": tuned_on(spec, run.data),
+             "dense": task.evaluate(model, other_sets[spec], run.eval_batch_size, progress)}
+            for spec in other_texts
+        ]  # fmt: skip
 
     pruned, report = prune(model, tokenizer, train_data, plan, progress, checkpointer, resume)
     if evaluate:
         evaluation["pruned"] = task.evaluate(pruned, eval_set, run.eval_batch_size, progress)
+        for text in evaluation["other_texts"]:
+            text["pruned"] = task.evaluate(pruned, other_sets[text["data"]], run.eval_batch_size, progress)
+        if task.ratio_key is not None:
+            for text in (evaluation, *evaluation["other_texts"]):
+                text["ratio"] = text["pruned"][task.ratio_key] / text["dense"][task.ratio_key]
         if task.timed_pass is not None:
             _time_dense_and_pruned(task, run, pruned, eval_set, evaluation)
     report.update(model=run.model, data=run.data, evaluation=evaluation)
@@ -90,6 +105,16 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     if run.gguf is not None:
         print(describe_export(export_gguf(output, Path(run.gguf), "f32", overwrite=run.overwrite)))
     return report
+
+
+def eval_texts(task: Task, run: RunSettings) -> list[str]:
+    """The texts besides --data's test split on which the dense and the pruned model are compared:
+    --eval-data, or the task's held-out default (causal LMs: ptb, pydoc), without --data itself."""
+    if run.eval_data is None:
+        return [spec for spec in task.held_out if spec != run.data]
+    if not task.held_out:
+        raise LoraPruneError(f"--eval-data applies to text tasks with held-out texts, not the {task.name} task")
+    return [spec for spec in eval_list(run.eval_data) if spec != run.data]
 
 
 def _time_dense_and_pruned(task: Task, run: RunSettings, pruned, eval_set, evaluation: dict) -> None:
@@ -121,19 +146,35 @@ def _reload_check(task: Task, pruned, tokenizer, output: Path, eval_set) -> str:
 
 
 def evaluate_job(settings: EvalSettings) -> dict:
-    """A model's metrics on `settings.data`'s test split: perplexity and parameter counts for a
-    causal LM, the task's own metrics otherwise (tasks/). A task that compares with the dense
-    model uses `settings.reference`, by default the model a pruned folder's loraprune.json names."""
+    """A model's metrics on the test split of each text of `settings.data` (comma-separated for text
+    tasks): perplexity and parameter counts for a causal LM, the task's own metrics otherwise
+    (tasks/). The reference is `settings.reference`, by default the model a pruned folder's
+    loraprune.json names: a task that compares with the dense model needs it, and a causal LM is
+    compared with it (both perplexities and their ratio, the texts the run tuned on marked).
+    The first text's metrics are the result's own keys; the others are under "other_texts"."""
     task = task_for(load_config(settings.model), settings.task)
-    test_data = task.load(settings.data, "test")
+    specs = eval_list(settings.data, "--data") if task.held_out else [settings.data]
+    tests = [task.load(spec, "test") for spec in specs]  # every text read before any model
     loaded, tokenizer = load_model(settings.model, task=task.name)
-    reference = settings.reference
+    reference, tuning_data = settings.reference, None
     report_file = Path(settings.model) / REPORT_FILE
-    if task.compares_to_dense and reference is None and report_file.is_file():
-        reference = json.loads(report_file.read_text()).get("model")
-    teacher = load_model(reference, task=task.name)[0] if task.compares_to_dense and reference else None
-    eval_set = task.eval_set(teacher, tokenizer, test_data, settings.seq_len, settings.eval_windows)
-    result = task.evaluate(loaded, eval_set, settings.eval_batch_size, progress=not settings.json)
-    result.update(model=settings.model, data=settings.data, split="test", task=task.name, reference=reference)
+    if report_file.is_file():
+        saved = json.loads(report_file.read_text())
+        reference, tuning_data = reference or saved.get("model"), saved.get("data")
+    compare = reference is not None and (task.compares_to_dense or task.ratio_key is not None)
+    dense = load_model(reference, task=task.name)[0] if compare else None
+    texts = []
+    for spec, test_data in zip(specs, tests, strict=True):
+        teacher = dense if task.compares_to_dense else None
+        eval_set = task.eval_set(teacher, tokenizer, test_data, settings.seq_len, settings.eval_windows)
+        text = {"data": spec, "split": "test", "tuned_on": tuning_data is not None and tuned_on(spec, tuning_data)}
+        text |= task.evaluate(loaded, eval_set, settings.eval_batch_size, progress=not settings.json)
+        if dense is not None and task.ratio_key is not None:
+            text["pruned"] = {key: value for key, value in text.items() if key not in ("data", "split", "tuned_on")}
+            text["dense"] = task.evaluate(dense, eval_set, settings.eval_batch_size, progress=not settings.json)
+            text["ratio"] = text["pruned"][task.ratio_key] / text["dense"][task.ratio_key]
+        texts.append(text)
+    result = texts[0] | {"other_texts": texts[1:], "seq_len": settings.seq_len}
+    result.update(model=settings.model, task=task.name, reference=reference if compare else None)
     result.update(parameters=count_parameters(loaded), prunable_parameters=count_prunable(loaded))
     return result

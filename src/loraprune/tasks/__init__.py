@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from ..archs import TASK_MODELS, task_name
 from ..errors import LoraPruneError
-from ..pipeline.data import load_images, load_sentences, load_text
+from ..pipeline.data import load_images, load_sentences
 from ..pipeline.lm_loss import distillation_loss
+from ..pipeline.texts import load_text
 from ..prune_config import TASK_NAMES
 from . import causal_lm, embedding, image
 from .common import input_probe, logits, own_loss, token_inputs
@@ -60,6 +61,10 @@ class Task:
     # (model config, batch size, seq len) -> the model's keyword inputs for one training batch, on the
     # meta device: what the memory estimate traces (tools/estimate.py)
     meta_inputs: Callable[[Any, int, int], dict] | None = None
+    # texts on which every run compares the dense and the pruned model besides its own data's test
+    # split, unless --eval-data names others; and the metric whose pruned/dense ratio tables show
+    held_out: tuple[str, ...] = ()
+    ratio_key: str | None = None
 
     @property
     def auto_class(self) -> str:
@@ -87,6 +92,8 @@ TASKS: dict[str, Task] = {
         direct_loss=causal_lm.causal_lm_loss,
         distilled_loss=causal_lm.distilled_loss,
         meta_inputs=token_inputs,
+        held_out=("ptb", "pydoc"),
+        ratio_key="perplexity",
     ),
     "embedding": Task(
         "embedding",

@@ -49,7 +49,26 @@ def format_summary(report: dict) -> str:
         f"{report['skipped_score_updates']} skipped score updates, shrink {config.get('shrink') or 'end'}; "
         f"pruning {report['seconds']:.0f} s, wall time {report.get('wall_seconds', report['seconds']):.0f} s"
     )
+    if evaluation and "ratio" in evaluation:
+        lines += ["", texts_table(evaluation)]
     return "\n".join(lines)
+
+
+def texts_table(evaluation: dict) -> str:
+    """Each evaluated text's metric for the dense and the pruned model and their ratio: --data's test
+    split first, then --eval-data's, the texts the run tuned on marked."""
+    from ..pipeline.data import window_protocol
+    from ..tasks import TASKS
+
+    key = TASKS[evaluation["task"]].ratio_key
+    texts = [evaluation, *evaluation.get("other_texts", [])]
+    bos = any(text["dense"].get("bos") for text in texts)
+    rows = [(f"{key}, {window_protocol(evaluation.get('seq_len'), bos)}", "dense", "pruned", "pruned/dense")]
+    for text in texts:
+        label = f"{text['data']} {text['split']}" + (" (tuned on its train split)" if text.get("tuned_on") else "")
+        rows.append((label, f"{text['dense'][key]:.2f}", f"{text['pruned'][key]:.2f}", f"{text['ratio']:.2f}"))
+    width = max(len(row[0]) for row in rows)
+    return "\n".join(f"{a:<{width}}  {b:>10}  {c:>10}  {d:>12}" for a, b, c, d in rows)
 
 
 def format_eval(result: dict) -> str:
@@ -57,14 +76,16 @@ def format_eval(result: dict) -> str:
     rows = [("model", result["model"])]
     if result.get("reference"):
         rows.append(("compared with (dense reference)", result["reference"]))
-    rows += [row[:2] for row in _metric_rows(result, result)]
+    for text in (result, *result.get("other_texts", [])):
+        rows += [row[:2] for row in _metric_rows(result | text, text)]
     rows += [
         ("parameters, total", _millions(result["parameters"])),
         ("parameters, prunable", _millions(result["prunable_parameters"])),
         ("seconds", f"{result['seconds']:.1f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+    table = "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+    return table + "\n\n" + texts_table(result) if "ratio" in result else table
 
 
 def _metric_rows(evaluation: dict, *results: dict) -> list[tuple[str, ...]]:

@@ -1,6 +1,6 @@
 """Documents and metrics of loraprune's offline perplexity tasks for lm-eval (see the YAML files).
 
-The text (from loraprune.pipeline.data.load_text: nothing is downloaded) is cut into documents of
+The text (from loraprune.pipeline.texts.load_text: nothing is downloaded) is cut into documents of
 DOC_LINES whole lines, newlines kept, so the documents joined are exactly the text, and the
 harness's `limit` (`loraprune eval --limit N`) can score the first N of them. The harness scores
 each document on its own: its first token is predicted from the prefix token alone, one such
@@ -11,7 +11,7 @@ import re
 
 import datasets
 
-from loraprune.pipeline.data import load_text
+from loraprune.pipeline.texts import load_text
 
 DOC_LINES = 100
 _LINE = re.compile(r"[^\n]*\n|[^\n]+$")  # a line with its newline, or a last line without one
