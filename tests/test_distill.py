@@ -103,6 +103,20 @@ def test_prune_with_distillation(tiny_tokenizer):
     assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
 
 
+def test_top_k_distillation_shrinks_progressively_without_a_live_teacher(tiny_tokenizer, monkeypatch):
+    """--distill-top-k: the dense model's top-k is computed once, for the windows training draws; no
+    teacher forward runs per step, so the model shrinks while it trains."""
+    from loraprune.pipeline import train
+
+    monkeypatch.setattr(train.DenseTeacher, "run", lambda *a: pytest.fail("a live teacher ran"))
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=1.0, distill_top_k=5)
+    pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS * 5, config, progress=False)
+    assert report["config"]["shrink"] == "progressive" and report["train_windows"] == 6 * 2
+    parameters = report["history"]["parameters"]
+    assert parameters[0] > parameters[3] > parameters[-1]  # smaller after each pruning step (3 and 5)
+    assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
+
+
 def test_alpha_one_with_the_student_equal_to_the_teacher_has_zero_loss_and_gradient(tiny_tokenizer):
     """Before any pruning and with LoRA's B = 0 (peft's initialisation) the student is the dense model:
     the distillation loss and every LoRA gradient are 0 (a loss that mixed in anything else, or a
@@ -170,6 +184,9 @@ def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
         (["--distill-temperature", "0"], "--distill-temperature must be a positive number"),
         (["--distill-teacher", "float8"], "--distill-teacher.*invalid choice"),
         (["--min-keep", "1"], r"--min-keep must be in \(0, 1\)"),
+        (["--distill-top-k", "8"], "--distill-top-k sets how --distill reads the dense model; give --distill"),
+        (["--distill", "1", "--distill-top-k", "-1"], "--distill-top-k must be 0"),
+        (["--distill", "1", "--distill-top-k", "100000"], r"--distill-top-k must be in \[1, 64\]"),
         (["--allocation", "global", "--uniform"], "cannot be combined with --uniform"),
         (["--allocation", "global", "--ratio", "0.95"], "lower --min-keep"),
     ],

@@ -5,6 +5,7 @@ from loraprune.archs import arch_for
 from loraprune.pipeline import lm_loss
 from loraprune.pipeline.lm_loss import causal_lm_loss, chunked_head, distillation_loss
 from loraprune.pipeline.lora import attach_lora
+from loraprune.pipeline.teacher_cache import top_k_targets
 from loraprune.pipeline.train import DenseTeacher
 from loraprune.prune_config import PruneConfig
 from loraprune.tasks import TASKS, objective
@@ -116,3 +117,46 @@ def test_distillation_with_a_head_that_is_not_a_plain_linear_layer_uses_the_whol
         objective(task, teacher, 0.5, 2.0)(peft_model, tokens),
         whole_logits_distillation(teacher, 0.5, 2.0)(peft_model, tokens),
     )
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma2-gqa"])
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 2.0), (1.0, 1.0)])
+def test_top_k_distillation_with_every_token_is_the_whole_logits_distillation(family, alpha, temperature, monkeypatch):
+    """k = the vocabulary: the cached teacher (float16 log-probabilities) gives the loss and LoRA gradients
+    of the live dense teacher, over several chunks (a softcapped head too)."""
+    monkeypatch.setattr(lm_loss, "LOSS_CHUNK_BYTES", 4 * 3 * 64 * 4)
+    peft_model = lora_model(family)
+    task, tokens = TASKS["causal-lm"], torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(4))
+    teacher = DenseTeacher(peft_model, task.forward)
+    expected, expected_grads = loss_and_lora_grads(peft_model, objective(task, teacher, alpha, temperature), tokens)
+    with peft_model.disable_adapter():
+        ids, log_p = top_k_targets(peft_model, tokens, k=64)
+    batch = {"input_ids": tokens, "teacher_ids": ids, "teacher_log_p": log_p}
+    loss, grads = loss_and_lora_grads(peft_model, objective(task, None, alpha, temperature), batch)
+    torch.testing.assert_close(loss, expected, rtol=2e-3, atol=2e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=2e-2, atol=2e-5)
+
+
+def test_top_k_distillation_is_the_kl_to_the_renormalised_top_k():
+    """Small k: the loss and its gradient are autograd's of (1 - α)·CE + α·T²·KL(p̃ ‖ q) per position, p̃
+    the teacher's top-k renormalised at temperature T."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab, hidden, k, alpha, T = 7, 13, 5, 4, 0.7, 2.0
+    states, weight = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+    teacher_logits = torch.randn(n, vocab, generator=g)
+    top = torch.topk(teacher_logits.log_softmax(-1), k)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[-1] = lm_loss.NO_TARGET
+    mine, theirs = states.clone().requires_grad_(), states.clone().requires_grad_()
+    loss = lm_loss.ChunkedHeadLoss.apply(mine, weight, None, targets, None, (top.indices, top.values), alpha, T)
+    loss.backward()
+    logits = theirs @ weight.T
+    ce = torch.nn.functional.cross_entropy(logits[:-1], targets[:-1])
+    p = torch.zeros(n, vocab).scatter_(1, top.indices, (top.values / T).softmax(-1))
+    q = (logits / T).log_softmax(-1)
+    kl = (p * (p.clamp(min=1e-30).log() - q)).sum(-1).mean()
+    expected = (1 - alpha) * ce + alpha * T**2 * kl
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(mine.grad, theirs.grad)

@@ -49,6 +49,13 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
         raise LoraPruneError(
             f"--distill applies to tasks with logits; the {task.name} task already trains against the dense model"
         )
+    if config.distill_top_k and not (task.top_k_distill and not sharded):
+        raise LoraPruneError(
+            "--distill-top-k applies to causal LMs in one process or DDP (not FSDP); use --distill alone"
+        )
+    vocab = getattr(model_config, "vocab_size", None)
+    if config.distill_top_k and vocab and config.distill_top_k > vocab:
+        raise LoraPruneError(f"--distill-top-k must be in [1, {vocab}] (the vocabulary), got {config.distill_top_k}")
     if config.allocation == "global" and config.ratio > 1 - config.min_keep:
         raise LoraPruneError(
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
@@ -84,9 +91,9 @@ def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) 
     (then end); a progressive shrink asked for where it cannot work is refused."""
     reasons = {
         "--distill": (
-            config.distill > 0,
+            config.distill > 0 and not config.distill_top_k,
             "the distillation teacher is the dense model inside the one being pruned (adapter off, masks "
-            "lifted), and a physical shrink removes the rows it needs",
+            "lifted), and a physical shrink removes the rows it needs (--distill-top-k K computes it up front)",
         ),
         "--fsdp": (sharded, "FSDP shards the layers once, and re-sharding after each shrink is not implemented"),
         "8-/4-bit weights": (quantized, "quantized weights are sliced only after they are dequantized, at the end"),

@@ -84,6 +84,12 @@ class PruneConfig:
         "(bfloat16 where the model is float32 and the device computes bfloat16 natively)",
         choices=TEACHER_PRECISIONS,
     )
+    distill_top_k: int = setting(
+        0,
+        "with --distill: distil from the dense model's K most likely next tokens per position, computed once "
+        "for the training windows before LoRA (memory-mapped): no teacher forward per step, and the model "
+        "may shrink while it trains; 0: the whole distribution, from the dense model inside the pruned one",
+    )
     prune_freq: int = setting(10, "prune every this many optimizer steps inside the pruning window")
     warmup: float = setting(0.1, "fraction of steps fine-tuned before pruning starts")
     cooldown: float = setting(0.1, "fraction of steps fine-tuned after the target is reached")
@@ -146,6 +152,9 @@ class PruneConfig:
                 "must be a positive number")  # fmt: skip
         require(self.distill_teacher in TEACHER_PRECISIONS, "distill_teacher",
                 f"must be one of {', '.join(TEACHER_PRECISIONS)}")  # fmt: skip
+        require(self.distill_top_k >= 0, "distill_top_k", "must be 0 (off) or a positive number of tokens")
+        if self.distill_top_k and not self.distill:
+            raise LoraPruneError("--distill-top-k sets how --distill reads the dense model; give --distill too")
         if self.uniform and self.allocation == "global":
             raise LoraPruneError("--allocation global puts different numbers of groups in each layer; "
                                  "it cannot be combined with --uniform")  # fmt: skip

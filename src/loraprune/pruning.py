@@ -26,9 +26,12 @@ from .tasks import Task, objective
 
 def training_loss(task: Task, peft_model: nn.Module, pruner: Pruner, config: PruneConfig):
     """The loss `prune` trains with, on (model, batch): the task's, distilled under --distill from the
-    dense model inside `peft_model` (train.DenseTeacher, in the precision --distill-teacher picks)."""
+    dense model inside `peft_model` (train.DenseTeacher, in the precision --distill-teacher picks), or
+    from its top-k stored with the examples under --distill-top-k."""
     if not config.distill:
         return objective(task)
+    if config.distill_top_k:  # the dense model's top-k came with the examples (causal_lm.examples)
+        return objective(task, None, config.distill, config.distill_temperature)
     autocast = teacher_autocast(config.distill_teacher, peft_model)
     teacher = DenseTeacher(peft_model, task.forward, pruner, autocast)
     return objective(task, teacher, config.distill, config.distill_temperature)

@@ -31,7 +31,7 @@ def loss_chunk_tokens(vocab_size: int, distill: bool = False) -> int:
     return max(1, LOSS_CHUNK_BYTES // max(LOGIT_COPIES[distill] * vocab_size * 4, 1))
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
     """float32 logits of one chunk (in the model's dtype, then float32, as transformers does), and
     tanh(logits / softcap) for the softcap's derivative (Gemma 2/3: softcap · tanh(logits / softcap))."""
     logits = F.linear(hidden, weight, bias).float()
@@ -88,15 +88,32 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, rows
     return LogitsKL.apply(student, teacher, temperature, rows)
 
 
+def _sparse_kl_and_its_gradient(logits: Tensor, log_norm: Tensor, teacher_ids: Tensor, teacher_log_p: Tensor,
+                                temperature: float):  # fmt: skip
+    """_kl_and_its_gradient against a teacher known by its top-k tokens only (ids and log-probabilities
+    [rows, k]): its distribution renormalised over those k at temperature T, zero elsewhere. With
+    k = the vocabulary it is the whole teacher."""
+    scaled = logits if temperature == 1 else logits / temperature
+    scaled_norm = log_norm if temperature == 1 else torch.logsumexp(scaled, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_log_p.float() / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    kl = (p_teacher * (log_p_teacher - scaled.gather(1, teacher_ids))).sum() + scaled_norm.sum()
+    p_student = (scaled - scaled_norm[:, None]).exp_()
+    return kl, p_student.scatter_add_(1, teacher_ids, -p_teacher)
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """(1 − distill) · mean cross-entropy of the logits softcap(hidden @ weightᵀ + bias) against
     `targets` (over the positions that have one) + distill · T² · mean KL(teacher ‖ student) at
-    temperature T (over all positions), the teacher's logits from `teacher_hidden`; in float32."""
+    temperature T (over all positions); in float32. The teacher is either its last hidden states
+    `teacher` [n, hidden] (its logits formed here, chunk by chunk) or its top-k (ids, log-probs)
+    `teacher` = ([n, k], [n, k]) computed before training (teacher_cache.py)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None,
-                teacher_hidden: Tensor | None = None, distill: float = 0.0, temperature: float = 1.0):  # fmt: skip
-        n, chunk = hidden.shape[0], loss_chunk_tokens(weight.shape[0], teacher_hidden is not None)
+                teacher: Tensor | tuple[Tensor, Tensor] | None = None, distill: float = 0.0,
+                temperature: float = 1.0):  # fmt: skip
+        n, chunk = hidden.shape[0], loss_chunk_tokens(weight.shape[0], teacher is not None)
         has_target = targets != NO_TARGET
         # each position's weight in d(loss)/d(logits): cross-entropy is a mean over the targets
         ce_scale = (1.0 - distill) / has_target.sum().clamp(min=1)  # a tensor: no host sync
@@ -106,26 +123,30 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits, capped = _head_logits(hidden[rows], weight, bias, softcap)
+            logits, capped = head_logits(hidden[rows], weight, bias, softcap)
             t = targets[rows].clamp(min=0)
             log_norm = torch.logsumexp(logits, dim=-1)
             cross_entropy += ((log_norm - logits.gather(1, t[:, None]).squeeze(1)) * has_target[rows]).sum()
-            if teacher_hidden is not None:
-                teacher_logits = _head_logits(teacher_hidden[rows], weight, bias, softcap)[0]
+            if isinstance(teacher, tuple):
+                kl_sum, kl_grad = _sparse_kl_and_its_gradient(logits, log_norm, teacher[0][rows], teacher[1][rows],
+                                                              temperature)  # fmt: skip
+            elif teacher is not None:
+                teacher_logits = head_logits(teacher[rows], weight, bias, softcap)[0]
                 kl_sum, kl_grad = _kl_and_its_gradient(logits, log_norm, teacher_logits, temperature)
+            if teacher is not None:
                 kl += kl_sum
             if grad is not None:  # d(cross-entropy)/d(logits) = softmax - one-hot
                 g = logits.sub_(log_norm[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
                 g.mul_(ce_weight[rows, None])
-                if teacher_hidden is not None:  # d(T²·KL)/d(logits) = T·(p_student - p_teacher)
+                if teacher is not None:  # d(T²·KL)/d(logits) = T·(p_student - p_teacher)
                     g.add_(kl_grad, alpha=distill * temperature / n)
                 if capped is not None:
                     g.mul_(1.0 - capped.square())
                 grad[rows] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         loss = cross_entropy * ce_scale
-        return loss + kl * (distill * temperature**2 / n) if teacher_hidden is not None else loss
+        return loss + kl * (distill * temperature**2 / n) if teacher is not None else loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -172,7 +193,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, **forward_options) -> Te
         return model(input_ids=input_ids, labels=input_ids, **forward_options).loss
     last = last_hidden_states(model, head, input_ids, **forward_options)
     states = last[:, :-1].reshape(-1, last.shape[-1])  # position i predicts token i + 1
-    return ChunkedHeadLoss.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), _softcap(model))
+    return ChunkedHeadLoss.apply(states, head.weight, head.bias, input_ids[:, 1:].reshape(-1), logit_softcap(model))
 
 
 def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callable[[Callable], Tensor],
@@ -189,10 +210,26 @@ def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callabl
     teacher = teacher.to(last.dtype)  # a teacher under autocast (train.teacher_autocast)
     targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
     states, teacher_states = last.reshape(-1, last.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    softcap = _softcap(model)
+    softcap = logit_softcap(model)
     return ChunkedHeadLoss.apply(states, head.weight, head.bias, targets.reshape(-1), softcap, teacher_states,
                                  distill, temperature)  # fmt: skip
 
 
-def _softcap(model: nn.Module) -> float | None:
+def top_k_distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, teacher_ids: Tensor, teacher_log_p: Tensor,
+                                   distill: float, temperature: float) -> Tensor | None:  # fmt: skip
+    """distilled_causal_lm_loss against the dense model's top-k tokens per position (ids and
+    log-probabilities [batch, tokens, k], teacher_cache.py) instead of its forward. None where the
+    head cannot be read directly."""
+    head = chunked_head(model)
+    if head is None:
+        return None
+    last = last_hidden_states(model, head, input_ids)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
+    k = teacher_ids.shape[-1]
+    teacher = (teacher_ids.reshape(-1, k).to(last.device, torch.long), teacher_log_p.reshape(-1, k).to(last.device))
+    return ChunkedHeadLoss.apply(last.reshape(-1, last.shape[-1]), head.weight, head.bias, targets.reshape(-1),
+                                 logit_softcap(model), teacher, distill, temperature)  # fmt: skip
+
+
+def logit_softcap(model: nn.Module) -> float | None:
     return getattr(_unwrapped(model).config, "final_logit_softcapping", None)

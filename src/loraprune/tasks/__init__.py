@@ -65,6 +65,7 @@ class Task:
     # split, unless --eval-data names others; and the metric whose pruned/dense ratio tables show
     held_out: tuple[str, ...] = ()
     ratio_key: str | None = None
+    top_k_distill: bool = False  # examples carry the dense model's top-k logits under --distill-top-k
 
     @property
     def auto_class(self) -> str:
@@ -94,6 +95,7 @@ TASKS: dict[str, Task] = {
         meta_inputs=token_inputs,
         held_out=("ptb", "pydoc"),
         ratio_key="perplexity",
+        top_k_distill=True,
     ),
     "embedding": Task(
         "embedding",

@@ -6,15 +6,21 @@ from torch import Tensor, nn
 from ..pipeline.data import bos_token_id, tokenize, windows
 from ..pipeline.evaluate import greedy_generate, perplexity
 from ..pipeline.lm_loss import causal_lm_loss as chunked_lm_loss
-from ..pipeline.lm_loss import distilled_causal_lm_loss
+from ..pipeline.lm_loss import distilled_causal_lm_loss, top_k_distilled_causal_lm_loss
+from ..pipeline.teacher_cache import top_k_targets
 from .common import device_of
 
 PROMPT = "the company said it expects"  # the greedy sample printed after a run
 
 
-def forward(model: nn.Module, batch: Tensor):
-    batch = batch.to(device_of(model))
+def forward(model: nn.Module, batch: Tensor | dict):
+    batch = input_ids(batch).to(device_of(model))
     return model(input_ids=batch, labels=batch)  # the model's own next-token loss, as transformers computes it
+
+
+def input_ids(batch: Tensor | dict) -> Tensor:
+    """A batch's token windows: the batch itself, or its "input_ids" under --distill-top-k."""
+    return batch["input_ids"] if isinstance(batch, dict) else batch
 
 
 def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -22,13 +28,30 @@ def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
     return chunked_lm_loss(model, batch.to(device_of(model)))
 
 
-def distilled_loss(model: nn.Module, batch: Tensor, teacher, distill: float, temperature: float) -> Tensor | None:
-    """The next-token loss mixed with distillation, without the whole logits of either model (lm_loss.py)."""
+def distilled_loss(model: nn.Module, batch: Tensor | dict, teacher, distill: float,
+                   temperature: float) -> Tensor | None:  # fmt: skip
+    """The next-token loss mixed with distillation, without the whole logits of either model
+    (lm_loss.py): from the dense model's top-k stored with the batch (examples), or from `teacher`."""
+    if isinstance(batch, dict):
+        ids = batch["input_ids"].to(device_of(model))
+        return top_k_distilled_causal_lm_loss(model, ids, batch["teacher_ids"], batch["teacher_log_p"], distill,
+                                              temperature)  # fmt: skip
     return distilled_causal_lm_loss(model, batch.to(device_of(model)), teacher.run, distill, temperature)
 
 
-def examples(model, tokenizer, text: str, config) -> Tensor:
-    return windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
+def examples(model, tokenizer, text: str, config) -> Tensor | dict:
+    """The text's windows; under --distill-top-k K only those training will draw (steps × batch size
+    × grad accum, a sample seeded by --seed when the text has more), each with the dense `model`'s
+    top-K next tokens at every position (teacher_cache.py)."""
+    all_windows = windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
+    if not (config.distill and config.distill_top_k):
+        return all_windows
+    needed = config.steps * config.batch_size * config.grad_accum
+    if len(all_windows) > needed:
+        picked = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(config.seed))[:needed]
+        all_windows = all_windows[picked.sort().values]
+    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k)
+    return {"input_ids": all_windows, "teacher_ids": ids, "teacher_log_p": log_p}
 
 
 def eval_set(model, tokenizer, text: str, seq_len: int, limit: int | None) -> Tensor:
