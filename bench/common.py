@@ -167,13 +167,19 @@ def code_version() -> dict:
 CODE = code_version()
 
 
+# the CPU features that decide matmul speed in torch and llama.cpp (bf16 is fast only with the last four)
+SPEED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = [flag for flag in line.split(":", 1)[1].split() if flag in SPEED_FLAGS]
                     break
     except OSError:
         pass
@@ -187,6 +193,7 @@ def machine() -> dict:
         **CODE,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": versions,

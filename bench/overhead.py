@@ -3,7 +3,8 @@
 LoRAPrune step = forward + backward (mask hooks on), importance update (`Pruner.update_scores`),
 AdamW step, zero_grad: the body of `loraprune.pipeline.train.train`. Plain step = the same without the
 Pruner (no masks, no scoring). With `--distill ALPHA` each criterion is also timed with
-self-distillation (its loss as `prune` builds it: one more forward of the dense teacher per step).
+self-distillation (its loss as `prune` builds it: one more forward of the dense teacher per step),
+and with `--distill-top-k K` also from the dense model's top-K computed up front (no teacher forward).
 With `--whole-logits` plain LoRA is also timed with transformers' own loss from the whole logits
 (`labels=`) instead of the chunked loss of lm_loss.py. With `--cooldown` each criterion is also
 timed as a step after the last pruning step runs (`Pruner.stop_scoring`: no scoring hooks, no
@@ -19,6 +20,7 @@ from loraprune import PruneConfig
 from loraprune.archs import arch_for
 from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
+from loraprune.pipeline.teacher_cache import top_k_targets
 from loraprune.pipeline.train import lora_optimizer
 from loraprune.pruning import training_loss
 from loraprune.tasks import TASKS
@@ -36,6 +38,12 @@ def arguments():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--distill", type=float, default=0.0, help="also time each criterion with --distill ALPHA (0: no)")
     p.add_argument("--distill-teachers", default="auto", help="--distill-teacher precisions timed with --distill")
+    p.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=0,
+        help="with --distill: also time it from the dense model's top-K computed up front (0: no)",
+    )
     p.add_argument("--whole-logits", action="store_true", help="also time plain LoRA with transformers' loss")
     p.add_argument("--cooldown", action="store_true", help="also time each criterion after its last pruning step")
     return p
@@ -43,8 +51,10 @@ def arguments():
 
 class Variant:
     def __init__(self, base, criterion: str | None, seed: int, distill: float = 0.0, teacher: str = "auto",
-                 whole_logits: bool = False, cooldown: bool = False):  # fmt: skip
-        config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill, distill_teacher=teacher)
+                 whole_logits: bool = False, cooldown: bool = False, top_k_batch: dict | None = None):  # fmt: skip
+        config = PruneConfig(criterion=criterion or "lora", seed=seed, distill=distill, distill_teacher=teacher,
+                             distill_top_k=top_k_batch["teacher_ids"].shape[-1] if top_k_batch else 0)  # fmt: skip
+        self.top_k_batch = top_k_batch  # the batch with its dense top-k, as causal_lm.examples makes it
         arch = arch_for(base.config)
         self.model = attach_lora(common.fresh(base), arch, config)
         self.pruner = Pruner(self.model.get_base_model(), arch, config) if criterion else None
@@ -57,7 +67,7 @@ class Variant:
         self.model.train()
 
     def backward(self, batch):
-        self.loss(self.model, batch).backward()
+        self.loss(self.model, batch if self.top_k_batch is None else self.top_k_batch).backward()
 
     def finish(self):
         self.optimizer.step()
@@ -84,6 +94,13 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                 suffix = f", teacher {teacher}" if teacher != "auto" else ""
                 variants[f"LoRAPrune ({c}, distill {args.distill:g}{suffix})"] = Variant(
                     base, c, args.seed, args.distill, teacher
+                )
+        if args.distill and args.distill_top_k:
+            ids, log_p = top_k_targets(base, batch, args.distill_top_k)
+            top_k_batch = {"input_ids": batch, "teacher_ids": ids, "teacher_log_p": log_p}
+            for c in criteria:
+                variants[f"LoRAPrune ({c}, distill {args.distill:g}, top-{args.distill_top_k})"] = Variant(
+                    base, c, args.seed, args.distill, top_k_batch=top_k_batch
                 )
         timer = common.Timer()
         for r, name in common.alternated(list(variants), args.warmup + args.rounds):

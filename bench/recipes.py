@@ -5,8 +5,8 @@ A run is `NAME=CRITERION:RATIO[:setting=value,...]` (PruneConfig settings, e.g.
 `lora-kd=lora:0.5:distill=0.5,allocation=global`); ratio 0 is dense + LoRA, `none` the model as
 shipped. Each run writes its own JSON into bench/results/recipes-LABEL/ and is skipped when that
 file exists, so a long list resumes where it stopped; the table is built from every JSON there.
-Perplexity: non-overlapping 128-token windows of PTB test and valid, and of `pydoc` (the Python
-reference as the interpreter ships it): text from another domain than the tuning data.
+Perplexity: non-overlapping 128-token windows of each --eval-data text (by default PTB test and
+valid, and `pydoc`, the Python reference as the interpreter ships it: another domain than PTB).
 """
 
 import json
@@ -22,11 +22,12 @@ from loraprune.pipeline.texts import load_text
 from . import common
 
 NAME = "recipes"
-EVALS = (("ptb", "test"), ("ptb", "valid"), ("pydoc", "test"))
+EVALS = "ptb:test,ptb:valid,pydoc:test"
 
 
 def arguments():
     p = common.budget_arguments(common.parser(__doc__.splitlines()[0]))
+    p.add_argument("--eval-data", default=EVALS, help="TEXT:SPLIT,... to measure perplexity on")
     p.add_argument("runs", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] (none: rebuild the table)")
     return p
 
@@ -122,7 +123,7 @@ def main(argv=None, model=None, tokenizer=None) -> None:
         limit = args.eval_windows or None
         evals = {
             f"{data} {split}": common.token_windows(tokenizer, data, split, args.eval_seq, limit)
-            for data, split in EVALS
+            for data, split in (item.rsplit(":", 1) for item in args.eval_data.split(","))
         }
         for spec in args.runs:
             run_one(args, spec, base, tokenizer, evals, folder)

@@ -39,7 +39,7 @@ class RunSettings:
     data: str | None = setting(
         None,
         "text to tune on: 'ptb', 'gcide', 'foldoc', 'jargon', 'pydoc', a .txt or .jsonl file, or a mix like "
-        "gcide*3+foldoc (docs/data.md); 'digits' for a ViT (required)",
+        "gcide*3+foldoc (docs/evaluation.md); 'digits' for a ViT (required)",
     )
     output: str | None = setting(None, "folder to write the pruned model to (required)")
     overwrite: bool = setting(False, "replace a non-empty output folder")
