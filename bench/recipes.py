@@ -145,13 +145,14 @@ def run_arguments(row: dict) -> dict:
 def section(payload: dict, page, results) -> str:
     """The page's section of one label: {"label", "rows"} (the runs of one folder)."""
     rows = payload["rows"]
-    keys = [f"{data} {split}" for data, split in EVALS]
+    keys = list(dict.fromkeys(key for r in rows for key in r["perplexity"]))  # every text measured, in order
     table = common.table(
-        ["run", "recipe", "shrink", *[f"ppl {k}" for k in keys], "params removed"],
+        ["run", "recipe", "steps", "shrink", *[f"ppl {k}" for k in keys], "params removed"],
         [
             [
                 r["name"],
                 r["spec"].partition("=")[2],
+                "" if r["config"] is None else r["config"]["steps"],
                 "" if r["config"] is None else r["config"].get("shrink", "end"),  # before --shrink: masked
                 *[r["perplexity"].get(k) for k in keys],
                 f"{1 - r['parameters']['total'] / r['dense_parameters']:.1%}",
@@ -161,9 +162,12 @@ def section(payload: dict, page, results) -> str:
     )
     budgets = {common.budget_text(run_arguments(r)) for r in rows}
     budget = budgets.pop() if len(budgets) == 1 else "Budgets differ between rows: see each run's JSON."
+    if any(r["config"] and r["config"]["steps"] != run_arguments(r)["steps"] for r in rows):
+        budget += " Where a row's steps differ, its recipe set them (and the schedule scales with them)."
     commands = sorted({r["command"] for r in rows})
     return (
-        f"{budget} `pydoc`: the Python reference, text from another domain than the tuning data. A recipe is "
+        f"{budget} Tuned on `{run_arguments(rows[0])['data']}`. `pydoc`: the Python reference, text from another "
+        "domain. A recipe is "
         "`CRITERION:RATIO[:setting=value,...]` (PruneConfig settings); ratio 0 is dense + LoRA, `none` the model as "
         f"shipped.\n\n{table}{mask_agreement(rows)}\n\nCommands (a run already in the folder is skipped):\n\n"
         + "\n".join(f"- `{c}`" for c in commands)

@@ -117,6 +117,10 @@ def bad_input_cases(tmp_path, tiny_folder, text_file):
         "bad mix weight": ([*model, "--data", f"{text_file}*x+ptb"], "weight 'x' of .* is not a number"),
         "mix weights sum to 0": ([*model, "--data", f"{text_file}*0+ptb*0"], "the weights sum to 0"),
         "unknown mix part": ([*model, "--data", f"{text_file}+wiki"], "unknown dataset 'wiki'"),
+        "alignment 24": ([*model, *data, "--multiple-of", 24], "--multiple-of must be a positive power of two"),
+        "alignment 0": ([*model, *data, "--multiple-of", 0], "--multiple-of must be a positive power of two"),
+        "alignment over the width": ([*model, *data, "--multiple-of", 64], "exceeds the 40 MLP channels"),
+        "alignment with global": ([*model, *data, "--multiple-of", 8, "--allocation", "global"], "cannot be combined"),
     }
 
 
@@ -125,6 +129,7 @@ CASES = [
     "every head", "every head of a k/v group", "missing data", "empty data", "short data", "unknown data",
     "seq-len over context", "occupied output", "too few steps", "bad skip layers", "empty eval data",
     "eval data gap", "unknown eval data", "bad mix weight", "mix weights sum to 0", "unknown mix part",
+    "alignment 24", "alignment 0", "alignment over the width", "alignment with global",
 ]  # fmt: skip
 
 

@@ -94,3 +94,31 @@ def test_uniform_gqa_removes_the_lowest_heads_within_each_kv_group():
     pruner.head_score.copy_(torch.tensor([[0.1, 0.3, 0.2, 5.0, 4.0, 6.0]] * 3))
     pruner.prune_to(0.5)
     assert all(dead(alive) == {0, 2, 3, 4} for alive in pruner.head_alive)
+
+
+def test_multiple_of_keeps_aligned_widths_nearest_the_ratio_chosen_by_score():
+    """40 channels, --ratio 0.3 (12 removed, 28 kept), --multiple-of 8: a layer keeps 32 or 24. Two of the
+    three layers keep 32 (36 removed in all is the goal; 40 and 32 are as near, and more is kept), and
+    the one that keeps 24 is the layer whose 8 extra groups score lowest. Along the schedule the counts
+    grow in proportion and are aligned exactly at the end."""
+    _, pruner = make_pruner(ratio=0.3, multiple_of=8, skip_layers="none")
+    ranks = torch.arange(40, dtype=torch.float32)
+    pruner.channel_score[:] = torch.stack([ranks, ranks * 0.5, ranks * 2.0])  # layer 1's groups score lowest
+    lost = []
+    for sparsity in (0.1, 0.2, 0.3):
+        pruner.prune_to(sparsity)
+        lost.append([int((~alive).sum()) for alive in pruner.channel_alive])
+    assert lost[-1] == [8, 16, 8] and all((40 - n) % 8 == 0 for n in lost[-1])
+    assert lost[0] == [3, 5, 3] and lost[1] == [5, 11, 5]  # 1/3 and 2/3 of the way, rounded half up
+    assert not pruner.channel_alive[1, :16].any() and pruner.channel_alive[1, 16:].all()  # its lowest-scored
+
+
+def test_multiple_of_under_uniform_keeps_one_width_and_a_layer_never_regains_groups():
+    _, pruner = make_pruner(ratio=0.3, multiple_of=8, uniform=True, skip_layers="none")
+    pruner.channel_score[:] = torch.rand(3, 40, generator=torch.Generator().manual_seed(0))
+    pruner.prune_to(0.3)
+    assert [int(alive.sum()) for alive in pruner.channel_alive] == [32, 32, 32]  # 28 is nearer 32 than 24 (a tie)
+    _, pruner = make_pruner(ratio=0.3, multiple_of=8, skip_layers="none")
+    pruner.channel_alive[0, :10] = False  # already lost more than 8: it must end at 16 lost
+    pruner.prune_to(0.3)
+    assert int((~pruner.channel_alive[0]).sum()) == 16

@@ -61,7 +61,9 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
             f"({1 - config.min_keep:g}) of some layer; lower --min-keep"
         )
-    heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(config.ratio, config.uniform)
+    heads, kv_heads, channels = LayerGroups.from_config(model_config, arch).kept_at(
+        config.ratio, config.uniform, config.multiple_of
+    )
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
         problem = stock_config_error(model_config, arch, heads, kv_heads, channels)

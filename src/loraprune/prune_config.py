@@ -60,6 +60,12 @@ class PruneConfig:
         "gradient's score without storing dL/dW0; keeps each projection's input in bfloat16). "
         "None: streamed, or lora under --fsdp (which streamed cannot serve)",
     )
+    multiple_of: int | None = setting(
+        None,
+        "keep a multiple of N MLP channels in every pruned layer (a power of two: 32, 64, 256 suit llama.cpp's "
+        "kernels and quantized blocks), the layers whose extra groups score highest rounding up so the total "
+        "stays nearest --ratio; heads stay whole",
+    )
     normalize: bool = setting(True, "L2-normalise each module's group scores before summing a group")
     aggregation: str = setting(
         "sum", "how a group's element scores add up: sum (the paper's) or square (the sum of their squares)"
@@ -155,6 +161,12 @@ class PruneConfig:
         require(self.distill_top_k >= 0, "distill_top_k", "must be 0 (off) or a positive number of tokens")
         if self.distill_top_k and not self.distill:
             raise LoraPruneError("--distill-top-k sets how --distill reads the dense model; give --distill too")
+        if self.multiple_of is not None:
+            n = self.multiple_of
+            require(n >= 1 and n & (n - 1) == 0, "multiple_of", "must be a positive power of two")
+            if self.allocation == "global":
+                raise LoraPruneError("--multiple-of aligns --allocation layer's widths; it cannot be combined "
+                                     "with --allocation global")  # fmt: skip
         if self.uniform and self.allocation == "global":
             raise LoraPruneError("--allocation global puts different numbers of groups in each layer; "
                                  "it cannot be combined with --uniform")  # fmt: skip

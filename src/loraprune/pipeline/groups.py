@@ -79,7 +79,20 @@ class LayerGroups:
     def channel_target(self, sparsity: float) -> int:
         return round_half_up(sparsity * self.channels)
 
-    def kept_at(self, ratio: float, uniform: bool) -> tuple[int, int | None, int]:
+    def aligned_removals(self, ratio: float, multiple_of: int) -> tuple[int, int]:
+        """(fewer, more): the MLP channels a pruned layer loses at `ratio` when it must keep a multiple
+        of `multiple_of` channels: the kept count rounded up, and rounded down (never to 0)."""
+        if multiple_of > self.channels:
+            raise LoraPruneError(
+                f"--multiple-of {multiple_of} exceeds the {self.channels} MLP channels of a layer: it would "
+                "empty every pruned layer; use a smaller alignment"
+            )
+        kept = self.channels - self.channel_target(ratio)
+        up = min(-(-kept // multiple_of) * multiple_of, self.channels)
+        down = max(kept // multiple_of * multiple_of, multiple_of)
+        return self.channels - up, self.channels - down
+
+    def kept_at(self, ratio: float, uniform: bool, multiple_of: int | None = None) -> tuple[int, int | None, int]:
         """(heads, k/v heads, channels) a pruned layer keeps; k/v heads are None when they
         depend on which heads the scores pick. Raises if a layer would lose every head or channel."""
         pools, targets = self.head_pools(uniform), self.head_targets(ratio, uniform)
@@ -92,7 +105,12 @@ class LayerGroups:
         if self.channel_target(ratio) == self.channels:
             raise LoraPruneError(f"--ratio {ratio} would remove every MLP channel of a layer; use a smaller ratio")
         kv_heads = self.kv_heads if len(pools) > 1 else None
-        return self.heads - sum(targets), kv_heads, self.channels - self.channel_target(ratio)
+        channels = self.channels - self.channel_target(ratio)
+        if multiple_of:  # every layer alike (the per-layer choice needs scores): the nearest multiple
+            fewer, more = self.aligned_removals(ratio, multiple_of)
+            target = self.channel_target(ratio)
+            channels = self.channels - (fewer if target - fewer <= more - target else more)
+        return self.heads - sum(targets), kv_heads, channels
 
 
 def summed_dim(role: str) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..archs import Arch
-from ..prune_config import PruneConfig
+from ..prune_config import PruneConfig, round_half_up
 from .groups import LayerGroups, head_scores, per_unit, summed_dim
 from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores
@@ -233,14 +233,46 @@ class Pruner:
             heads = self.groups.head_targets(sparsity, uniform=False)[0]  # global excludes --uniform
             self._remove_globally(self.head_alive, self.head_score, heads)
             self._remove_globally(self.channel_alive, self.channel_score, self.groups.channel_target(sparsity))
+        channel_targets = self._channel_targets(sparsity) if self.config.allocation == "layer" else {}
         for i in self.prunable:
             if self.config.allocation == "layer":
                 targets = self.groups.head_targets(sparsity, self.config.uniform)
                 for pool, target in zip(self.head_pools, targets, strict=True):
                     _remove_lowest(self.head_alive[i], self.head_score[i], pool, target)
-                _remove_lowest(self.channel_alive[i], self.channel_score[i], None, self.groups.channel_target(sparsity))
+                _remove_lowest(self.channel_alive[i], self.channel_score[i], None, channel_targets[i])
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
+
+    def _channel_targets(self, sparsity: float) -> dict[int, int]:
+        """The MLP channels each prunable layer has lost at `sparsity`. Under --multiple-of N each
+        layer heads for a final loss that leaves a multiple of N (_aligned_removals), reached along
+        the schedule in proportion (exactly at the last pruning step)."""
+        ratio, multiple_of = self.config.ratio, self.config.multiple_of
+        if not multiple_of or not ratio:
+            return dict.fromkeys(self.prunable, self.groups.channel_target(sparsity))
+        final = self._aligned_removals(*self.groups.aligned_removals(ratio, multiple_of))
+        return {i: round_half_up(min(sparsity / ratio, 1.0) * final[i]) for i in self.prunable}
+
+    def _aligned_removals(self, fewer: int, more: int) -> dict[int, int]:
+        """Each prunable layer's final channel loss, `fewer` or `more` (both leave a multiple of N):
+        as many layers take `fewer` as bring the total nearest the ratio's, those whose extra groups
+        (the ones `more` would also remove) score highest; a layer that has lost more than `fewer`
+        already takes `more`. --uniform: every layer alike, the nearer of the two."""
+        layers, dead = self.prunable, {i: int((~self.channel_alive[i]).sum()) for i in self.prunable}
+        forced = {i for i in layers if dead[i] > fewer}
+        target = self.groups.channel_target(self.config.ratio)
+        if self.config.uniform:
+            loss = more if forced or target - fewer > more - target else fewer
+            return dict.fromkeys(layers, loss)
+
+        def extra_score(i: int) -> float:  # the groups ranked fewer..more from the bottom, dead first
+            ranked = torch.where(self.channel_alive[i], self.channel_score[i], -math.inf).sort().values
+            return float(ranked[fewer:more].sum())
+
+        free = sorted((i for i in layers if i not in forced), key=extra_score, reverse=True)
+        goal = target * len(layers)
+        keep = min(range(len(free) + 1), key=lambda m: (abs(m * fewer + (len(layers) - m) * more - goal), -m))
+        return {i: fewer if i in free[:keep] else more for i in layers}
 
     def _remove_globally(self, alive: Tensor, score: Tensor, per_layer: int) -> None:
         """Mark dead the lowest-scored live groups of all prunable layers until `per_layer` times

@@ -17,7 +17,7 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 def _ratio_row(model_config, counts: ParameterCounts, config: PruneConfig) -> dict:
     """Kept shape and removed fraction at one ratio, or why the ratio is impossible."""
     try:
-        heads, kv_heads, channels = counts.groups.kept_at(config.ratio, config.uniform)
+        heads, kv_heads, channels = counts.groups.kept_at(config.ratio, config.uniform, config.multiple_of)
     except LoraPruneError:
         return {"ratio": config.ratio, "uniform": config.uniform, "possible": False, "why": "empties a layer"}
     row = {"ratio": config.ratio, "uniform": config.uniform, "possible": True, "heads": heads, "channels": channels}
