@@ -3,6 +3,8 @@ loader (layers of one shape), with loraprune.load_model (per-layer shapes, llama
 against the shapes llama.cpp's loader accepts (llamacpp_rules.py). No llama.cpp needed;
 `make llamacpp-check` runs the files in llama.cpp itself."""
 
+from pathlib import Path
+
 import gguf
 import pytest
 import torch
@@ -175,7 +177,7 @@ def test_rope_permutation_is_the_converters_and_inverts():
     assert torch.equal(unpermute_rope(permute_rope(bias, 2), 2), bias)
 
 
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
 def test_smaller_weight_types_stay_close(tmp_path, outtype):
     _, _, pruned, _ = masked_then_pruned("llama-mha", 0.5, uniform=False)  # hidden 32: Q8_0 blocks fit
     result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf", outtype=outtype)
@@ -185,6 +187,45 @@ def test_smaller_weight_types_stay_close(tmp_path, outtype):
     reference = logits(pruned)
     assert (logits(loaded) - reference).abs().max() <= 0.02 * reference.abs().max()
     assert result["bytes"] < export_gguf(tmp_path / "model", tmp_path / "f32.gguf")["bytes"]
+
+
+FAKE_QUANTIZE = """#!/bin/sh
+# llama-quantize's interface (IN OUT TYPE): copies IN, and says so as llama.cpp does for a fallback tensor
+echo "$@" > "$(dirname "$0")/argv"
+[ "$3" = Q6_K ] && { echo "main: unknown type" >&2; exit 1; }
+cp "$1" "$2"
+printf '%s%s\n' "llama_tensor_get_type : tensor cols 40 x 32 are not divisible by 256, " \
+    "required for q4_K - using fallback quantization q5_0"
+"""
+
+
+def test_quantized_outtypes_run_llama_quantize_and_report_fallbacks(tmp_path, monkeypatch):
+    """llama-quantize (here a stand-in with its interface) gets the f16 file and the type; the tensors
+    it writes in a fallback type come back as warnings; its failure is one error and writes nothing.
+    The real tool is run by scripts/llamacpp_check.py."""
+    from loraprune.pipeline import llamacpp_tools
+
+    folder = saved(tmp_path, tiny_model("llama-gqa"))
+    with pytest.raises(LoraPruneError, match="needs llama.cpp's llama-quantize .*make llamacpp"):
+        monkeypatch.setenv(llamacpp_tools.TOOLS_ENV, str(tmp_path / "none"))
+        export_gguf(folder, tmp_path / "m.gguf", outtype="q4_k_m")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "llama-quantize").write_text(FAKE_QUANTIZE)
+    (tools / "llama-quantize").chmod(0o755)
+    monkeypatch.setenv(llamacpp_tools.TOOLS_ENV, str(tools))
+    result = export_gguf(folder, tmp_path / "m.gguf", outtype="q4_k_m")
+    source, out, kind = (tools / "argv").read_text().split()
+    assert kind == "Q4_K_M" and not Path(source).exists() and not Path(out).exists()  # temporaries, gone
+    assert result["warnings"][-1:] == [
+        "llama-quantize wrote a tensor of 40 columns as q5_0: q4_K needs rows in blocks of 256; "
+        "prune with --multiple-of 256 to avoid it"
+    ]
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "F16" in kinds  # the stand-in copied the f16 file llama-quantize is given
+    with pytest.raises(LoraPruneError, match="llama-quantize failed .*unknown type"):
+        export_gguf(folder, tmp_path / "q6.gguf", outtype="q6_k")
+    assert not (tmp_path / "q6.gguf").exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_refusals_are_one_line_and_write_nothing(tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import LoraPruneError
+from .pipeline.llamacpp_tools import QUANTIZED
 from .pipeline.scoring import check_criterion
 from .pipeline.texts import check_spec
 from .prune_config import TASK_NAMES, PruneConfig, setting
@@ -306,7 +307,12 @@ class ExportSettings:
                          positional=True)  # fmt: skip
     output: str = setting(None, "file to write, e.g. model.gguf", required=True)
     format: str = setting("gguf", "file format", choices=("gguf",))
-    outtype: str = setting("f32", "weight type", choices=("f32", "f16", "bf16", "q8_0"))
+    outtype: str = setting(
+        "f32",
+        "weight type; the quantized ones are made by llama.cpp's llama-quantize ($LORAPRUNE_LLAMACPP or PATH), "
+        "which reports any tensor it writes in a fallback type",
+        choices=("f32", "f16", "bf16", *QUANTIZED),
+    )
     overwrite: bool = setting(False, "replace an existing output file")
 
 

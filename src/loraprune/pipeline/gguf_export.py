@@ -38,12 +38,12 @@ import torch
 
 from ..errors import LoraPruneError, write_error
 from .gguf_read import FAMILIES, PER_LAYER_ARCH, SOURCE_KEY
+from .llamacpp_tools import QUANTIZED, llama_tool, quantize
 
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 
 # convert_hf_to_gguf.py's get_vocab_base_pre: the hash of this text's token ids names llama.cpp's
@@ -189,12 +189,10 @@ def short_q_bias_warnings(tensors: dict[str, torch.Tensor], hidden_size: int) ->
 
 
 def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """Norms and biases stay float32 (as in the converter); rows that Q8_0 cannot block become f16."""
+    """Norms and biases stay float32 (as in the converter); matrices in `qtype`."""
     data = tensor.contiguous().numpy()
     if data.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
         return data, gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = gguf.GGMLQuantizationType.F16
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16), qtype
     return gguf.quants.quantize(data, qtype), qtype
@@ -271,9 +269,11 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
     from .load import load_model
 
     output = Path(output)
-    if outtype not in OUTTYPES:
-        raise LoraPruneError(f"--outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    if outtype not in OUTTYPES and outtype not in QUANTIZED:
+        raise LoraPruneError(f"--outtype must be one of {', '.join([*OUTTYPES, *QUANTIZED])} (got {outtype!r})")
     check_gguf_output(output, overwrite)
+    if outtype in QUANTIZED:
+        llama_tool("llama-quantize")  # before any work
     hf_model, tokenizer = load_model(str(model))
     config = hf_model.config
     warnings = check_supported(config)
@@ -281,7 +281,7 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
         raise LoraPruneError(f"{model} has no tokenizer; llama.cpp needs one in the GGUF file")
     shapes, head_dim = layer_shapes(config)
     arch = choose_arch(config, shapes, head_dim)
-    qtype, file_type = OUTTYPES[outtype]
+    qtype, file_type = OUTTYPES[outtype if outtype in OUTTYPES else "f16"]  # llama-quantize reads f16
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
     os.close(fd)
@@ -301,6 +301,13 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if outtype in QUANTIZED:
+            quantized = f"{partial}.{outtype}"
+            try:
+                warnings += quantize(Path(partial), Path(quantized), QUANTIZED[outtype])
+                os.replace(quantized, partial)
+            finally:
+                Path(quantized).unlink(missing_ok=True)
         os.replace(partial, output)
     except OSError as error:
         Path(partial).unlink(missing_ok=True)
