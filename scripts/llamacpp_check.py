@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from loraprune.pipeline.gguf_export import export_gguf
+from loraprune.pipeline.llamacpp_tools import QUANTIZED, TOOLS_ENV
 from loraprune.pipeline.load import load_model
 
 PROMPT = "the company said it expects"
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", help="LABEL=MODEL: a loraprune output folder, 'smollm2', ...")
     parser.add_argument("--bin", default=".llamacpp/build/bin", help="llama.cpp binaries (scripts/llamacpp/build.sh)")
     parser.add_argument("--work", default="runs/gguf", help="where the GGUF files are written")
-    parser.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
+    parser.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", *QUANTIZED),
+                        help="quantized types: llama-quantize from --bin")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="also the tiny models of scripts/llamacpp_tiny.py")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--n-gen", type=int, default=20, help="greedy tokens to compare")
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give LABEL=MODEL arguments, --tiny or both")
     torch.set_num_threads(args.threads)
     bin_dir, work = Path(args.bin), Path(args.work)
+    os.environ.setdefault(TOOLS_ENV, str(bin_dir))  # export's llama-quantize
     work.mkdir(parents=True, exist_ok=True)
     results, started = {}, time.time()
     # label -> (model, k/v heads per layer expected in the file or None, tolerance)

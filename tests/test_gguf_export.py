@@ -194,8 +194,10 @@ FAKE_QUANTIZE = """#!/bin/sh
 echo "$@" > "$(dirname "$0")/argv"
 [ "$3" = Q6_K ] && { echo "main: unknown type" >&2; exit 1; }
 cp "$1" "$2"
-printf '%s%s\n' "llama_tensor_get_type : tensor cols 40 x 32 are not divisible by 256, " \
-    "required for q4_K - using fallback quantization q5_0"
+printf '%s%s\n' "warning: blk.1.ffn_down.weight                  - ncols     40 not divisible by 256 " \
+    "(required for type    q4_K) (WARNING: must use F16 due to unusual shape) -> falling back to     f16"
+printf '%s%s\n' "warning: blk.2.ffn_down.weight                  - ncols     64 not divisible by 256 " \
+    "(required for type    q4_K) -> falling back to    q5_0"
 """
 
 
@@ -217,9 +219,11 @@ def test_quantized_outtypes_run_llama_quantize_and_report_fallbacks(tmp_path, mo
     result = export_gguf(folder, tmp_path / "m.gguf", outtype="q4_k_m")
     source, out, kind = (tools / "argv").read_text().split()
     assert kind == "Q4_K_M" and not Path(source).exists() and not Path(out).exists()  # temporaries, gone
-    assert result["warnings"][-1:] == [
-        "llama-quantize wrote a tensor of 40 columns as q5_0: q4_K needs rows in blocks of 256; "
-        "prune with --multiple-of 256 to avoid it"
+    assert result["warnings"][-2:] == [
+        "llama-quantize wrote 1 tensor(s) as f16, not q4_K (rows in blocks of 256; columns 40), e.g. "
+        "blk.1.ffn_down.weight; prune with --multiple-of 256 to give the MLP widths whole blocks",
+        "llama-quantize wrote 1 tensor(s) as q5_0, not q4_K (rows in blocks of 256; columns 64), e.g. "
+        "blk.2.ffn_down.weight; prune with --multiple-of 256 to give the MLP widths whole blocks",
     ]
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert "F16" in kinds  # the stand-in copied the f16 file llama-quantize is given

@@ -14,9 +14,10 @@ TOOLS_ENV = "LORAPRUNE_LLAMACPP"
 # the quantizations users deploy, made by llama-quantize from an f16 GGUF (its mixes: q4_k_m keeps some
 # tensors at q6_k), and the type name it takes
 QUANTIZED = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M"}
-# llama-quantize's line for a tensor whose rows its type cannot block (llama-quant.cpp)
+# llama-quantize's warning for a tensor whose rows its type cannot block (llama-quant.cpp, tensor_type_fallback)
 _FALLBACK = re.compile(
-    r"tensor cols (\d+) x (\d+) are not divisible by (\d+), required for (\S+) - using fallback quantization (\S+)"
+    r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\) "
+    r"(?:\(WARNING: must use F16 due to unusual shape\) )?-> falling back to\s+(\S+)"
 )
 
 
@@ -42,8 +43,21 @@ def quantize(source: Path, output: Path, kind: str, threads: int | None = None) 
     if done.returncode != 0:
         last = next((line for line in reversed(log.splitlines()) if line.strip()), "no output")
         raise LoraPruneError(f"llama-quantize failed ({done.returncode}): {last.strip()}")
-    return [
-        f"llama-quantize wrote a tensor of {cols} columns as {fallback}: {need} needs rows in blocks of {block}; "
-        f"prune with --multiple-of {block} to avoid it"
-        for cols, _, block, need, fallback in _FALLBACK.findall(log)
-    ]
+    return fallback_warnings(log)
+
+
+def fallback_warnings(log: str) -> list[str]:
+    """One line per (type wanted, type written) of llama-quantize's fallback tensors, and how to avoid
+    those of the MLP width (the hidden size's are the model's own: the dense model has them too)."""
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for name, cols, block, wanted, written in _FALLBACK.findall(log):
+        groups.setdefault((wanted, written, block), []).append((name, cols))
+    lines = []
+    for (wanted, written, block), tensors in groups.items():
+        widths = sorted({int(cols) for _, cols in tensors})
+        line = (f"llama-quantize wrote {len(tensors)} tensor(s) as {written}, not {wanted} (rows in blocks of "
+                f"{block}; columns {', '.join(map(str, widths))}), e.g. {tensors[0][0]}")  # fmt: skip
+        if any(".ffn_down." in name for name, _ in tensors):
+            line += f"; prune with --multiple-of {block} to give the MLP widths whole blocks"
+        lines.append(line)
+    return lines
