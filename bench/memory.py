@@ -6,8 +6,9 @@ Each (criterion, batch) runs in a fresh subprocess. On CPU the peak is the proce
 on CUDA it is torch.cuda.max_memory_allocated. The breakdown is computed from shapes: base
 weights, LoRA factors, their gradients, AdamW state, the base-weight gradients the `gradient`
 criterion needs, and the tensors autograd saves for backward (counted once per storage by a
-saved-tensors hook on one extra forward). With `--distill ALPHA` the `lora` criterion is also
-measured with self-distillation from the dense model (its loss as `prune` builds it). Each row also
+saved-tensors hook on one extra forward). With `--distill ALPHA` the `--distill-criterion` is also
+measured with self-distillation from the dense model (its loss as `prune` builds it; with
+`--distill-top-k K` from the dense model's top-K, computed before the peak is reset). Each row also
 gives what `loraprune estimate` predicts for it.
 """
 
@@ -30,8 +31,15 @@ def arguments():
     p.add_argument("--batches", type=common.shapes, default=[(1, 128), (4, 128)], help="BxS list")
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--distill", type=float, default=0.0, help="also measure lora with --distill ALPHA (0: no)")
-    p.add_argument("--child", default="", help="internal: criterion,B,S,distill of one child run")
+    p.add_argument("--distill", type=float, default=0.0, help="also measure --distill ALPHA (0: no)")
+    p.add_argument("--distill-criterion", default="lora", help="the criterion measured with --distill")
+    p.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=0,
+        help="with --distill: from the dense model's top-K computed up front (0: the live teacher)",
+    )
+    p.add_argument("--child", default="", help="internal: criterion,B,S,distill,top-k of one child run")
     return p
 
 
@@ -46,8 +54,8 @@ def child(args) -> dict:
     from loraprune.tools.preflight import return_freed_memory
 
     return_freed_memory()  # as `loraprune prune` does on a run near the RAM limit
-    criterion, b, s, distill = args.child.split(",")
-    b, s, distill = int(b), int(s), float(distill)
+    criterion, b, s, distill, top_k = args.child.split(",")
+    b, s, distill, top_k = int(b), int(s), float(distill), int(top_k)
     cuda = args.device.startswith("cuda")
     runtime_kib = rss_kib("VmRSS")
     model, tokenizer = load_model(args.model)
@@ -55,8 +63,14 @@ def child(args) -> dict:
     batch = common.token_windows(tokenizer, args.data, "train", s, b)
     if len(batch) < b:
         batch = batch.repeat((b + len(batch) - 1) // len(batch), 1)[:b]
-    batch = batch.to(args.device)
-    config = PruneConfig(criterion=criterion, batch_size=b, seq_len=s, seed=args.seed, distill=distill)
+    batch = batch.to(args.device)  # (top-k targets stay on the host, as in a run)
+    config = PruneConfig(criterion=criterion, batch_size=b, seq_len=s, seed=args.seed, distill=distill,
+                         distill_top_k=top_k)  # fmt: skip
+    if top_k:  # as causal_lm.examples makes the batch: computed before training, memory-mapped
+        from loraprune.pipeline.teacher_cache import top_k_targets
+
+        ids, log_p = top_k_targets(model, batch, top_k)
+        batch = {"input_ids": batch, "teacher_ids": ids, "teacher_log_p": log_p}
     arch = arch_for(model.config)
     peft_model = attach_lora(model, arch, config)
     pruner = Pruner(peft_model.get_base_model(), arch, config)
@@ -77,7 +91,8 @@ def child(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak_kib = rss_kib("VmHWM")
-    out = {"criterion": criterion, "distill": distill, "batch": b, "seq_len": s, "device": args.device}
+    out = {"criterion": criterion, "distill": distill, "distill_top_k": top_k, "batch": b, "seq_len": s,
+           "device": args.device}  # fmt: skip
     estimate = run_estimate(model.config, config, "float32", args.device)
     out["estimated_peak_MiB"] = estimate.peak / MiB
     out["measured"] = {
@@ -130,13 +145,15 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return {}
-    variants = [(c, 0.0) for c in args.criteria.split(",") if c] + ([("lora", args.distill)] if args.distill else [])
+    variants = [(c, 0.0) for c in args.criteria.split(",") if c]
+    variants += [(args.distill_criterion, args.distill)] if args.distill else []
     runs = []
     for b, s in args.batches:
         for _, (criterion, distill) in common.alternated(variants, 1):
             cmd = [sys.executable, "-m", "bench.memory", "--model", args.model, "--data", args.data]
             cmd += ["--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]
-            cmd += ["--threads", str(args.threads), "--child", f"{criterion},{b},{s},{distill}"]
+            top_k = args.distill_top_k if distill else 0
+            cmd += ["--threads", str(args.threads), "--child", f"{criterion},{b},{s},{distill},{top_k}"]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
@@ -177,7 +194,9 @@ def section(payload: dict, page, results) -> str:
         m = r["measured"]
         rows.append(
             [
-                r["criterion"] + (f", distill {r['distill']:g}" if r.get("distill") else ""),
+                r["criterion"]
+                + (f", distill {r['distill']:g}" if r.get("distill") else "")
+                + (f", top-{r['distill_top_k']}" if r.get("distill_top_k") else ""),
                 f"{r['batch']}x{r['seq_len']}",
                 *[mib(v) for v in (m.get("cuda_peak_MiB", m["peak_rss_MiB"]), r.get("estimated_peak_MiB"))],
                 *[mib(v) for v in (m["peak_above_runtime_MiB"], *[r["breakdown_MiB"][k] for k in parts])],
