@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
+.PHONY: llamacpp-serving texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -103,3 +103,13 @@ llamacpp-bench: llamacpp $(foreach r,pl20 pl50 u20 u50,$(GGUF_RUNS)/$(r)/config.
 	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --bench --cpu-time \
 		--json bench/results/llamacpp.json dense=smollm2 \
 		pl20=$(GGUF_RUNS)/pl20 pl50=$(GGUF_RUNS)/pl50 u20=$(GGUF_RUNS)/u20 u50=$(GGUF_RUNS)/u50
+# speed and perplexity in llama.cpp (bench/serving.py, docs/benchmarks/serving.md): the dense model and the
+# pruned ones above, plus per-layer models whose MLP widths are multiples of 256 (pl20a, pl50a), each as
+# f16 and q4_k_m, measured by llama-bench and llama-perplexity; files already exported are reused
+$(GGUF_RUNS)/pl%a/config.json: | $(STAMP)
+	$(VENV)/bin/loraprune prune $(GGUF_PRUNE) --multiple-of 256 --ratio 0.$* --output $(GGUF_RUNS)/pl$*a
+
+llamacpp-serving: llamacpp $(foreach r,pl20 pl20a pl50 pl50a u20 u50,$(GGUF_RUNS)/$(r)/config.json)
+	$(PY) -m bench.serving --label smollm2 --bin $(LLAMACPP)/build/bin dense=smollm2 \
+		$(foreach r,pl20 pl20a pl50 pl50a u20 u50,$(r)=$(GGUF_RUNS)/$(r))
+

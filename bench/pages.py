@@ -253,6 +253,8 @@ PAGES = {
     "llamacpp": Page("Does llama.cpp run the GGUF export as transformers runs the model?", "bench.pages",
                      "`make llamacpp-check` and `make llamacpp-bench`", render=llamacpp_section,
                      method=LLAMACPP),
+    "serving": Page("How fast is the pruned model in llama.cpp, and what does quantizing it cost?", "bench.serving",
+                    "`make llamacpp-serving`"),
 }  # fmt: skip
 
 
@@ -381,6 +383,17 @@ def iou(r: Numbers, a: str, b: str) -> str:
     return f"{removed_iou(one, two):.2f}"
 
 
+def held_out(r: Numbers, run: str, split: str) -> float:
+    """A recipes run's perplexity on `split` over the dense model's as shipped (its label's `dense` run)."""
+    return r.ppl(run, split) / r.ppl(f"{run.split('/')[0]}/dense", split)
+
+
+def overhead_ratios(r: Numbers) -> str:
+    rows = {row["variant"]: row["ratio_vs_plain"] for row in r.json("overhead-general-topk.json")["rows"]}
+    return (f"{x(rows['LoRAPrune (streamed, distill 1, top-64)'])} vs "
+            f"{x(rows['LoRAPrune (streamed, distill 1)'])}")  # fmt: skip
+
+
 def agreement(model: dict) -> str:
     same = "identical" if model["greedy_tokens_equal"] else "different"
     return f"{model['logits_max_abs_diff']:.1e}; {same}"
@@ -414,6 +427,19 @@ CLAIMS = [
     Claim("Quality", "Out of domain (Python's documentation), 20%, full budget: pruned vs dense + LoRA",
           lambda r: f"{n(r.ppl('full/streamed20', 'pydoc test'))} vs {n(r.ppl('full/dense-lora', 'pydoc test'))} "
           f"({x(r.ppl('full/streamed20', 'pydoc test') / r.ppl('full/dense-lora', 'pydoc test'))})", "recipes#full"),
+    Claim("Quality", "Held-out text against the dense model as shipped, 20%, first 200 windows: the default tuned "
+          "on PTB vs `--distill 1` (whole logits) on `gcide+foldoc`, pydoc / PTB test perplexity ratios",
+          lambda r: f"{x(held_out(r, 'general-ptb/streamed20-ptb', 'pydoc test'))} / "
+          f"{x(held_out(r, 'general-ptb/streamed20-ptb', 'ptb test'))} vs "
+          f"{x(held_out(r, 'general/streamed20-kdfull-120', 'pydoc test'))} / "
+          f"{x(held_out(r, 'general/streamed20-kdfull-120', 'ptb test'))}", "recipes#general"),
+    Claim("Quality", "What the dense model's top-64 (`--distill-top-k 64`, progressive) costs against its whole logits "
+          "(shrink at the end), 20%, 120 steps on `gcide+foldoc`: pydoc / PTB test perplexity",
+          lambda r: f"{n(r.ppl('general/streamed20-kd64-120', 'pydoc test'))} / "
+          f"{n(r.ppl('general/streamed20-kd64-120'))} vs {n(r.ppl('general/streamed20-kdfull-120', 'pydoc test'))}"
+          f" / {n(r.ppl('general/streamed20-kdfull-120'))}", "recipes#general"),
+    Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
+          "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
     Claim("Quality", "`--distill 0.9` keeps text outside the tuning data, 20%, full budget: pydoc perplexity (vs dense "
           "+ LoRA), and what it costs on PTB test", lambda r: f"{n(r.ppl('full/streamed20-kd9', 'pydoc test'))} "
           f"({x(r.ppl('full/streamed20-kd9', 'pydoc test') / r.ppl('full/dense-lora', 'pydoc test'))}); PTB "
