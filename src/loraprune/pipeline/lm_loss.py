@@ -208,11 +208,8 @@ def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callabl
     teacher = dense(lambda m: last_hidden_states(m, head, input_ids))  # first: its activations go before the student's
     last = last_hidden_states(model, head, input_ids)
     teacher = teacher.to(last.dtype)  # a teacher under autocast (train.teacher_autocast)
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
-    states, teacher_states = last.reshape(-1, last.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    softcap = logit_softcap(model)
-    return ChunkedHeadLoss.apply(states, head.weight, head.bias, targets.reshape(-1), softcap, teacher_states,
-                                 distill, temperature)  # fmt: skip
+    teacher_states = teacher.reshape(-1, teacher.shape[-1])
+    return _distilled_head_loss(model, head, last, input_ids, teacher_states, distill, temperature)
 
 
 def top_k_distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, teacher_ids: Tensor, teacher_log_p: Tensor,
@@ -224,9 +221,16 @@ def top_k_distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, teacher_
     if head is None:
         return None
     last = last_hidden_states(model, head, input_ids)
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
     k = teacher_ids.shape[-1]
     teacher = (teacher_ids.reshape(-1, k).to(last.device, torch.long), teacher_log_p.reshape(-1, k).to(last.device))
+    return _distilled_head_loss(model, head, last, input_ids, teacher, distill, temperature)
+
+
+def _distilled_head_loss(model: nn.Module, head: nn.Linear, last: Tensor, input_ids: Tensor, teacher,
+                         distill: float, temperature: float) -> Tensor:  # fmt: skip
+    """ChunkedHeadLoss of the student's last hidden states `last` against `teacher` (its hidden states
+    or its top-k), every position distilled and each but the last predicting the next token."""
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=NO_TARGET)  # position i predicts token i + 1
     return ChunkedHeadLoss.apply(last.reshape(-1, last.shape[-1]), head.weight, head.bias, targets.reshape(-1),
                                  logit_softcap(model), teacher, distill, temperature)  # fmt: skip
 
