@@ -5,6 +5,8 @@ on a small text, so that their shapes are what a run gives:
 
 - qwen2 (q/k/v biases): dense (llama.cpp's qwen2), pruned per layer and --uniform (both deci: the
   pruned q is smaller than qwen2's hidden x hidden)
+- qwen3 (per-head q/k norms, heads x head_dim != hidden): dense and --uniform (llama.cpp's qwen3; its
+  per-layer shapes are refused)
 - bias: a GQA Llama with attention_bias=True (q/k/v/o biases), --uniform (llama) and per layer (deci)
 - uneven-kv: a GQA Llama whose last layer keeps query heads 2, 4, 5 of 6 over 2 k/v heads (1 and 2
   readers), pruned by chosen scores (tiny.masked_then_pruned): its k/v head 1 is written twice.
@@ -78,11 +80,14 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
     work.mkdir(parents=True, exist_ok=True)
     text = corpus(work / "corpus.txt")
     qwen2 = save_pruned(tiny_model("qwen2-gqa"), bpe_tokenizer(), work / "qwen2", {}, overwrite=True)
+    qwen3 = save_pruned(tiny_model("qwen3-gqa"), bpe_tokenizer(), work / "qwen3", {}, overwrite=True)
     bias = save_pruned(tiny_model("llama-gqa", attention_bias=True), bpe_tokenizer(), work / "bias", {}, overwrite=True)
     return {
         "qwen2": (qwen2, None),
         "qwen2-pl": (pruned(qwen2, text, work / "qwen2-pl", uniform=False), None),
         "qwen2-u": (pruned(qwen2, text, work / "qwen2-u", uniform=True), None),
+        "qwen3": (qwen3, None),
+        "qwen3-u": (pruned(qwen3, text, work / "qwen3-u", uniform=True), None),
         "bias-u": (pruned(bias, text, work / "bias-u", uniform=True), None),
         "bias-pl": (pruned(bias, text, work / "bias-pl", uniform=False), None),
         "uneven-kv": (uneven_kv(work / "uneven-kv"), UNEVEN_KV_HEADS),

@@ -2,9 +2,10 @@
 llama.cpp's rules without a llama.cpp build (`make llamacpp-check` runs the real one).
 
 Read from the llama.cpp that `make llamacpp` builds (llama-cpp-python 0.3.36's vendored tree):
-- src/models/{llama,qwen2,deci}.cpp, load_arch_tensors: the shapes each architecture creates.
-  `llama` and `qwen2` size every layer with layer 0's head counts and MLP width (LLAMA_LOAD_LOCALS:
-  hparams.n_head(), n_ff(), ...), `qwen2` its q and o projections as hidden x hidden; `deci` each
+- src/models/{llama,qwen2,qwen3,deci}.cpp, load_arch_tensors: the shapes each architecture creates.
+  `llama`, `qwen2` and `qwen3` size every layer with layer 0's head counts and MLP width (LLAMA_LOAD_LOCALS:
+  hparams.n_head(), n_ff(), ...), `qwen2` its q and o projections as hidden x hidden, `qwen3` adds
+  head-sized q and k norms and no biases but q/k/v's; `deci` each
   layer with its own (hparams.n_head(i), n_embd_k_gqa(i), n_ff(i)).
 - src/llama-model.cpp, create_tensor_qkv: the optional q/k/v biases have the q/k/v projections'
   output sizes; `qwen2` creates no attn_output or MLP biases.
@@ -18,7 +19,7 @@ Shapes are ggml's, fastest dimension first, as gguf.GGUFReader reports them.
 
 import gguf
 
-ARCHS = ("llama", "qwen2", "deci")
+ARCHS = ("llama", "qwen2", "qwen3", "deci")
 
 
 def _per_layer(value, n_layer: int) -> list[int]:
@@ -58,8 +59,10 @@ def expected_tensors(fields: dict, arch: str) -> dict[str, tuple[tuple[int, ...]
             "ffn_up.weight": (n_embd, ff[i]),
             "ffn_down.weight": (ff[i], n_embd),
         }
+        if arch == "qwen3":
+            required |= {"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
         optional = {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
-        if arch != "qwen2":
+        if arch not in ("qwen2", "qwen3"):
             optional |= {
                 "attn_output.bias": (n_embd,),
                 "ffn_gate.bias": (ff[i],),

@@ -60,6 +60,27 @@ def test_dense_qwen2_is_written_as_qwen2(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
 
 
+def test_qwen3_of_one_shape_is_written_as_qwen3(tmp_path):
+    """Dense and --uniform Qwen3 (per-head q/k norms, head_dim x heads != hidden): llama.cpp's qwen3.
+    head_dim 128, Qwen3's: transformers' GGUF loader, which reads the files back, assumes it."""
+    model = tiny_model("qwen3-gqa", head_dim=128)
+    _, _, pruned, _ = masked_then_pruned("qwen3-gqa", 0.5, uniform=True, model=tiny_model("qwen3-gqa", head_dim=128))
+    for name, m in (("dense", model), ("uniform", pruned)):
+        path = tmp_path / f"{name}.gguf"
+        assert export_gguf(saved(tmp_path, m, name), path)["architecture"] == "qwen3"
+        assert load_errors(path) == []
+        loaded, _ = hf_gguf(path)
+        assert type(loaded).__name__ == "Qwen3ForCausalLM"
+        torch.testing.assert_close(logits(loaded), logits(m), rtol=0, atol=1e-5)
+
+
+def test_per_layer_qwen3_is_refused_naming_uniform(tmp_path):
+    _, _, pruned, _ = masked_then_pruned("qwen3-gqa", 0.5, uniform=False)
+    with pytest.raises(LoraPruneError, match="layer 0's shape .*--uniform"):
+        export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
+
+
 def test_uniform_pruned_llama_loads_in_stock_transformers(tmp_path):
     _, _, pruned, _ = masked_then_pruned("llama-gqa", 0.5, uniform=True)
     result = export_gguf(saved(tmp_path, pruned), tmp_path / "m.gguf")

@@ -1,4 +1,4 @@
-"""Write a (pruned) llama / mistral / qwen2 model as a GGUF file that llama.cpp runs.
+"""Write a (pruned) llama / mistral / qwen2 / qwen3 model as a GGUF file that llama.cpp runs.
 
 What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cpp):
 - Its loader reads `head_count`, `head_count_kv` and `feed_forward_length` either as one number
@@ -8,6 +8,9 @@ What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cp
   runs each layer with its own head count, k/v head count and MLP width, and accepts the optional
   q/k/v/o and MLP biases. So: layers of one shape are written as the family's own architecture
   (`llama` for llama and mistral, as llama.cpp's converter does, `qwen2`), everything else as `deci`.
+- `qwen3` (per-head q/k norms, which `deci` lacks) also creates every layer with layer 0's sizes, but
+  its q is heads x head_dim: a Qwen3 model of one shape is written as `qwen3`, per-layer shapes are
+  refused (prune with --uniform).
 - The optional q/k/v biases (Qwen2, Llama with attention_bias) are created by create_tensor_qkv
   (src/llama-model.cpp) with the sizes of the layer's q/k/v projections. Builds from before that
   helper (llama.cpp PR #21245, April 2026) create the `llama` and `deci` attn_q.bias hidden-sized
@@ -19,7 +22,7 @@ What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cp
   so that the groups are even: exact, and larger only in that layer's k/v projections.
 - `llama` and `deci` apply "normal" RoPE to consecutive pairs; Hugging Face's llama-style models
   rotate halves. The q and k rows are permuted as the converter's LlamaModel.permute does. `qwen2`
-  rotates halves itself (no permutation).
+  and `qwen3` rotate halves themselves (no permutation).
 - The tokenizer is built from the Hugging Face tokenizer as convert_hf_to_gguf.py's gpt2 vocab
   does (byte-level BPE: SmolLM2, Llama 3, Qwen2); merges and special ids come from gguf.SpecialVocab.
 
@@ -63,6 +66,12 @@ PRE_TOKENIZERS = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
 }
+
+# families whose llama.cpp architecture runs layers of one shape only and has no per-layer stand-in
+UNIFORM_ONLY = ("qwen3",)
+EXPORTED = (*FAMILIES, *UNIFORM_ONLY)
+HALF_ROTATING = ("qwen2", "qwen3")  # llama.cpp architectures that rotate halves, as Hugging Face does
+TENSOR_NAMES = {"qwen3": gguf.MODEL_ARCH.QWEN3}  # gguf-py's name map by architecture; the rest: LLAMA's
 
 UNKNOWN_PRE_TOKENIZER = "pre-tokenizer not recognised: wrote 'default'; llama.cpp may split text differently"
 SHORT_Q_BIAS = (
@@ -115,8 +124,15 @@ def choose_arch(config, shapes: list[LayerShape], head_dim: int) -> str:
         (s.heads, s.channels) == (shapes[0].heads, shapes[0].channels) and s.kv_source == list(range(s.kv_heads))
         for s in shapes
     )
+    if not one_shape and config.model_type in UNIFORM_ONLY:
+        raise LoraPruneError(
+            f"llama.cpp's {config.model_type} builds every layer in layer 0's shape and this model's layers "
+            "differ (or share k/v heads unevenly): prune with --uniform to export it to GGUF"
+        )
     if not one_shape:
         return PER_LAYER_ARCH
+    if config.model_type in UNIFORM_ONLY:
+        return config.model_type
     if config.model_type == "qwen2":
         # llama.cpp's qwen2 sizes q and o as hidden x hidden
         return "qwen2" if shapes[0].heads * head_dim == config.hidden_size else PER_LAYER_ARCH
@@ -125,15 +141,15 @@ def choose_arch(config, shapes: list[LayerShape], head_dim: int) -> str:
 
 def check_supported(config) -> list[str]:
     """Refuse what the written file could not reproduce; return warnings for what it approximates."""
-    if config.model_type not in FAMILIES:
-        raise LoraPruneError(f"GGUF export supports {', '.join(FAMILIES)} models, not {config.model_type!r}")
+    if config.model_type not in EXPORTED:
+        raise LoraPruneError(f"GGUF export supports {', '.join(EXPORTED)} models, not {config.model_type!r}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise LoraPruneError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise LoraPruneError(f"llama.cpp's llama graphs use SiLU, not {config.hidden_act!r}")
     window = getattr(config, "sliding_window", None)
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         window = None
     if window is not None and window < config.max_position_embeddings:
         return [
@@ -158,7 +174,7 @@ def _select_heads(weight: torch.Tensor, heads: list[int], head_dim: int) -> torc
 
 def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp's names, k/v heads repeated and q/k permuted as needed."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(shapes))
+    names = gguf.get_tensor_name_map(TENSOR_NAMES.get(arch, gguf.MODEL_ARCH.LLAMA), len(shapes))
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     )
@@ -176,7 +192,7 @@ def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> d
             role = stem.rsplit(".", 1)[-1]
             if role in ("k_proj", "v_proj"):
                 tensor = _select_heads(tensor, shape.kv_source, head_dim)
-            if arch != "qwen2" and role in ("q_proj", "k_proj"):
+            if arch not in HALF_ROTATING and role in ("q_proj", "k_proj"):
                 tensor = permute_rope(tensor, shape.heads if role == "q_proj" else shape.kv_heads)
         out[f"{gguf_name}.{suffix}"] = tensor
     return out
@@ -263,7 +279,7 @@ def describe_export(result: dict) -> str:
 
 
 def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite: bool = False) -> dict:
-    """Write `model` (a loraprune output folder, any llama/mistral/qwen2 folder, a .gguf or 'smollm2')
+    """Write `model` (a loraprune output folder, any llama/mistral/qwen2/qwen3 folder, a .gguf or 'smollm2')
     to the GGUF file `output`, atomically. Returns what was written: architecture, per-layer
     shapes, tensor count, bytes, warnings."""
     from .load import load_model
