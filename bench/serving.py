@@ -5,7 +5,7 @@ export (`loraprune export`; quantized types through llama.cpp's llama-quantize) 
 llama.cpp's own tools: `llama-bench` prompt processing (pp, --prompt tokens) and generation (tg,
 --gen tokens) tokens/s at --threads threads, every file taking one turn per round (so other load on
 the machine falls on all alike), medians of --rounds; and `llama-perplexity` on each --texts text's
-test split (its protocol: chunks of --ctx tokens, the second half of each scored). The limit of a
+test split (its protocol: the first --chunks chunks of --ctx tokens, the second half of each scored). The limit of a
 speedup is the dense file's bytes over the pruned file's: generation reads every weight once per
 token, and a prompt's matmuls scale with the same weights. Files already exported are reused, so
 an interrupted run resumes.
@@ -20,7 +20,9 @@ from pathlib import Path
 from . import common
 
 NAME = "serving"
-_PPL = re.compile(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)")
+_PPL = re.compile(r"Final estimate: PPL = (\S+) \+/- (\S+)")  # on stderr; 'inf' or 'nan' too
+_RUNNING = re.compile(r"\[(\d+)\]([^,\s]+),")  # stdout's running estimate after each chunk
+_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
 
 
 def arguments():
@@ -31,6 +33,7 @@ def arguments():
     p.add_argument("--outtypes", default="f16,q4_k_m")
     p.add_argument("--texts", default="ptb,pydoc", help="texts whose test split llama-perplexity reads")
     p.add_argument("--ctx", type=int, default=512, help="llama-perplexity's context (chunk) length")
+    p.add_argument("--chunks", type=int, default=60, help="chunks llama-perplexity scores per text (-1: all)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
@@ -47,15 +50,25 @@ def export(model: str, path: Path, outtype: str) -> dict:
     return json.loads(path.with_suffix(".json").read_text())
 
 
-def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, threads: int) -> dict:
-    done = subprocess.run(
-        [str(binary), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "-t", str(threads)],
-        capture_output=True, text=True, errors="replace", check=True,
-    )  # fmt: skip
-    found = _PPL.search(done.stdout + done.stderr)
-    if found is None:
-        raise RuntimeError(f"llama-perplexity printed no final estimate for {gguf} on {text}")
-    return {"perplexity": float(found[1]), "error": float(found[2])}
+def perplexity(binary: Path, gguf: Path, text: Path, args, tries: int = 3) -> dict:
+    """llama-perplexity's estimate after its last chunk, and its error when printed. Its log is
+    written by a thread the tool does not join at exit, so the last lines are sometimes lost: the
+    running estimate after the last chunk (stdout) stands for the final one (the same number, no
+    error), and a run that lost both is repeated."""
+    for _ in range(tries):
+        done = subprocess.run(
+            [str(binary), "-m", str(gguf), "-f", str(text), "-c", str(args.ctx), "-b", str(args.ctx),
+             "--chunks", str(args.chunks), "-t", str(args.bench_threads)],
+            capture_output=True, text=True, errors="replace",
+        )  # fmt: skip
+        if done.returncode:
+            break
+        chunks, final = _CHUNKS.search(done.stderr), _PPL.search(done.stderr)
+        running = _RUNNING.findall(done.stdout)
+        if chunks and running and running[-1][0] == chunks[1]:
+            return {"perplexity": float(running[-1][1]), "error": float(final[2]) if final else None,
+                    "chunks": int(chunks[1])}  # fmt: skip
+    raise RuntimeError(f"llama-perplexity gave no estimate for {gguf} on {text}:\n{done.stderr[-2000:]}")
 
 
 def bench_round(binary: Path, gguf: Path, args) -> dict[str, float]:
@@ -89,7 +102,7 @@ def main(argv=None) -> dict:
     for (label, outtype), row in rows.items():
         row["bytes"] = files[label, outtype].stat().st_size
         row["perplexity"] = {
-            name: perplexity(binaries / "llama-perplexity", files[label, outtype], text, args.ctx, args.bench_threads)
+            name: perplexity(binaries / "llama-perplexity", files[label, outtype], text, args)
             for name, text in texts.items()
         }
         print(f"[serving] {label} {outtype}: {row['bytes'] / 2**20:.0f} MiB, {row['perplexity']}", flush=True)
@@ -130,8 +143,8 @@ def section(payload: dict, page, results) -> str:
     models = "\n".join(f"- `{r['label']}`: {r['model']}" for r in rows if r["outtype"] == rows[0]["outtype"])
     return (
         f"llama.cpp at {args['bench_threads']} threads; tokens/s are medians of {args['rounds']} alternated rounds; "
-        f"perplexity by llama-perplexity with {args['ctx']}-token chunks (the second half of each scored), on each "
-        "text's test split. 'of the bytes limit': the speedup over the dense file's bytes / this file's.\n\n"
+        f"perplexity by llama-perplexity on the first {args['chunks']} {args['ctx']}-token chunks of each text's test "
+        "split (the second half of each chunk scored). 'of the bytes limit': the speedup over the dense file's bytes / this file's.\n\n"
         + common.table(headers, table)
         + f"\n\nModels:\n\n{models}\n\nCommand: `{payload['command']}`"
     )
