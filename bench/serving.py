@@ -144,7 +144,8 @@ def section(payload: dict, page, results) -> str:
     return (
         f"llama.cpp at {args['bench_threads']} threads; tokens/s are medians of {args['rounds']} alternated rounds; "
         f"perplexity by llama-perplexity on the first {args['chunks']} {args['ctx']}-token chunks of each text's test "
-        "split (the second half of each chunk scored). 'of the bytes limit': the speedup over the dense file's bytes / this file's.\n\n"
+        "split (the second half of each chunk scored). 'of the bytes limit': the speedup over the dense file's bytes "
+        "/ this file's.\n\n"
         + common.table(headers, table)
         + f"\n\nModels:\n\n{models}\n\nCommand: `{payload['command']}`"
     )

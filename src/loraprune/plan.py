@@ -13,8 +13,8 @@ from .pipeline.schedule import SparsitySchedule
 from .pipeline.scoring import check_criterion
 from .pipeline.shrink import stock_config_error
 from .pipeline.target import resolve_ratio
-from .prune_config import PruneConfig
-from .runtime import fsdp
+from .prune_config import PruneConfig, round_half_up
+from .runtime import distributed, fsdp
 from .tasks import Task, task_for
 
 
@@ -56,6 +56,8 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
     vocab = getattr(model_config, "vocab_size", None)
     if config.distill_top_k and vocab and config.distill_top_k > vocab:
         raise LoraPruneError(f"--distill-top-k must be in [1, {vocab}] (the vocabulary), got {config.distill_top_k}")
+    if config.layer_ratio:
+        check_depth(model_config, config, task, sharded)
     if config.allocation == "global" and config.ratio > 1 - config.min_keep:
         raise LoraPruneError(
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
@@ -109,3 +111,16 @@ def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) 
             f"--shrink progressive cannot be combined with {name}: {why}; use --shrink end (or leave --shrink out)"
         )
     return config
+
+
+def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:
+    """--layer-ratio: causal LMs in one process (a removed layer's LoRA factors get no gradient, which
+    DDP's reducer refuses), and at least one layer left."""
+    if task.name != "causal-lm" or sharded or distributed.launched():
+        raise LoraPruneError("--layer-ratio removes decoder layers of causal LMs, in one process (not under "
+                             "torchrun or accelerate launch yet)")  # fmt: skip
+    layers = model_config.num_hidden_layers
+    prunable = layers - len(config.skipped_layers(layers))
+    removed = round_half_up(config.layer_ratio * prunable)
+    if removed >= layers:
+        raise LoraPruneError(f"--layer-ratio {config.layer_ratio} would remove all {layers} layers; lower it")

@@ -19,6 +19,7 @@ AGGREGATIONS = ("sum", "square")
 TASK_NAMES = tuple(TASK_MODELS)  # tasks.TASKS holds one entry each
 SHRINK_MODES = ("progressive", "end")
 TEACHER_PRECISIONS = ("auto", "bfloat16", "model")  # train.teacher_autocast
+LAYER_SCORES = ("similarity", "taylor")  # depth.LayerRemoval
 
 
 def round_half_up(x: float) -> int:
@@ -59,6 +60,17 @@ class PruneConfig:
         "streamed (the true |dL/dW0 * (W0 + s*B*A)| summed per group during backward, a block at a time: the "
         "gradient's score without storing dL/dW0; keeps each projection's input in bfloat16). "
         "None: streamed, or lora under --fsdp (which streamed cannot serve)",
+    )
+    layer_ratio: float = setting(
+        0.0,
+        "fraction of the prunable decoder layers removed whole (depth pruning), on the same schedule as the "
+        "heads and channels; --ratio then applies to the layers that stay",
+    )
+    layer_score: str = setting(
+        "similarity",
+        "how --layer-ratio ranks layers: similarity (1 - cosine of a layer's input and output hidden states) or "
+        "taylor (|gradient . (output - input)|, the first-order loss change of removing the layer)",
+        choices=LAYER_SCORES,
     )
     multiple_of: int | None = setting(
         None,
@@ -140,6 +152,8 @@ class PruneConfig:
                 raise LoraPruneError(f"--{name.replace('_', '-')} {what} (got {getattr(self, name)!r})")
 
         require(0 <= self.ratio < 1, "ratio", "must be in [0, 1)")
+        require(0 <= self.layer_ratio < 1, "layer_ratio", "must be in [0, 1)")
+        require(self.layer_score in LAYER_SCORES, "layer_score", f"must be one of {', '.join(LAYER_SCORES)}")
         require(self.target_params is None or 0 < self.target_params < 1, "target_params", "must be in (0, 1)")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq", "max_nan_steps"):
             require(getattr(self, name) >= 1, name, "must be a positive integer")
@@ -199,6 +213,6 @@ class PruneConfig:
                 raise LoraPruneError(
                     f"--skip-layers: {part!r} is not 'none', 'first10pct', 'last' or a layer index below {num_layers}"
                 )
-        if len(skipped) == num_layers and self.ratio > 0:
+        if len(skipped) == num_layers and (self.ratio > 0 or self.layer_ratio > 0):
             raise LoraPruneError("--skip-layers leaves no layer to prune")
         return skipped

@@ -12,6 +12,7 @@ from torch import nn
 
 from .pipeline.counts import count_parameters, count_prunable
 from .pipeline.data import BatchSampler, num_examples
+from .pipeline.depth import drop_layers
 from .pipeline.lora import attach_lora
 from .pipeline.pruner import Pruner
 from .pipeline.shrink import shrink
@@ -100,8 +101,11 @@ def prune(
         peft_model.get_base_model().generation_config = model.generation_config
         peft_model.get_base_model().tie_weights()
     dequantize_base_layers(peft_model)  # 8-/4-bit base weights: shrink and merge need plain ones
-    # what is dead and still held (all of it under --shrink end, nothing under progressive) goes now
-    shrink(peft_model.get_base_model(), arch, *pruner.physical_masks())
+    # whole layers removed (--layer-ratio) go first, then what is dead and still held in the others
+    # (all of it under --shrink end, nothing under progressive)
+    kept = pruner.depth.kept()
+    drop_layers(peft_model.get_base_model(), arch, kept)
+    shrink(peft_model.get_base_model(), arch, *([masks[i] for i in kept] for masks in pruner.physical_masks()))
     model = peft_model.merge_and_unload()
     model.eval()
 
@@ -112,7 +116,8 @@ def prune(
         "target_params": plan.target,
         "parameters": {"before": before, "after": after},
         "removed": {
-            "heads": heads,
+            "layers": (len(pruner.prunable) - len(pruner.width_layers)) / max(1, len(pruner.prunable)),
+            "heads": heads,  # of the layers that stay
             "channels": channels,
             "prunable_parameters": 1 - after["prunable"] / before["prunable"],
             "total_parameters": 1 - after["total"] / before["total"],
@@ -121,9 +126,10 @@ def prune(
             {
                 "index": i,
                 "pruned": i in pruner.prunable,
-                "heads": int(h.sum()),
-                "kv_heads": len(pruner.groups.kv_of_head[h].unique()),
-                "channels": int(c.sum()),
+                "removed": i not in kept,  # the whole layer (--layer-ratio): its heads and channels went with it
+                "heads": int(h.sum()) if i in kept else 0,
+                "kv_heads": len(pruner.groups.kv_of_head[h].unique()) if i in kept else 0,
+                "channels": int(c.sum()) if i in kept else 0,
             }
             for i, (h, c) in enumerate(zip(pruner.head_alive, pruner.channel_alive, strict=True))
         ],
@@ -133,6 +139,8 @@ def prune(
             "channel_score": pruner.channel_score,
             "head_alive": pruner.head_alive,
             "channel_alive": pruner.channel_alive,
+            "layer_score": pruner.depth.score,
+            "layer_alive": pruner.depth.alive,
         },
         "score_updates": pruner.score_updates,
         "skipped_score_updates": pruner.skipped_updates,

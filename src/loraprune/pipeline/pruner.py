@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..archs import Arch
 from ..prune_config import PruneConfig, round_half_up
+from .depth import LayerRemoval
 from .groups import LayerGroups, head_scores, per_unit, summed_dim
 from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores
@@ -96,6 +97,8 @@ class Pruner:
         self.score_updates = 0
         self.skipped_updates = 0  # updates dropped because a score was NaN/inf
         self.masks_off = False  # inside masks_lifted(): the hooks pass their inputs through
+        # --layer-ratio: whole prunable layers scored and bypassed (depth.py); their groups stay as they are
+        self.depth = LayerRemoval(self.layers, self.prunable, config.layer_ratio, config.layer_score, config.ema)
         # --shrink progressive: dead groups are cut out at each pruning step (shrink_dead), so the
         # model holds live groups only and needs no masks
         self.progressive = config.shrink == "progressive"
@@ -131,7 +134,8 @@ class Pruner:
         """Inside, the model computes as if nothing were pruned (the dense teacher: train.DenseTeacher)."""
         self.masks_off = True
         try:
-            yield
+            with self.depth.all_layers():
+                yield
         finally:
             self.masks_off = False
 
@@ -211,24 +215,29 @@ class Pruner:
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
         self.criterion.synchronize()  # several processes: average what the criterion collected
+        layer_step = self.depth.step_scores()
         try:
             scratch = Scratch()  # one set of block buffers for the whole update, freed after it
-            new = [self.layer_scores(i, scratch) for i in self.prunable]
+            layers = self.width_layers  # a removed layer's groups get no gradient: they keep their averages
+            new = [self.layer_scores(i, scratch) for i in layers]
         finally:
             self.clear_step_gradients()  # so that the next step's do not add onto this one's
         if not all(torch.isfinite(h).all() and torch.isfinite(c).all() for h, c in new):
             self.skipped_updates += 1
             return False
+        self.depth.fold(layer_step)
         lam = self.config.ema
-        for i, (heads, channels) in zip(self.prunable, new, strict=True):
+        for i, (heads, channels) in zip(layers, new, strict=True):
             self.head_score[i] = lam * self.head_score[i] + (1 - lam) * heads.cpu()
             self.channel_score[i] = lam * self.channel_score[i] + (1 - lam) * channels.cpu()
         self.score_updates += 1
         return True
 
-    def prune_to(self, sparsity: float) -> None:
+    def prune_to(self, sparsity: float, layers: float = 0.0) -> None:
         """Raise the prunable layers to `sparsity`, removing the lowest-scored live groups: in every
-        layer (allocation 'layer'), or as many in all, anywhere above each layer's floor ('global')."""
+        layer (allocation 'layer'), or as many in all, anywhere above each layer's floor ('global');
+        and remove the lowest-scored whole layers until `layers` of the prunable ones are gone."""
+        self.depth.prune_to(layers)
         if self.config.allocation == "global":
             heads = self.groups.head_targets(sparsity, uniform=False)[0]  # global excludes --uniform
             self._remove_globally(self.head_alive, self.head_score, heads)
@@ -277,7 +286,7 @@ class Pruner:
     def _remove_globally(self, alive: Tensor, score: Tensor, per_layer: int) -> None:
         """Mark dead the lowest-scored live groups of all prunable layers until `per_layer` times
         their number are dead, never leaving a layer fewer than --min-keep of its groups."""
-        rows = torch.tensor(self.prunable)
+        rows = torch.tensor(self.width_layers)
         floor = max(1, math.ceil(self.config.min_keep * alive.shape[1]))
         missing = per_layer * len(rows) - int((~alive[rows]).sum())
         live = alive[rows].nonzero()  # (layer position, group) pairs
@@ -291,9 +300,14 @@ class Pruner:
                 left[position] -= 1
                 missing -= 1
 
+    @property
+    def width_layers(self) -> list[int]:
+        """The prunable layers not removed whole: those whose heads and channels count."""
+        return [i for i in self.prunable if self.depth.alive[i]]
+
     def sparsity(self) -> tuple[float, float]:
-        """Fraction of heads and of channels removed, over the prunable layers."""
-        rows = self.prunable
+        """Fraction of heads and of channels removed, over the prunable layers not removed whole."""
+        rows = self.width_layers
         return (1 - self.head_alive[rows].float().mean().item(), 1 - self.channel_alive[rows].float().mean().item())
 
     def state_dict(self) -> dict[str, Tensor | int]:
@@ -301,7 +315,7 @@ class Pruner:
         state = {name: getattr(self, name) for name in ("head_alive", "channel_alive", "head_score", "channel_score")}
         state.update(score_updates=self.score_updates, skipped_updates=self.skipped_updates)
         state["shapes"] = self.shapes()
-        return state | self.criterion.state_dict()
+        return state | self.depth.state_dict() | self.criterion.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s values and the masks they imply (--shrink progressive: call
@@ -310,6 +324,7 @@ class Pruner:
             getattr(self, name).copy_(state[name])
         self.score_updates, self.skipped_updates = int(state["score_updates"]), int(state["skipped_updates"])
         self.criterion.load_state_dict(state)
+        self.depth.load_state_dict(state)
         for i in self.prunable:
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
@@ -319,6 +334,7 @@ class Pruner:
         for weight in self.scored_weights:
             weight.grad = None
         self.criterion.next_step()
+        self.depth.next_step()
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -332,6 +348,7 @@ class Pruner:
         if not self.scoring:
             return
         self.clear_step_gradients()
+        self.depth.stop_scoring()
         self.criterion.detach()
         for weight in self.scored_weights:
             weight.requires_grad_(False)
@@ -341,6 +358,7 @@ class Pruner:
         """Remove the masks' (and the criterion's) hooks and freeze the base weights again (after
         training, or after a failure inside it)."""
         self.remove_hooks()
+        self.depth.close()
         self.stop_scoring()
 
 

@@ -4,7 +4,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -134,6 +134,7 @@ def train(
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
+    layer_schedule = replace(schedule, target=config.layer_ratio)  # --layer-ratio: whole layers
     optimizer = lora_optimizer(model, config.lr)
     history = History()
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
@@ -162,7 +163,7 @@ def train(
                     f"(steps {step - nan_run + 1}-{step}): "
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
-            _after_step(step, loss, schedule, pruner, history, bar)
+            _after_step(step, loss, (schedule, layer_schedule), pruner, history, bar)
             pruned = schedule.is_pruning_step(step)
             if pruned and pruner.shrink_dead(optimizer):  # --shrink progressive: the dead groups leave the model
                 del ddp_model
@@ -227,10 +228,13 @@ def _gradients_finite(optimizer) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _after_step(step: int, loss: float, schedule: SparsitySchedule, pruner: Pruner, history: History, bar) -> None:
-    """Prune on schedule (a skipped step too: the scores are the earlier averages) and record."""
+def _after_step(step: int, loss: float, schedules: tuple[SparsitySchedule, SparsitySchedule], pruner: Pruner,
+                history: History, bar) -> None:  # fmt: skip
+    """Prune on schedule (groups, and whole layers; a skipped step too: the scores are the earlier
+    averages) and record."""
+    schedule, layer_schedule = schedules
     if schedule.is_pruning_step(step):
-        pruner.prune_to(schedule.sparsity(step))
+        pruner.prune_to(schedule.sparsity(step), layer_schedule.sparsity(step))
         history.pruning_steps.append(step)
     heads, channels = pruner.sparsity()
     history.loss.append(loss)

@@ -34,6 +34,11 @@ def _env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched() -> bool:
+    """Whether this process is one of several (torchrun, accelerate launch), before init."""
+    return _env_world_size() > 1
+
+
 def init(always: bool = False) -> bool:
     """Join the process group the launcher describes (once; with `always` also a group of one, which
     FSDP needs); True when running in several processes."""

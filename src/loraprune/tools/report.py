@@ -25,6 +25,12 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _pruned(layer: dict) -> str:
+    if layer.get("removed"):
+        return "removed"
+    return "yes" if layer["pruned"] else "no"
+
+
 def format_summary(report: dict) -> str:
     """The before/after table printed at the end of `loraprune prune`."""
     before, after = report["parameters"]["before"], report["parameters"]["after"]
@@ -34,6 +40,11 @@ def format_summary(report: dict) -> str:
         ("", "dense", "pruned"),
         ("parameters, total", _millions(before["total"]), _millions(after["total"])),
         ("parameters, prunable (q/k/v/o/gate/up/down)", _millions(before["prunable"]), _millions(after["prunable"])),
+        *[
+            ("layers removed whole (of the pruned ones)", "", f"{share:.1%}")
+            for share in [removed.get("layers")]
+            if share
+        ],
         ("heads removed (in pruned layers)", "", f"{removed['heads']:.1%}"),
         ("MLP channels removed (in pruned layers)", "", f"{removed['channels']:.1%}"),
         ("total parameters removed", "", f"{removed['total_parameters']:.1%}"),
@@ -153,8 +164,7 @@ def write_report(run_dir: Path) -> Path:
         plot_scores(scores, prunable, run_dir / "scores.png")
         sections.append("## Final group scores\n\n![score distributions](scores.png)\n")
     rows = "\n".join(
-        f"| {layer['index']} | {'yes' if layer['pruned'] else 'no'} | {layer['heads']} | {layer['kv_heads']} "
-        f"| {layer['channels']} |"
+        f"| {layer['index']} | {_pruned(layer)} | {layer['heads']} | {layer['kv_heads']} | {layer['channels']} |"
         for layer in report["layers"]
     )
     sections.append(
