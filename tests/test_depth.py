@@ -134,3 +134,16 @@ def test_layer_budgets_that_cannot_be_met_are_refused(tmp_path, tiny_folder, tex
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "would remove all" in err[0] and not out.exists()
+
+
+def test_target_params_counts_the_removed_layers(tiny_tokenizer):
+    """--target-params with --layer-ratio: the group ratio is chosen for the layers that stay, and the
+    run removes what the count predicts (at least)."""
+    model = deep_model("llama-gqa")
+    plan = check_compatible(model.config, PruneConfig(**{**SETTINGS, "target_params": 0.45}))
+    width_only = check_compatible(model.config, PruneConfig(**{**SETTINGS, "target_params": 0.45, "layer_ratio": 0}))
+    assert plan.config.ratio < width_only.config.ratio  # two whole layers already take part of the budget
+    _, report = prune(model, tiny_tokenizer, CORPUS, plan, progress=False)
+    # a lower bound: a k/v head goes when every query head reading it does, which the scores decide
+    assert plan.target["predicted"] <= report["removed"]["total_parameters"] < plan.target["predicted"] + 0.02
+    assert abs(plan.target["predicted"] - 0.45) < 0.05

@@ -11,7 +11,7 @@ from itertools import pairwise
 
 from ..archs import arch_for, meta_model
 from ..errors import LoraPruneError
-from ..prune_config import PruneConfig
+from ..prune_config import PruneConfig, round_half_up
 from .counts import count_parameters
 from .groups import LayerGroups
 
@@ -24,7 +24,9 @@ class ParameterCounts:
     head: int  # one query head: its q rows (with bias) and the o columns that read it
     kv_head: int  # one k/v head: its k and v rows (with biases)
     channel: int  # one MLP channel: its gate/up rows (with biases) and down column
+    layer: int  # one whole decoder layer, norms included (--layer-ratio)
     prunable_layers: int
+    removed_layers: int  # of the prunable ones, whole (--layer-ratio)
     groups: LayerGroups
 
     @classmethod
@@ -42,23 +44,28 @@ class ParameterCounts:
             return module.in_features + (module.bias is not None)
 
         d = groups.head_dim
+        prunable = len(layers) - len(config.skipped_layers(len(layers)))
         return cls(
             total=count_parameters(model),
             head=d * (row("q") + p["o"].out_features),
             kv_head=d * (row("k") + row("v")),
             channel=sum(row(role) for role in ("gate", "up") if role in parts) + p["down"].out_features,
-            prunable_layers=len(layers) - len(config.skipped_layers(len(layers))),
+            layer=count_parameters(layers[0]),
+            prunable_layers=prunable,
+            removed_layers=round_half_up(config.layer_ratio * prunable),
             groups=groups,
         )
 
     def removed(self, ratio: float, uniform: bool) -> int:
-        """Parameters removed at `ratio`, k/v heads assumed kept where the scores decide them."""
+        """Parameters removed at `ratio` in the prunable layers that stay, k/v heads assumed kept where the
+        scores decide them, and by the whole layers removed."""
         g = self.groups
         heads, kv_heads, channels = g.kept_at(ratio, uniform)
         if kv_heads is None:  # free pruning: plain attention loses k/v with each head; GQA keeps them
             kv_heads = heads if g.heads_per_kv == 1 else g.kv_heads
         per_layer = (g.heads - heads) * self.head + (g.kv_heads - kv_heads) * self.kv_head
-        return self.prunable_layers * (per_layer + (g.channels - channels) * self.channel)
+        width = (self.prunable_layers - self.removed_layers) * (per_layer + (g.channels - channels) * self.channel)
+        return width + self.removed_layers * self.layer
 
 
 def _between(low: float, high: float) -> float:
