@@ -33,7 +33,7 @@ def arguments():
     p.add_argument("--outtypes", default="f16,q4_k_m")
     p.add_argument("--texts", default="ptb,pydoc", help="texts whose test split llama-perplexity reads")
     p.add_argument("--ctx", type=int, default=512, help="llama-perplexity's context (chunk) length")
-    p.add_argument("--chunks", type=int, default=60, help="chunks llama-perplexity scores per text (-1: all)")
+    p.add_argument("--chunks", type=int, default=30, help="chunks llama-perplexity scores per text (-1: all)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
