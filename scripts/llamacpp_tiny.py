@@ -7,6 +7,7 @@ on a small text, so that their shapes are what a run gives:
   pruned q is smaller than qwen2's hidden x hidden)
 - qwen3 (per-head q/k norms, heads x head_dim != hidden): dense and --uniform (llama.cpp's qwen3; its
   per-layer shapes are refused)
+- depth: a 6-layer GQA Llama with 2 of its layers removed (--layer-ratio), per layer and --uniform
 - bias: a GQA Llama with attention_bias=True (q/k/v/o biases), --uniform (llama) and per layer (deci)
 - uneven-kv: a GQA Llama whose last layer keeps query heads 2, 4, 5 of 6 over 2 k/v heads (1 and 2
   readers), pruned by chosen scores (tiny.masked_then_pruned): its k/v head 1 is written twice.
@@ -51,16 +52,18 @@ def layer_heads(folder: Path) -> list[int]:
     return [len(layer["kv_index"]) for layer in layout["layers"]]
 
 
-def pruned(base: Path, text: Path, out: Path, uniform: bool) -> Path:
+def pruned(base: Path, text: Path, out: Path, uniform: bool, *flags: str) -> Path:
     """`loraprune prune` of `base`; refuses a result whose shapes are not what the check is for."""
     argv = ["prune", "--model", base, "--data", text, "--output", out, *PRUNE, *(["--uniform"] if uniform else [])]
+    argv += flags
     report = io.StringIO()  # the run's summary, shown only when it fails
     with contextlib.redirect_stdout(report):
         code = loraprune([str(a) for a in argv])
     if code != 0:
         raise SystemExit(f"loraprune prune {base} failed:\n{report.getvalue()}")
     heads, dense = layer_heads(out), layer_heads(base)
-    shaped = len(set(heads)) == 1 and heads < dense if uniform else len(set(heads)) > 1
+    shaped = len(set(heads)) == 1 and max(heads) < max(dense) if uniform else len(set(heads)) > 1
+    shaped = shaped and (len(heads) < len(dense) if "--layer-ratio" in flags else len(heads) == len(dense))
     if not shaped:
         raise SystemExit(f"{out}: heads per layer {heads} are not {'uniform' if uniform else 'per-layer'}")
     return out
@@ -81,6 +84,7 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
     text = corpus(work / "corpus.txt")
     qwen2 = save_pruned(tiny_model("qwen2-gqa"), bpe_tokenizer(), work / "qwen2", {}, overwrite=True)
     qwen3 = save_pruned(tiny_model("qwen3-gqa"), bpe_tokenizer(), work / "qwen3", {}, overwrite=True)
+    deep = save_pruned(tiny_model("llama-gqa", layers=6), bpe_tokenizer(), work / "deep", {}, overwrite=True)
     bias = save_pruned(tiny_model("llama-gqa", attention_bias=True), bpe_tokenizer(), work / "bias", {}, overwrite=True)
     return {
         "qwen2": (qwen2, None),
@@ -88,6 +92,8 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
         "qwen2-u": (pruned(qwen2, text, work / "qwen2-u", uniform=True), None),
         "qwen3": (qwen3, None),
         "qwen3-u": (pruned(qwen3, text, work / "qwen3-u", uniform=True), None),
+        "depth-pl": (pruned(deep, text, work / "depth-pl", False, "--layer-ratio", "0.5"), None),
+        "depth-u": (pruned(deep, text, work / "depth-u", True, "--layer-ratio", "0.34"), None),
         "bias-u": (pruned(bias, text, work / "bias-u", uniform=True), None),
         "bias-pl": (pruned(bias, text, work / "bias-pl", uniform=False), None),
         "uneven-kv": (uneven_kv(work / "uneven-kv"), UNEVEN_KV_HEADS),

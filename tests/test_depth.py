@@ -147,3 +147,20 @@ def test_target_params_counts_the_removed_layers(tiny_tokenizer):
     # a lower bound: a k/v head goes when every query head reading it does, which the scores decide
     assert plan.target["predicted"] <= report["removed"]["total_parameters"] < plan.target["predicted"] + 0.02
     assert abs(plan.target["predicted"] - 0.45) < 0.05
+
+
+def test_depth_pruned_models_export_to_gguf(tiny_tokenizer, tmp_path):
+    """Fewer layers of one shape: llama.cpp's own architecture (checked against its loader's rules; `make
+    llamacpp-check` runs one in llama.cpp), read back by transformers' GGUF loader with the same logits."""
+    from llamacpp_rules import load_errors
+    from loraprune.pipeline.gguf_export import export_gguf
+    from tiny_gguf import bpe_tokenizer
+
+    model, _ = _run(tiny_tokenizer, "progressive", uniform=True, ratio=0.5, layer_ratio=0.34)
+    folder = save_pruned(model.float(), bpe_tokenizer(), tmp_path / "out", {})
+    result = export_gguf(folder, tmp_path / "m.gguf")
+    assert result["architecture"] == "llama" and len(result["layers"]) == LAYERS - 2
+    assert load_errors(tmp_path / "m.gguf") == []
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens()).logits, model(tokens()).logits, rtol=0, atol=1e-5)
