@@ -5,10 +5,10 @@ export (`loraprune export`; quantized types through llama.cpp's llama-quantize) 
 llama.cpp's own tools: `llama-bench` prompt processing (pp, --prompt tokens) and generation (tg,
 --gen tokens) tokens/s at --threads threads, every file taking one turn per round (so other load on
 the machine falls on all alike), medians of --rounds; and `llama-perplexity` on each --texts text's
-test split (its protocol: the first --chunks chunks of --ctx tokens, the second half of each scored). The limit of a
-speedup is the dense file's bytes over the pruned file's: generation reads every weight once per
-token, and a prompt's matmuls scale with the same weights. Files already exported are reused, so
-an interrupted run resumes.
+test split (its protocol: the first --chunks chunks of --ctx tokens, the second half of each
+scored). The limit of a speedup is the dense file's bytes over the pruned file's: generation reads
+every weight once per token, and a prompt's matmuls scale with the same weights. Files already
+exported are reused, so an interrupted run resumes.
 """
 
 import json
