@@ -91,9 +91,9 @@ def test_layer_scores_are_what_they_say(score):
     assert pruner.depth.score[0] == 0 and pruner.depth.score[LAYERS - 1] == 0  # skipped: not scored
 
 
-def _run(tokenizer, shrink, resume=None, checkpointer=None, **settings):
+def _run(tokenizer, shrink, resume=None, checkpointer=None, family="llama-gqa", **settings):
     config = PruneConfig(**{**SETTINGS, **settings}, shrink=shrink)
-    return prune(deep_model("llama-gqa").double(), tokenizer, CORPUS, config, progress=False,
+    return prune(deep_model(family).double(), tokenizer, CORPUS, config, progress=False,
                  checkpointer=checkpointer, resume=resume)  # fmt: skip
 
 
@@ -111,13 +111,15 @@ def test_layers_go_on_the_schedule_and_a_run_resumes_across_a_cut(tiny_tokenizer
     assert_same_run((model, report), _run(tiny_tokenizer, "end"))  # masked until the end: the same model
 
 
-def test_uniform_depth_pruning_loads_in_stock_transformers(tiny_tokenizer, tmp_path):
-    model, _ = _run(tiny_tokenizer, "progressive", uniform=True, ratio=0.5, layer_ratio=0.34)
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3-gqa", "gemma3-gqa", "phi3-gqa"])
+def test_uniform_depth_pruning_loads_in_stock_transformers(tiny_tokenizer, tmp_path, family):
+    model, _ = _run(tiny_tokenizer, "progressive", family=family, uniform=True, ratio=0.5, layer_ratio=0.34)
     folder = save_pruned(model, tiny_tokenizer, tmp_path / "out", {})
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     assert stock.config.num_hidden_layers == LAYERS - 2 and not hasattr(stock.config, "loraprune_layout")
     with torch.no_grad():
-        torch.testing.assert_close(stock(tokens()).logits, model.eval()(tokens()).logits, rtol=0, atol=1e-10)
+        # float64, but Gemma's embedding scale is kept in float32 in memory and made anew on loading
+        torch.testing.assert_close(stock(tokens()).logits, model.eval()(tokens()).logits, rtol=0, atol=1e-6)
 
 
 def test_layer_budgets_that_cannot_be_met_are_refused(tmp_path, tiny_folder, text_file, capsys):
