@@ -63,6 +63,24 @@ def test_a_removed_layer_computes_as_if_cut_out(family):
         assert config.layer_types == [["sliding_attention", "full_attention"][i % 2] for i in kept]
 
 
+def test_a_removed_layer_stops_computing_under_progressive_shrinking():
+    model = deep_model("llama-gqa")
+    arch = arch_for(model.config)
+    config = PruneConfig(criterion="lora", ratio=0.0, layer_ratio=0.5, shrink="progressive")
+    pruner = Pruner(attach_lora(model, arch, config).get_base_model(), arch, config)
+    pruner.prune_to(0.0, layers=0.5)
+    layers = arch.layers_of(model)
+    dead = [i for i in pruner.prunable if not pruner.depth.alive[i]]
+    calls = []
+    for i in dead:
+        layers[i].mlp.register_forward_hook(lambda *_: calls.append(1))
+    model(tokens())
+    assert len(dead) == 2 and calls == []
+    pruner.close()  # the caller's model gets its layers' own forward back
+    model(tokens())
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("score", ["similarity", "taylor"])
 def test_layer_scores_are_what_they_say(score):
     """One step with --ema 0: similarity is 1 - cos(input, output) of each prunable layer's hidden

@@ -3,7 +3,9 @@ sparsity schedule, and cut out of the model at the end (docs/method.md#depth).
 
 A removed layer is bypassed by a forward hook that hands its input on as its output: exactly what
 the model computes once the layer is gone, whatever the layer holds (biases, norms, its heads and
-channels). The dense teacher (--distill) sees every layer (`lifted`).
+channels). The dense teacher (--distill, which keeps --shrink end) sees every layer (`all_layers`).
+Under --shrink progressive nothing needs the removed layer again, so it stops computing too: its
+forward returns its input.
 
 Two scores of a layer, each a moving average (--ema) over the steps; the lowest-scored live layers
 go first:
@@ -26,12 +28,19 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def _passing_on(hidden_states, *args, **kwargs):
+    """A removed layer's forward under --shrink progressive: its input, nothing computed."""
+    return hidden_states
+
+
 class LayerRemoval:
     """Which prunable layers are alive, their score averages, and the hooks that score them and
     bypass the dead ones. Indices are the dense model's."""
 
-    def __init__(self, layers: nn.ModuleList, prunable: list[int], ratio: float, score: str, ema: float):
+    def __init__(self, layers: nn.ModuleList, prunable: list[int], ratio: float, score: str, ema: float,
+                 progressive: bool = False):  # fmt: skip
         self.layers, self.prunable, self.ratio, self.kind, self.ema = layers, prunable, ratio, score, ema
+        self.progressive = progressive
         n = len(layers)
         self.alive = torch.ones(n, dtype=torch.bool)
         self.score = torch.zeros(n)
@@ -102,6 +111,13 @@ class LayerRemoval:
         live = rows[self.alive[rows]]
         order = torch.argsort(self.score[live], stable=True)
         self.alive[live[order[:missing]]] = False
+        self._stop_computing()
+
+    def _stop_computing(self) -> None:
+        if self.progressive:
+            for i in self.prunable:
+                if not self.alive[i]:
+                    self.layers[i].forward = _passing_on
 
     def kept(self) -> list[int]:
         return self.alive.nonzero().flatten().tolist()
@@ -123,15 +139,19 @@ class LayerRemoval:
             self.alive.copy_(state["layer_alive"])
             self.score.copy_(state["layer_score"])
             self.updates = int(state["layer_score_updates"])
+            self._stop_computing()
 
     def stop_scoring(self) -> None:
         self.scoring = False
         self.next_step()
 
     def close(self) -> None:
+        """Remove the hooks and give bypassed layers their own forward back (drop_layers cuts them out)."""
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+        for i in self.prunable:
+            self.layers[i].__dict__.pop("forward", None)
         self.stop_scoring()
 
 

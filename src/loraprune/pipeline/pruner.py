@@ -98,7 +98,8 @@ class Pruner:
         self.skipped_updates = 0  # updates dropped because a score was NaN/inf
         self.masks_off = False  # inside masks_lifted(): the hooks pass their inputs through
         # --layer-ratio: whole prunable layers scored and bypassed (depth.py); their groups stay as they are
-        self.depth = LayerRemoval(self.layers, self.prunable, config.layer_ratio, config.layer_score, config.ema)
+        self.depth = LayerRemoval(self.layers, self.prunable, config.layer_ratio, config.layer_score, config.ema,
+                                  config.shrink == "progressive")  # fmt: skip
         # --shrink progressive: dead groups are cut out at each pruning step (shrink_dead), so the
         # model holds live groups only and needs no masks
         self.progressive = config.shrink == "progressive"
