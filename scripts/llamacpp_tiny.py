@@ -8,6 +8,8 @@ on a small text, so that their shapes are what a run gives:
 - qwen3 (per-head q/k norms, heads x head_dim != hidden): dense and --uniform (llama.cpp's qwen3; its
   per-layer shapes are refused)
 - depth: a 6-layer GQA Llama with 2 of its layers removed (--layer-ratio), per layer and --uniform
+- hidden: a GQA Llama with a quarter of its hidden size removed (--hidden-ratio), --uniform, and a
+  Qwen3 likewise
 - bias: a GQA Llama with attention_bias=True (q/k/v/o biases), --uniform (llama) and per layer (deci)
 - uneven-kv: a GQA Llama whose last layer keeps query heads 2, 4, 5 of 6 over 2 k/v heads (1 and 2
   readers), pruned by chosen scores (tiny.masked_then_pruned): its k/v head 1 is written twice.
@@ -94,6 +96,8 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
         "qwen3-u": (pruned(qwen3, text, work / "qwen3-u", uniform=True), None),
         "depth-pl": (pruned(deep, text, work / "depth-pl", False, "--layer-ratio", "0.5"), None),
         "depth-u": (pruned(deep, text, work / "depth-u", True, "--layer-ratio", "0.34"), None),
+        "hidden-u": (pruned(deep, text, work / "hidden-u", True, "--hidden-ratio", "0.25"), None),
+        "hidden-qwen3-u": (pruned(qwen3, text, work / "hidden-qwen3-u", True, "--hidden-ratio", "0.25"), None),
         "bias-u": (pruned(bias, text, work / "bias-u", uniform=True), None),
         "bias-pl": (pruned(bias, text, work / "bias-pl", uniform=False), None),
         "uneven-kv": (uneven_kv(work / "uneven-kv"), UNEVEN_KV_HEADS),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from .archs import Arch, arch_for
 from .errors import LoraPruneError
+from .pipeline import hidden
 from .pipeline.groups import LayerGroups
 from .pipeline.load import context_length
 from .pipeline.schedule import SparsitySchedule
@@ -58,6 +59,8 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
         raise LoraPruneError(f"--distill-top-k must be in [1, {vocab}] (the vocabulary), got {config.distill_top_k}")
     if config.layer_ratio:
         check_depth(model_config, config, task, sharded)
+    if config.hidden_ratio:
+        check_hidden(model_config, config, arch, task, sharded)
     if config.allocation == "global" and config.ratio > 1 - config.min_keep:
         raise LoraPruneError(
             f"--ratio {config.ratio} with --allocation global would take more than 1 - --min-keep "
@@ -124,3 +127,23 @@ def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:
     removed = round_half_up(config.layer_ratio * prunable)
     if removed >= layers:
         raise LoraPruneError(f"--layer-ratio {config.layer_ratio} would remove all {layers} layers; lower it")
+
+
+def check_hidden(model_config, config: PruneConfig, arch: Arch, task, sharded: bool) -> None:
+    """--hidden-ratio: causal LMs of the families whose hidden channels masks remove, not under FSDP or
+    --target-params, leaving a hidden size the family's config accepts."""
+    if task.name != "causal-lm" or sharded:
+        raise LoraPruneError("--hidden-ratio prunes the hidden size of causal LMs, not under --fsdp")
+    why = hidden.REFUSED.get(model_config.model_type)
+    if why:
+        raise LoraPruneError(f"--hidden-ratio cannot prune {model_config.model_type} yet: {why}")
+    if config.target_params is not None:
+        raise LoraPruneError("--target-params does not count --hidden-ratio yet: give --ratio instead")
+    kept = model_config.hidden_size - round_half_up(config.hidden_ratio * model_config.hidden_size)
+    problem = hidden.hidden_config_error(model_config, arch, kept)
+    if kept < 1 or problem:
+        nearest = " or ".join(f"{r:g}" for r in hidden.accepted_ratios(model_config, arch, kept))
+        raise LoraPruneError(
+            f"--hidden-ratio {config.hidden_ratio} leaves {kept} hidden channels, which "
+            f"{type(model_config).__name__} rejects ({problem or 'none left'}); nearest accepted: {nearest}"
+        )

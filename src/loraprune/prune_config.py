@@ -66,6 +66,11 @@ class PruneConfig:
         "fraction of the prunable decoder layers removed whole (depth pruning), on the same schedule as the "
         "heads and channels; --ratio then applies to the layers that stay",
     )
+    hidden_ratio: float = setting(
+        0.0,
+        "fraction of the hidden size (the residual stream's channels: embedding columns, every projection's "
+        "hidden side, the norms) removed, on the same schedule; decoders with pre-norm layers",
+    )
     layer_score: str = setting(
         "similarity",
         "how --layer-ratio ranks layers: similarity (1 - cosine of a layer's input and output hidden states) or "
@@ -153,6 +158,7 @@ class PruneConfig:
 
         require(0 <= self.ratio < 1, "ratio", "must be in [0, 1)")
         require(0 <= self.layer_ratio < 1, "layer_ratio", "must be in [0, 1)")
+        require(0 <= self.hidden_ratio < 1, "hidden_ratio", "must be in [0, 1)")
         require(self.layer_score in LAYER_SCORES, "layer_score", f"must be one of {', '.join(LAYER_SCORES)}")
         require(self.target_params is None or 0 < self.target_params < 1, "target_params", "must be in (0, 1)")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq", "max_nan_steps"):
@@ -213,6 +219,6 @@ class PruneConfig:
                 raise LoraPruneError(
                     f"--skip-layers: {part!r} is not 'none', 'first10pct', 'last' or a layer index below {num_layers}"
                 )
-        if len(skipped) == num_layers and (self.ratio > 0 or self.layer_ratio > 0):
+        if len(skipped) == num_layers and (self.ratio > 0 or self.layer_ratio > 0) and not self.hidden_ratio:
             raise LoraPruneError("--skip-layers leaves no layer to prune")
         return skipped

@@ -13,6 +13,7 @@ from torch import nn
 from .pipeline.counts import count_parameters, count_prunable
 from .pipeline.data import BatchSampler, num_examples
 from .pipeline.depth import drop_layers
+from .pipeline.hidden import shrink_hidden
 from .pipeline.lora import attach_lora
 from .pipeline.pruner import Pruner
 from .pipeline.shrink import shrink
@@ -106,6 +107,7 @@ def prune(
     kept = pruner.depth.kept()
     drop_layers(peft_model.get_base_model(), arch, kept)
     shrink(peft_model.get_base_model(), arch, *([masks[i] for i in kept] for masks in pruner.physical_masks()))
+    shrink_hidden(peft_model.get_base_model(), arch, pruner.hidden.alive)  # --hidden-ratio
     model = peft_model.merge_and_unload()
     model.eval()
 
@@ -117,6 +119,7 @@ def prune(
         "parameters": {"before": before, "after": after},
         "removed": {
             "layers": (len(pruner.prunable) - len(pruner.width_layers)) / max(1, len(pruner.prunable)),
+            "hidden": 1 - pruner.hidden.alive.float().mean().item(),
             "heads": heads,  # of the layers that stay
             "channels": channels,
             "prunable_parameters": 1 - after["prunable"] / before["prunable"],
@@ -141,6 +144,8 @@ def prune(
             "channel_alive": pruner.channel_alive,
             "layer_score": pruner.depth.score,
             "layer_alive": pruner.depth.alive,
+            "hidden_score": pruner.hidden.score,
+            "hidden_alive": pruner.hidden.alive,
         },
         "score_updates": pruner.score_updates,
         "skipped_score_updates": pruner.skipped_updates,

@@ -18,6 +18,7 @@ from ..archs import Arch
 from ..prune_config import PruneConfig, round_half_up
 from .depth import LayerRemoval
 from .groups import LayerGroups, head_scores, per_unit, summed_dim
+from .hidden import HiddenRemoval
 from .importance import Criterion, Scratch
 from .scoring import make_criterion, projection_scores
 from .shrink import move_optimizer_state, shrink_layer
@@ -100,6 +101,8 @@ class Pruner:
         # --layer-ratio: whole prunable layers scored and bypassed (depth.py); their groups stay as they are
         self.depth = LayerRemoval(self.layers, self.prunable, config.layer_ratio, config.layer_score, config.ema,
                                   config.shrink == "progressive")  # fmt: skip
+        # --hidden-ratio: channels of the residual stream, masked where they are written (hidden.py)
+        self.hidden = HiddenRemoval(model, arch, self.layers, config.hidden_ratio, config.ema)
         # --shrink progressive: dead groups are cut out at each pruning step (shrink_dead), so the
         # model holds live groups only and needs no masks
         self.progressive = config.shrink == "progressive"
@@ -135,7 +138,7 @@ class Pruner:
         """Inside, the model computes as if nothing were pruned (the dense teacher: train.DenseTeacher)."""
         self.masks_off = True
         try:
-            with self.depth.all_layers():
+            with self.depth.all_layers(), self.hidden.all_channels():
                 yield
         finally:
             self.masks_off = False
@@ -216,7 +219,7 @@ class Pruner:
     def update_scores(self) -> bool:
         """Fold this step's scores into the moving averages; skip (and count) a non-finite step."""
         self.criterion.synchronize()  # several processes: average what the criterion collected
-        layer_step = self.depth.step_scores()
+        layer_step, hidden_step = self.depth.step_scores(), self.hidden.step_scores()
         try:
             scratch = Scratch()  # one set of block buffers for the whole update, freed after it
             layers = self.width_layers  # a removed layer's groups get no gradient: they keep their averages
@@ -227,6 +230,7 @@ class Pruner:
             self.skipped_updates += 1
             return False
         self.depth.fold(layer_step)
+        self.hidden.fold(hidden_step)
         lam = self.config.ema
         for i, (heads, channels) in zip(layers, new, strict=True):
             self.head_score[i] = lam * self.head_score[i] + (1 - lam) * heads.cpu()
@@ -234,11 +238,13 @@ class Pruner:
         self.score_updates += 1
         return True
 
-    def prune_to(self, sparsity: float, layers: float = 0.0) -> None:
+    def prune_to(self, sparsity: float, layers: float = 0.0, hidden: float = 0.0) -> None:
         """Raise the prunable layers to `sparsity`, removing the lowest-scored live groups: in every
         layer (allocation 'layer'), or as many in all, anywhere above each layer's floor ('global');
-        and remove the lowest-scored whole layers until `layers` of the prunable ones are gone."""
+        remove the lowest-scored whole layers until `layers` of the prunable ones are gone, and
+        hidden channels until `hidden` of the hidden size is."""
         self.depth.prune_to(layers)
+        self.hidden.prune_to(hidden)
         if self.config.allocation == "global":
             heads = self.groups.head_targets(sparsity, uniform=False)[0]  # global excludes --uniform
             self._remove_globally(self.head_alive, self.head_score, heads)
@@ -316,7 +322,7 @@ class Pruner:
         state = {name: getattr(self, name) for name in ("head_alive", "channel_alive", "head_score", "channel_score")}
         state.update(score_updates=self.score_updates, skipped_updates=self.skipped_updates)
         state["shapes"] = self.shapes()
-        return state | self.depth.state_dict() | self.criterion.state_dict()
+        return state | self.depth.state_dict() | self.hidden.state_dict() | self.criterion.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s values and the masks they imply (--shrink progressive: call
@@ -326,6 +332,7 @@ class Pruner:
         self.score_updates, self.skipped_updates = int(state["score_updates"]), int(state["skipped_updates"])
         self.criterion.load_state_dict(state)
         self.depth.load_state_dict(state)
+        self.hidden.load_state_dict(state)
         for i in self.prunable:
             self.head_masks[i].copy_(self.head_alive[i].repeat_interleave(self.groups.head_dim))
             self.channel_masks[i].copy_(self.channel_alive[i])
@@ -336,6 +343,7 @@ class Pruner:
             weight.grad = None
         self.criterion.next_step()
         self.depth.next_step()
+        self.hidden.next_step()
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -350,6 +358,7 @@ class Pruner:
             return
         self.clear_step_gradients()
         self.depth.stop_scoring()
+        self.hidden.stop_scoring()
         self.criterion.detach()
         for weight in self.scored_weights:
             weight.requires_grad_(False)
@@ -360,6 +369,7 @@ class Pruner:
         training, or after a failure inside it)."""
         self.remove_hooks()
         self.depth.close()
+        self.hidden.close()
         self.stop_scoring()
 
 

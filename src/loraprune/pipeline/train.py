@@ -134,7 +134,8 @@ def train(
     `on_pruning_step(step, pruner)` is called right after each pruning step (to watch the scores
     and masks, e.g. bench/ema.py); it must not change them."""
     schedule = SparsitySchedule.of(config)
-    layer_schedule = replace(schedule, target=config.layer_ratio)  # --layer-ratio: whole layers
+    # whole layers (--layer-ratio) and hidden channels (--hidden-ratio) on the same shape
+    schedules = schedule, replace(schedule, target=config.layer_ratio), replace(schedule, target=config.hidden_ratio)
     optimizer = lora_optimizer(model, config.lr)
     history = History()
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
@@ -163,7 +164,7 @@ def train(
                     f"(steps {step - nan_run + 1}-{step}): "
                     f"stopped{kept}; lower --lr or use --dtype float32 and run again"
                 )
-            _after_step(step, loss, (schedule, layer_schedule), pruner, history, bar)
+            _after_step(step, loss, schedules, pruner, history, bar)
             pruned = schedule.is_pruning_step(step)
             if pruned and pruner.shrink_dead(optimizer):  # --shrink progressive: the dead groups leave the model
                 del ddp_model
@@ -228,13 +229,13 @@ def _gradients_finite(optimizer) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def _after_step(step: int, loss: float, schedules: tuple[SparsitySchedule, SparsitySchedule], pruner: Pruner,
-                history: History, bar) -> None:  # fmt: skip
-    """Prune on schedule (groups, and whole layers; a skipped step too: the scores are the earlier
-    averages) and record."""
-    schedule, layer_schedule = schedules
+def _after_step(step: int, loss: float, schedules: tuple[SparsitySchedule, ...], pruner: Pruner, history: History,
+                bar) -> None:  # fmt: skip
+    """Prune on schedule (groups, whole layers, hidden channels; a skipped step too: the scores are
+    the earlier averages) and record."""
+    schedule = schedules[0]
     if schedule.is_pruning_step(step):
-        pruner.prune_to(schedule.sparsity(step), layer_schedule.sparsity(step))
+        pruner.prune_to(*(s.sparsity(step) for s in schedules))
         history.pruning_steps.append(step)
     heads, channels = pruner.sparsity()
     history.loss.append(loss)

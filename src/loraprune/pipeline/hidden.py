@@ -1,0 +1,204 @@
+"""Hidden-size pruning (`--hidden-ratio`): channels of the residual stream scored while LoRA trains,
+masked on the sparsity schedule, and cut out of every weight that reads or writes them at the end
+(docs/method.md#hidden-size).
+
+A hidden channel is written by the embedding and by every layer's o and down projections, and read
+by the norms and, through them, by every q/k/v/gate/up projection and the LM head. Masking it means
+zeroing it in each write (forward hooks on the embedding, o and down), so the stream never holds
+it. The RMS norms then average over all `hidden` channels, zeros included; the model cut to
+`kept` channels averages over those alone, so its norm weights are scaled by sqrt(hidden / kept)
+and its epsilon (config.rms_norm_eps, one value for every norm of the model) by hidden / kept: the
+masked and the cut model agree exactly, but for the per-head q/k norms (Qwen3), whose epsilon grows
+by that factor too.
+
+Score of channel j, a moving average (--ema) over the steps: |Σ ∂L/∂write_j · write_j| over the
+tokens and every write (the embedding's output and each o and down output), the first-order change
+of the loss when the channel is zeroed in all of them: from the gradients backward computes anyway.
+"""
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..prune_config import round_half_up
+from .shrink import keep_projection
+
+# families whose layers normalise inside a sublayer's output or scale the embedding by sqrt(hidden):
+# masking a channel where it is written does not remove it there
+REFUSED = {
+    "gemma2": "Gemma 2 normalises each sublayer's output and scales its embedding by sqrt(hidden_size)",
+    "gemma3_text": "Gemma 3 normalises each sublayer's output and scales its embedding by sqrt(hidden_size)",
+}
+READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # projections whose input columns are hidden channels
+WRITERS = ("o", "down")  # projections whose output rows are
+
+
+class HiddenRemoval:
+    """Which hidden channels are alive, their score averages, and the hooks that score and mask them."""
+
+    def __init__(self, model: nn.Module, arch, layers: nn.ModuleList, ratio: float, ema: float):
+        self.ratio, self.ema = ratio, ema
+        hidden = model.config.hidden_size
+        self.alive = torch.ones(hidden, dtype=torch.bool)
+        self.score = torch.zeros(hidden)
+        self.updates = 0
+        self.step_sum = torch.zeros(hidden, dtype=torch.float64)
+        self.mask = torch.ones(hidden, device=next(model.parameters()).device)
+        self.scoring, self.lifted, self.hooks = ratio > 0, False, []
+        if not ratio:
+            return
+        writers = [model.get_input_embeddings()]
+        writers += [arch.projections(layer)[role] for layer in layers for role in WRITERS]
+        self.hooks = [module.register_forward_hook(self._hook(module is writers[0])) for module in writers]
+
+    def _hook(self, embedding: bool):
+        def hook(module, args, output: Tensor):
+            if self.lifted:
+                return None
+            if embedding and self.scoring and torch.is_grad_enabled():
+                output = output.detach().requires_grad_()  # frozen: its gradient is wanted for the score
+            masked = output * self.mask.to(output.dtype)
+            if self.scoring and masked.requires_grad:
+                written = output.detach()
+
+                def in_backward(grad: Tensor) -> None:  # returns nothing: the gradient flows on unchanged
+                    self.step_sum.add_((grad * written).flatten(0, -2).sum(0).double().cpu())
+
+                masked.register_hook(in_backward)
+            return masked
+
+        return hook
+
+    def step_scores(self) -> Tensor | None:
+        """This step's score of every channel, and the step's sums reset (None when not scoring)."""
+        if not self.scoring:
+            return None
+        step = self.step_sum.abs().float()
+        self.next_step()
+        return step
+
+    def fold(self, step: Tensor | None) -> None:
+        if step is not None:
+            self.score.mul_(self.ema).add_(step, alpha=1 - self.ema)
+            self.updates += 1
+
+    def next_step(self) -> None:
+        self.step_sum.zero_()
+
+    def prune_to(self, fraction: float) -> None:
+        """Mask the lowest-scored live channels until `fraction` of the hidden size is gone."""
+        missing = round_half_up(fraction * len(self.alive)) - int((~self.alive).sum())
+        if missing > 0:
+            live = self.alive.nonzero().flatten()
+            self.alive[live[torch.argsort(self.score[live], stable=True)[:missing]]] = False
+            self.mask.copy_(self.alive)
+
+    @contextlib.contextmanager
+    def all_channels(self):
+        """Inside, the stream keeps every channel (the dense teacher)."""
+        self.lifted = True
+        try:
+            yield
+        finally:
+            self.lifted = False
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return {"hidden_alive": self.alive, "hidden_score": self.score, "hidden_score_updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "hidden_alive" in state:
+            self.alive.copy_(state["hidden_alive"])
+            self.score.copy_(state["hidden_score"])
+            self.updates = int(state["hidden_score_updates"])
+            self.mask.copy_(self.alive)
+
+    def stop_scoring(self) -> None:
+        self.scoring = False
+        self.next_step()
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        self.stop_scoring()
+
+
+def hidden_config_error(config, arch, kept: int) -> str | None:
+    """Why the family's config class rejects `kept` hidden channels (head size kept), or None."""
+    values = config.to_dict()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    values["hidden_size"] = kept
+    if arch.head_dim_key:
+        values[arch.head_dim_key] = head_dim
+    try:
+        type(config)(**values)
+    except Exception as error:  # the config classes raise assorted types from their validators
+        return str(error).strip().splitlines()[-1].strip()
+    return None
+
+
+def accepted_ratios(config, arch, kept: int) -> list[float]:
+    """The --hidden-ratio values nearest below and above the one leaving `kept` channels whose hidden
+    size the config class accepts (for the refusal's hint)."""
+    hidden = config.hidden_size
+    found = []
+    for candidates in (range(kept + 1, hidden), range(kept - 1, 0, -1)):
+        ok = next((k for k in candidates if hidden_config_error(config, arch, k) is None), None)
+        if ok is not None:
+            found.append(round((hidden - ok) / hidden, 4))
+    return sorted(found)
+
+
+def hidden_norms(model: nn.Module, hidden: int) -> list[nn.Module]:
+    """The norms over the residual stream: modules named *Norm whose weight has `hidden` entries."""
+    return [
+        m
+        for m in model.modules()
+        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.shape == (hidden,)
+    ]
+
+
+@torch.no_grad()
+def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
+    """Cut the dead hidden channels out of `model` (plain or peft-wrapped, before merging) in place:
+    the embedding's columns (and the LM head's, tied or not), the readers' input columns and the
+    writers' output rows in every layer, and the norms' weights, scaled to average over the channels
+    that stay; then the config's hidden size (and its head size, made explicit)."""
+    config = model.config
+    hidden, kept = config.hidden_size, alive.nonzero().flatten()
+    if len(kept) == hidden:
+        return
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    norms = hidden_norms(model, hidden)
+    embedding.weight = nn.Parameter(embedding.weight[:, kept.to(embedding.weight.device)], requires_grad=False)
+    embedding.embedding_dim = len(kept)
+    if tied:
+        head.weight = embedding.weight
+        head.in_features = len(kept)
+    elif head is not None:
+        keep_projection(head, kept, 1)
+    for layer in arch.layers_of(model):
+        projections = arch.projections(layer)
+        for role, module in projections.items():
+            if role in READERS:
+                keep_projection(module, kept, 1)
+            elif role in WRITERS:
+                keep_projection(module, kept, 0)
+    scale = math.sqrt(hidden / len(kept))
+    for norm in norms:
+        norm.weight = nn.Parameter(norm.weight[kept.to(norm.weight.device)] * scale, requires_grad=False)
+    # mean(x²) over kept channels = hidden / kept × the mean over all of them, zeros included
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):  # every norm reads config.rms_norm_eps when the model loads
+            module.variance_epsilon *= hidden / len(kept)
+    config.rms_norm_eps *= hidden / len(kept)
+    for module in model.modules():  # sizes some modules keep for their forward (LlamaMLP.hidden_size)
+        if getattr(module, "hidden_size", None) == hidden and not isinstance(module.hidden_size, bool):
+            module.hidden_size = len(kept)
+    config.hidden_size = len(kept)
+    if arch.head_dim_key:
+        setattr(config, arch.head_dim_key, head_dim)
