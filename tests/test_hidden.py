@@ -129,7 +129,7 @@ def test_hidden_budgets_that_cannot_be_met_are_refused(tmp_path, tiny_folder, te
     with pytest.raises(LoraPruneError, match="--hidden-ratio must be in"):
         PruneConfig(hidden_ratio=1.0)
     llama = tiny_model("llama-gqa").config
-    with pytest.raises(LoraPruneError, match=r"leaves 43 hidden channels, which LlamaConfig rejects .*nearest accepted"):
+    with pytest.raises(LoraPruneError, match=r"leaves 43 hidden channels, which LlamaConfig rejects .*accepted: 0.125"):
         check_compatible(llama, PruneConfig(hidden_ratio=0.1, seq_len=16))
     with pytest.raises(LoraPruneError, match="cannot prune gemma3_text yet"):
         check_compatible(tiny_model("gemma3-gqa").config, PruneConfig(hidden_ratio=0.25, seq_len=16))
