@@ -16,6 +16,7 @@ from loraprune.pipeline.lora import attach_lora
 from loraprune.pipeline.pruner import Pruner
 from loraprune.plan import check_compatible
 from loraprune.runtime import checkpoint
+from loraprune.tools.report import format_summary
 from test_progressive import CORPUS, assert_same_run
 from tiny import randomize_lora, tiny_encoder, tiny_model
 
@@ -120,6 +121,7 @@ def test_layers_go_on_the_schedule_and_a_run_resumes_across_a_cut(tiny_tokenizer
     model, report = _run(tiny_tokenizer, "progressive", checkpointer=saver)
     removed = [layer["index"] for layer in report["layers"] if layer["removed"]]
     assert len(removed) == 2 and report["removed"]["layers"] == 0.5
+    assert "layers removed whole (of the pruned ones)" in format_summary(report)
     assert model.config.num_hidden_layers == LAYERS - 2 and len(model.model.layers) == LAYERS - 2
     saved = checkpoint._read(tmp_path / "run" / "step-000007")
     alive = saved.tensors["pruner/layer_alive"]

@@ -17,6 +17,7 @@ from loraprune.pipeline.pruner import Pruner
 from loraprune.pipeline.shrink import shrink
 from loraprune.plan import check_compatible
 from loraprune.runtime import checkpoint
+from loraprune.tools.report import format_summary
 from test_progressive import CORPUS, assert_same_run
 from tiny import randomize_lora, tiny_encoder, tiny_model
 
@@ -100,6 +101,7 @@ def test_a_run_resumes_across_a_hidden_cut(tiny_tokenizer, tmp_path):
     saver = checkpoint.Checkpointer(tmp_path / "run", {"model": "tiny"}, every=7)
     model, report = _run(tiny_tokenizer, "progressive", checkpointer=saver)
     assert model.config.hidden_size == 36 and report["removed"]["hidden"] == 0.25
+    assert "hidden size removed" in format_summary(report) and "25.0%" in format_summary(report)
     saved = checkpoint._read(tmp_path / "run" / "step-000007")
     assert 0 < int((~saved.tensors["pruner/hidden_alive"]).sum()) <= 12  # taken after a hidden cut
     assert_same_run((model, report), _run(tiny_tokenizer, "progressive", resume=saved), atol=0)  # bit for bit

@@ -25,6 +25,10 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+# the summary's rows of what depth and hidden-size pruning removed, when they did
+SHAPE_ROWS = (("layers", "layers removed whole (of the pruned ones)"), ("hidden", "hidden size removed"))
+
+
 def _pruned(layer: dict) -> str:
     if layer.get("removed"):
         return "removed"
@@ -40,11 +44,7 @@ def format_summary(report: dict) -> str:
         ("", "dense", "pruned"),
         ("parameters, total", _millions(before["total"]), _millions(after["total"])),
         ("parameters, prunable (q/k/v/o/gate/up/down)", _millions(before["prunable"]), _millions(after["prunable"])),
-        *[
-            ("layers removed whole (of the pruned ones)", "", f"{share:.1%}")
-            for share in [removed.get("layers")]
-            if share
-        ],
+        *[(what, "", f"{removed[key]:.1%}") for key, what in SHAPE_ROWS if removed.get(key)],
         ("heads removed (in pruned layers)", "", f"{removed['heads']:.1%}"),
         ("MLP channels removed (in pruned layers)", "", f"{removed['channels']:.1%}"),
         ("total parameters removed", "", f"{removed['total_parameters']:.1%}"),
