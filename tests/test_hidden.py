@@ -137,10 +137,25 @@ def test_hidden_budgets_that_cannot_be_met_are_refused(tmp_path, tiny_folder, te
         check_compatible(tiny_model("gemma3-gqa").config, PruneConfig(hidden_ratio=0.25, seq_len=16))
     with pytest.raises(LoraPruneError, match="causal LMs"):
         check_compatible(tiny_encoder("bert").config, PruneConfig(hidden_ratio=0.25, seq_len=16))
-    with pytest.raises(LoraPruneError, match="--target-params does not count --hidden-ratio"):
-        check_compatible(llama, PruneConfig(hidden_ratio=0.25, target_params=0.3, seq_len=16))
     out = tmp_path / "out"
     argv = ["prune", "--model", tiny_folder, "--data", text_file, "--output", out, "--hidden-ratio", "0.1"]
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rejects" in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa", "qwen2-gqa", "phi3-gqa"])
+def test_target_params_counts_the_hidden_channels(tiny_tokenizer, family):
+    """--target-params with --hidden-ratio (and --layer-ratio): the group ratio is chosen for what the
+    hidden and layer cuts leave, and the run removes what the count predicts (at least)."""
+    model = tiny_model(family, layers=6)
+    settings = {**SETTINGS, "target_params": 0.45, "layer_ratio": 0.25}
+    plan = check_compatible(model.config, PruneConfig(**settings))
+    assert (
+        plan.config.ratio < check_compatible(model.config, PruneConfig(**{**settings, "hidden_ratio": 0})).config.ratio
+    )
+    _, report = prune(model, tiny_tokenizer, CORPUS, plan, progress=False)
+    # a lower bound: a k/v head goes when every query head reading it does, which the scores decide
+    assert plan.target["predicted"] <= report["removed"]["total_parameters"] < plan.target["predicted"] + 0.02
+    if family == "llama-mha":  # each k/v head goes with its query head: the count is exact
+        assert report["removed"]["total_parameters"] == pytest.approx(plan.target["predicted"], abs=1e-12)

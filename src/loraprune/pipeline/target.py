@@ -14,6 +14,7 @@ from ..errors import LoraPruneError
 from ..prune_config import PruneConfig, round_half_up
 from .counts import count_parameters
 from .groups import LayerGroups
+from .hidden import hidden_norms
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,18 @@ class ParameterCounts:
     channel: int  # one MLP channel: its gate/up rows (with biases) and down column
     layer: int  # one whole decoder layer, norms included (--layer-ratio)
     prunable_layers: int
+    all_layers: int
     removed_layers: int  # of the prunable ones, whole (--layer-ratio)
     groups: LayerGroups
+    # --hidden-ratio: what one hidden channel costs per head, k/v head and MLP channel a layer keeps, and
+    # per layer whatever the widths (norms, o/down biases); the rest of the model (embeddings, final norm)
+    # is proportional to the hidden size
+    hidden: int = 0
+    removed_hidden: int = 0
+    per_head_column: int = 0
+    per_kv_head_column: int = 0
+    per_channel_column: int = 0
+    per_layer_column: int = 0
 
     @classmethod
     def of(cls, model_config, config: PruneConfig) -> "ParameterCounts":
@@ -45,6 +56,9 @@ class ParameterCounts:
 
         d = groups.head_dim
         prunable = len(layers) - len(config.skipped_layers(len(layers)))
+        hidden = model_config.hidden_size
+        biases = sum(p[role].bias is not None for role in ("o", "down"))
+        mlp_inputs = sum(role in parts for role in ("gate", "up"))
         return cls(
             total=count_parameters(model),
             head=d * (row("q") + p["o"].out_features),
@@ -52,8 +66,15 @@ class ParameterCounts:
             channel=sum(row(role) for role in ("gate", "up") if role in parts) + p["down"].out_features,
             layer=count_parameters(layers[0]),
             prunable_layers=prunable,
+            all_layers=len(layers),
             removed_layers=round_half_up(config.layer_ratio * prunable),
             groups=groups,
+            hidden=hidden,
+            removed_hidden=round_half_up(config.hidden_ratio * hidden),
+            per_head_column=2 * d,  # its q column and o row
+            per_kv_head_column=2 * d,  # its k and v columns
+            per_channel_column=mlp_inputs + 1,  # its gate/up columns and down row
+            per_layer_column=len(hidden_norms(layers[0], hidden)) + biases,
         )
 
     def removed(self, ratio: float, uniform: bool) -> int:
@@ -65,7 +86,28 @@ class ParameterCounts:
             kv_heads = heads if g.heads_per_kv == 1 else g.kv_heads
         per_layer = (g.heads - heads) * self.head + (g.kv_heads - kv_heads) * self.kv_head
         width = (self.prunable_layers - self.removed_layers) * (per_layer + (g.channels - channels) * self.channel)
-        return width + self.removed_layers * self.layer
+        return width + self.removed_layers * self.layer + self._hidden_removed(heads, kv_heads, channels)
+
+    def _hidden_removed(self, heads: int, kv_heads: int, channels: int) -> int:
+        """What --hidden-ratio removes besides: its channels' share of the embeddings and final norm, and
+        of every layer that stays, at the widths each keeps (the skipped ones dense)."""
+        if not self.removed_hidden:
+            return 0
+        g = self.groups
+
+        def column(h: int, kv: int, c: int) -> int:  # one hidden channel's parameters in a layer of these widths
+            return (
+                h * self.per_head_column
+                + kv * self.per_kv_head_column
+                + c * self.per_channel_column
+                + (self.per_layer_column)
+            )
+
+        skipped = self.all_layers - self.prunable_layers
+        in_layers = skipped * column(g.heads, g.kv_heads, g.channels)
+        in_layers += (self.prunable_layers - self.removed_layers) * column(heads, kv_heads, channels)
+        outside = (self.total - self.all_layers * self.layer) / self.hidden  # per channel: embeddings, final norm
+        return round(self.removed_hidden * (in_layers + outside))
 
 
 def _between(low: float, high: float) -> float:
