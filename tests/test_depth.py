@@ -122,6 +122,8 @@ def test_layers_go_on_the_schedule_and_a_run_resumes_across_a_cut(tiny_tokenizer
     removed = [layer["index"] for layer in report["layers"] if layer["removed"]]
     assert len(removed) == 2 and report["removed"]["layers"] == 0.5
     assert "layers removed whole (of the pruned ones)" in format_summary(report)
+    dense_layer = sum(p.numel() for p in deep_model("llama-gqa").model.layers[1].parameters())
+    assert report["removed_parameters"]["layers"] == 2 * dense_layer
     assert model.config.num_hidden_layers == LAYERS - 2 and len(model.model.layers) == LAYERS - 2
     saved = checkpoint._read(tmp_path / "run" / "step-000007")
     alive = saved.tensors["pruner/layer_alive"]

@@ -102,6 +102,10 @@ def test_a_run_resumes_across_a_hidden_cut(tiny_tokenizer, tmp_path):
     model, report = _run(tiny_tokenizer, "progressive", checkpointer=saver)
     assert model.config.hidden_size == 36 and report["removed"]["hidden"] == 0.25
     assert "hidden size removed" in format_summary(report) and "25.0%" in format_summary(report)
+    kinds, counts = report["removed_parameters"], report["parameters"]
+    assert kinds["hidden"] > 0 and kinds["heads_and_channels"] > 0 and kinds["layers"] == 0
+    assert sum(kinds.values()) == counts["before"]["total"] - counts["after"]["total"]
+    assert "  by hidden" in format_summary(report)
     saved = checkpoint._read(tmp_path / "run" / "step-000007")
     assert 0 < int((~saved.tensors["pruner/hidden_alive"]).sum()) <= 12  # taken after a hidden cut
     assert_same_run((model, report), _run(tiny_tokenizer, "progressive", resume=saved), atol=0)  # bit for bit

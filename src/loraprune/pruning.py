@@ -17,7 +17,7 @@ from .pipeline.hidden import shrink_hidden
 from .pipeline.lora import attach_lora
 from .pipeline.pruner import Pruner
 from .pipeline.shrink import shrink
-from .pipeline.train import DenseTeacher, set_activation_checkpointing, teacher_autocast, train
+from .pipeline.train import DenseTeacher, base_parameters, set_activation_checkpointing, teacher_autocast, train
 from .plan import Plan, check_compatible
 from .prune_config import PruneConfig
 from .runtime import distributed, fsdp
@@ -37,6 +37,13 @@ def training_loss(task: Task, peft_model: nn.Module, pruner: Pruner, config: Pru
     autocast = teacher_autocast(config.distill_teacher, peft_model)
     teacher = DenseTeacher(peft_model, task.forward, pruner, autocast)
     return objective(task, teacher, config.distill, config.distill_temperature)
+
+
+def removed_by_kind(total: int, layers: int, layer_size: int, hidden: int) -> dict[str, int]:
+    """Where the removed parameters went: whole layers (at their dense size), the hidden channels cut
+    from what stayed, and the heads and channels (the rest)."""
+    whole = layers * layer_size
+    return {"layers": whole, "hidden": hidden, "heads_and_channels": total - whole - hidden}
 
 
 def prune(
@@ -65,6 +72,7 @@ def prune(
     # from the dense model, before LoRA: the embedding task's teacher targets are computed here
     train_windows = task.examples(model, tokenizer, data, config)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
+    dense_layer = count_parameters(arch.layers_of(model)[0])  # what a layer removed whole takes with it
 
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
@@ -104,10 +112,12 @@ def prune(
     dequantize_base_layers(peft_model)  # 8-/4-bit base weights: shrink and merge need plain ones
     # whole layers removed (--layer-ratio) go first, then what is dead and still held in the others
     # (all of it under --shrink end, nothing under progressive)
-    kept = pruner.depth.kept()
-    drop_layers(peft_model.get_base_model(), arch, kept)
-    shrink(peft_model.get_base_model(), arch, *([masks[i] for i in kept] for masks in pruner.physical_masks()))
-    shrink_hidden(peft_model.get_base_model(), arch, pruner.hidden.alive)  # --hidden-ratio
+    kept, base = pruner.depth.kept(), peft_model.get_base_model()
+    drop_layers(base, arch, kept)
+    shrink(base, arch, *([masks[i] for i in kept] for masks in pruner.physical_masks()))
+    before_hidden = base_parameters(base)
+    shrink_hidden(base, arch, pruner.hidden.alive)  # --hidden-ratio
+    by_hidden = before_hidden - base_parameters(base)
     model = peft_model.merge_and_unload()
     model.eval()
 
@@ -125,6 +135,9 @@ def prune(
             "prunable_parameters": 1 - after["prunable"] / before["prunable"],
             "total_parameters": 1 - after["total"] / before["total"],
         },
+        "removed_parameters": removed_by_kind(
+            before["total"] - after["total"], len(pruner.layers) - len(kept), dense_layer, by_hidden
+        ),  # fmt: skip
         "layers": [
             {
                 "index": i,

@@ -29,6 +29,14 @@ def _millions(n: int) -> str:
 SHAPE_ROWS = (("layers", "layers removed whole (of the pruned ones)"), ("hidden", "hidden size removed"))
 
 
+def _removed_by_kind(report: dict) -> list[tuple[str, str, str]]:
+    """Rows of where the parameters went, when more than heads and channels went."""
+    kinds = report.get("removed_parameters") or {}
+    if not (kinds.get("layers") or kinds.get("hidden")):
+        return []
+    return [(f"  by {kind.replace('_', ' ')}", "", _millions(n)) for kind, n in kinds.items() if n]
+
+
 def _pruned(layer: dict) -> str:
     if layer.get("removed"):
         return "removed"
@@ -48,6 +56,7 @@ def format_summary(report: dict) -> str:
         ("heads removed (in pruned layers)", "", f"{removed['heads']:.1%}"),
         ("MLP channels removed (in pruned layers)", "", f"{removed['channels']:.1%}"),
         ("total parameters removed", "", f"{removed['total_parameters']:.1%}"),
+        *_removed_by_kind(report),
     ]
     evaluation = report.get("evaluation")
     if evaluation:
