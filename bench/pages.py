@@ -438,6 +438,10 @@ CLAIMS = [
           lambda r: f"{n(r.ppl('general/streamed20-kd64-120', 'pydoc test'))} / "
           f"{n(r.ppl('general/streamed20-kd64-120'))} vs {n(r.ppl('general/streamed20-kdfull-120', 'pydoc test'))}"
           f" / {n(r.ppl('general/streamed20-kdfull-120'))}", "recipes#general"),
+    Claim("Quality", "The criteria under that recipe (top-64, 20%, 120 steps on `gcide+foldoc`): pydoc / jargon "
+          "perplexity, `streamed` vs `gradient` vs `lora`", lambda r: " vs ".join(
+              " / ".join(n(r.ppl(f"general/{c}20-kd64-120", f"{text} test")) for text in ("pydoc", "jargon"))
+              for c in ("streamed", "gradient", "lora")), "recipes#general"),
     Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
     Claim("Quality", "`--distill 0.9` keeps text outside the tuning data, 20%, full budget: pydoc perplexity (vs dense "
