@@ -3,7 +3,7 @@ sparsity schedule, and cut out of the model at the end (docs/method.md#depth).
 
 A removed layer is bypassed by a forward hook that hands its input on as its output: exactly what
 the model computes once the layer is gone, whatever the layer holds (biases, norms, its heads and
-channels). The dense teacher (--distill, which keeps --shrink end) sees every layer (`all_layers`).
+channels). The dense teacher (--distill, which keeps --shrink end) sees every layer (`lifted_for_teacher`).
 Under --shrink progressive nothing needs the removed layer again, so it stops computing too: its
 forward returns its input.
 
@@ -15,13 +15,12 @@ go first:
   change when the layer's contribution to the residual stream is removed.
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..prune_config import round_half_up
+from .scored_units import ScoredUnits
 
 
 def _hidden(output):
@@ -33,20 +32,15 @@ def _passing_on(hidden_states, *args, **kwargs):
     return hidden_states
 
 
-class LayerRemoval:
+class LayerRemoval(ScoredUnits):
     """Which prunable layers are alive, their score averages, and the hooks that score them and
     bypass the dead ones. Indices are the dense model's."""
 
     def __init__(self, layers: nn.ModuleList, prunable: list[int], ratio: float, score: str, ema: float,
                  progressive: bool = False):  # fmt: skip
-        self.layers, self.prunable, self.ratio, self.kind, self.ema = layers, prunable, ratio, score, ema
-        self.progressive = progressive
-        n = len(layers)
-        self.alive = torch.ones(n, dtype=torch.bool)
-        self.score = torch.zeros(n)
-        self.updates = 0
-        self.step_sum, self.step_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int64)
-        self.scoring, self.lifted = ratio > 0, False
+        super().__init__("layer", len(layers), ratio, ema)
+        self.layers, self.prunable, self.kind, self.progressive = layers, prunable, score, progressive
+        self.step_count = torch.zeros(len(layers), dtype=torch.int64)
         hooked = prunable if ratio else []
         self.hooks = [layers[i].register_forward_hook(self._hook(i), with_kwargs=True) for i in hooked]
 
@@ -89,32 +83,18 @@ class LayerRemoval:
         self.next_step()
         return step
 
-    def fold(self, step: Tensor | None) -> None:
-        """Fold `step_scores()` into the moving averages (a layer not measured keeps its own)."""
-        if step is None:
-            return
-        measured = ~step.isnan()
-        self.score[measured] = self.ema * self.score[measured] + (1 - self.ema) * step[measured]
-        self.updates += 1
-
     def next_step(self) -> None:
-        self.step_sum.zero_()
+        super().next_step()
         self.step_count.zero_()
 
     def prune_to(self, fraction: float) -> None:
         """Remove the lowest-scored live prunable layers until `fraction` of the prunable ones are dead."""
-        target = round_half_up(fraction * len(self.prunable))
         rows = torch.tensor(self.prunable, dtype=torch.long)
-        missing = target - int((~self.alive[rows]).sum())
-        if missing <= 0:
-            return
-        live = rows[self.alive[rows]]
-        order = torch.argsort(self.score[live], stable=True)
-        self.alive[live[order[:missing]]] = False
-        self._stop_computing()
+        self.remove_lowest(rows, round_half_up(fraction * len(rows)) - int((~self.alive[rows]).sum()))
+        self.apply_alive()
 
-    def _stop_computing(self) -> None:
-        if self.progressive:
+    def apply_alive(self) -> None:
+        if self.progressive:  # nothing needs a removed layer again: it stops computing
             for i in self.prunable:
                 if not self.alive[i]:
                     self.layers[i].forward = _passing_on
@@ -122,37 +102,11 @@ class LayerRemoval:
     def kept(self) -> list[int]:
         return self.alive.nonzero().flatten().tolist()
 
-    @contextlib.contextmanager
-    def all_layers(self):
-        """Inside, every layer computes (the dense teacher)."""
-        self.lifted = True
-        try:
-            yield
-        finally:
-            self.lifted = False
-
-    def state_dict(self) -> dict[str, Tensor | int]:
-        return {"layer_alive": self.alive, "layer_score": self.score, "layer_score_updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "layer_alive" in state:
-            self.alive.copy_(state["layer_alive"])
-            self.score.copy_(state["layer_score"])
-            self.updates = int(state["layer_score_updates"])
-            self._stop_computing()
-
-    def stop_scoring(self) -> None:
-        self.scoring = False
-        self.next_step()
-
     def close(self) -> None:
         """Remove the hooks and give bypassed layers their own forward back (drop_layers cuts them out)."""
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
         for i in self.prunable:
             self.layers[i].__dict__.pop("forward", None)
-        self.stop_scoring()
+        super().close()
 
 
 def drop_layers(model: nn.Module, arch, kept: list[int]) -> None:

@@ -16,13 +16,13 @@ tokens and every write (the embedding's output and each o and down output), the 
 of the loss when the channel is zeroed in all of them: from the gradients backward computes anyway.
 """
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
 from ..prune_config import round_half_up
+from .scored_units import ScoredUnits
 from .shrink import keep_projection
 
 # families whose layers normalise inside a sublayer's output or scale the embedding by sqrt(hidden):
@@ -35,18 +35,12 @@ READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # projections whose i
 WRITERS = ("o", "down")  # projections whose output rows are
 
 
-class HiddenRemoval:
+class HiddenRemoval(ScoredUnits):
     """Which hidden channels are alive, their score averages, and the hooks that score and mask them."""
 
     def __init__(self, model: nn.Module, arch, layers: nn.ModuleList, ratio: float, ema: float):
-        self.ratio, self.ema = ratio, ema
-        hidden = model.config.hidden_size
-        self.alive = torch.ones(hidden, dtype=torch.bool)
-        self.score = torch.zeros(hidden)
-        self.updates = 0
-        self.step_sum = torch.zeros(hidden, dtype=torch.float64)
-        self.mask = torch.ones(hidden, device=next(model.parameters()).device)
-        self.scoring, self.lifted, self.hooks = ratio > 0, False, []
+        super().__init__("hidden", model.config.hidden_size, ratio, ema)
+        self.mask = torch.ones(len(self.alive), device=next(model.parameters()).device)
         if not ratio:
             return
         writers = [model.get_input_embeddings()]
@@ -79,50 +73,14 @@ class HiddenRemoval:
         self.next_step()
         return step
 
-    def fold(self, step: Tensor | None) -> None:
-        if step is not None:
-            self.score.mul_(self.ema).add_(step, alpha=1 - self.ema)
-            self.updates += 1
-
-    def next_step(self) -> None:
-        self.step_sum.zero_()
-
     def prune_to(self, fraction: float) -> None:
         """Mask the lowest-scored live channels until `fraction` of the hidden size is gone."""
-        missing = round_half_up(fraction * len(self.alive)) - int((~self.alive).sum())
-        if missing > 0:
-            live = self.alive.nonzero().flatten()
-            self.alive[live[torch.argsort(self.score[live], stable=True)[:missing]]] = False
-            self.mask.copy_(self.alive)
+        channels = torch.arange(len(self.alive))
+        self.remove_lowest(channels, round_half_up(fraction * len(self.alive)) - int((~self.alive).sum()))
+        self.apply_alive()
 
-    @contextlib.contextmanager
-    def all_channels(self):
-        """Inside, the stream keeps every channel (the dense teacher)."""
-        self.lifted = True
-        try:
-            yield
-        finally:
-            self.lifted = False
-
-    def state_dict(self) -> dict[str, Tensor | int]:
-        return {"hidden_alive": self.alive, "hidden_score": self.score, "hidden_score_updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "hidden_alive" in state:
-            self.alive.copy_(state["hidden_alive"])
-            self.score.copy_(state["hidden_score"])
-            self.updates = int(state["hidden_score_updates"])
-            self.mask.copy_(self.alive)
-
-    def stop_scoring(self) -> None:
-        self.scoring = False
-        self.next_step()
-
-    def close(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-        self.stop_scoring()
+    def apply_alive(self) -> None:
+        self.mask.copy_(self.alive)
 
 
 def hidden_config_error(config, arch, kept: int) -> str | None:

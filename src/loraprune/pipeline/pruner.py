@@ -138,7 +138,7 @@ class Pruner:
         """Inside, the model computes as if nothing were pruned (the dense teacher: train.DenseTeacher)."""
         self.masks_off = True
         try:
-            with self.depth.all_layers(), self.hidden.all_channels():
+            with self.depth.lifted_for_teacher(), self.hidden.lifted_for_teacher():
                 yield
         finally:
             self.masks_off = False
