@@ -17,7 +17,7 @@ from loraprune.pipeline.pruner import Pruner
 from loraprune.plan import check_compatible
 from loraprune.runtime import checkpoint
 from loraprune.tools.report import format_summary
-from test_progressive import CORPUS, assert_same_run
+from test_progressive import CORPUS, assert_same_run, run_on_corpus
 from tiny import randomize_lora, tiny_encoder, tiny_model
 
 LAYERS = 6  # layers 0 and 5 are skipped by default: 4 prunable
@@ -111,9 +111,7 @@ def test_layer_scores_are_what_they_say(score):
 
 
 def _run(tokenizer, shrink, resume=None, checkpointer=None, family="llama-gqa", **settings):
-    config = PruneConfig(**{**SETTINGS, **settings}, shrink=shrink)
-    return prune(deep_model(family).double(), tokenizer, CORPUS, config, progress=False,
-                 checkpointer=checkpointer, resume=resume)  # fmt: skip
+    return run_on_corpus(deep_model(family), tokenizer, {**SETTINGS, **settings}, shrink, resume, checkpointer)
 
 
 def test_layers_go_on_the_schedule_and_a_run_resumes_across_a_cut(tiny_tokenizer, tmp_path):

@@ -18,7 +18,7 @@ from loraprune.pipeline.shrink import shrink
 from loraprune.plan import check_compatible
 from loraprune.runtime import checkpoint
 from loraprune.tools.report import format_summary
-from test_progressive import CORPUS, assert_same_run
+from test_progressive import CORPUS, assert_same_run, run_on_corpus
 from tiny import randomize_lora, tiny_encoder, tiny_model
 
 SETTINGS = dict(ratio=0.25, hidden_ratio=0.25, steps=12, prune_freq=2, seq_len=16, batch_size=2, lr=1e-2,
@@ -92,9 +92,7 @@ def test_hidden_scores_are_the_first_order_estimate():
 
 
 def _run(tokenizer, shrink_mode, resume=None, checkpointer=None, family="llama-gqa", **settings):
-    config = PruneConfig(**{**SETTINGS, **settings}, shrink=shrink_mode)
-    return prune(tiny_model(family).double(), tokenizer, CORPUS, config, progress=False,
-                 checkpointer=checkpointer, resume=resume)  # fmt: skip
+    return run_on_corpus(tiny_model(family), tokenizer, {**SETTINGS, **settings}, shrink_mode, resume, checkpointer)
 
 
 def test_a_run_resumes_across_a_hidden_cut(tiny_tokenizer, tmp_path):

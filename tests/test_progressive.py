@@ -43,6 +43,12 @@ def _data(family, tokenizer):
     return CORPUS
 
 
+def run_on_corpus(model, tokenizer, settings: dict, shrink, resume=None, checkpointer=None):
+    """prune() of a tiny decoder in float64 on CORPUS, as the depth and hidden-size tests run it."""
+    return prune(model.double(), tokenizer, CORPUS, PruneConfig(**settings, shrink=shrink), progress=False,
+                 checkpointer=checkpointer, resume=resume)  # fmt: skip
+
+
 def _run(family, tokenizer, shrink, resume=None, checkpointer=None, **settings):
     config = PruneConfig(**{**SETTINGS, **settings}, shrink=shrink)
     tokenizer = None if family == "vit" else tokenizer
