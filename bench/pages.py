@@ -394,6 +394,15 @@ def overhead_ratios(r: Numbers) -> str:
             f"{x(rows['LoRAPrune (streamed, distill 1)'])}")  # fmt: skip
 
 
+def serving_speedups(r: Numbers) -> str:
+    rows = {(row["label"], row["outtype"]): row["tokens_per_s"] for row in r.json("serving-smollm2.json")["rows"]}
+
+    def ratio(label: str, kind: str) -> str:
+        return " / ".join(x(rows[label, kind][t] / rows["dense", kind][t]) for t in ("pp512", "tg128"))
+
+    return f"{ratio('pl20a', 'f16')} (f16), {ratio('pl20a', 'q4_k_m')} (q4_k_m); unaligned {ratio('pl20', 'f16')}"
+
+
 def agreement(model: dict) -> str:
     same = "identical" if model["greedy_tokens_equal"] else "different"
     return f"{model['logits_max_abs_diff']:.1e}; {same}"
@@ -442,6 +451,13 @@ CLAIMS = [
           "perplexity, `streamed` vs `gradient` vs `lora`", lambda r: " vs ".join(
               " / ".join(n(r.ppl(f"general/{c}20-kd64-120", f"{text} test")) for text in ("pydoc", "jargon"))
               for c in ("streamed", "gradient", "lora")), "recipes#general"),
+    Claim("Speed", "llama.cpp, 2 threads: a 20% per-layer model with MLP widths a multiple of 256 (`--multiple-of "
+          "256`) against the dense model, prompt (pp512) / generation (tg128) tokens/s at f16 and at q4_k_m; the "
+          "unaligned one at f16", lambda r: serving_speedups(r), "serving"),
+    Claim("Quality", "Shapes at 25% of all parameters removed, 120 steps on PTB: PTB test / pydoc perplexity for "
+          "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
+          lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+                                for run in ("width25", "hidden25", "depth25", "mix25")), "recipes#shape"),
     Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
     Claim("Quality", "`--distill 0.9` keeps text outside the tuning data, 20%, full budget: pydoc perplexity (vs dense "
