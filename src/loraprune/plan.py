@@ -14,7 +14,7 @@ from .pipeline.schedule import SparsitySchedule
 from .pipeline.scoring import check_criterion
 from .pipeline.shrink import stock_config_error
 from .pipeline.target import resolve_ratio
-from .prune_config import PruneConfig, round_half_up
+from .prune_config import PruneConfig
 from .runtime import distributed, fsdp
 from .tasks import Task, task_for
 
@@ -123,9 +123,7 @@ def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:
         raise LoraPruneError("--layer-ratio removes decoder layers of causal LMs, in one process (not under "
                              "torchrun or accelerate launch yet)")  # fmt: skip
     layers = model_config.num_hidden_layers
-    prunable = layers - len(config.skipped_layers(layers))
-    removed = round_half_up(config.layer_ratio * prunable)
-    if removed >= layers:
+    if config.removed_layers(layers) >= layers:
         raise LoraPruneError(f"--layer-ratio {config.layer_ratio} would remove all {layers} layers; lower it")
 
 
@@ -137,7 +135,7 @@ def check_hidden(model_config, config: PruneConfig, arch: Arch, task, sharded: b
     why = hidden.REFUSED.get(model_config.model_type)
     if why:
         raise LoraPruneError(f"--hidden-ratio cannot prune {model_config.model_type} yet: {why}")
-    kept = model_config.hidden_size - round_half_up(config.hidden_ratio * model_config.hidden_size)
+    kept = model_config.hidden_size - config.removed_hidden(model_config.hidden_size)
     problem = hidden.hidden_config_error(model_config, arch, kept)
     if kept < 1 or problem:
         nearest = " or ".join(f"{r:g}" for r in hidden.accepted_ratios(model_config, arch, kept))

@@ -202,6 +202,14 @@ class PruneConfig:
             raise ValueError("the config's criterion is undecided: pass it through plan.check_compatible first")
         return self.criterion
 
+    def removed_layers(self, num_layers: int) -> int:
+        """How many whole layers --layer-ratio removes from a model of `num_layers` (of its prunable ones)."""
+        return round_half_up(self.layer_ratio * (num_layers - len(self.skipped_layers(num_layers))))
+
+    def removed_hidden(self, hidden_size: int) -> int:
+        """How many hidden channels --hidden-ratio removes."""
+        return round_half_up(self.hidden_ratio * hidden_size)
+
     def skipped_layers(self, num_layers: int) -> set[int]:
         """Indices of the layers left unpruned (none under --uniform)."""
         spec = "none" if self.uniform else self.skip_layers.replace(" ", "")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..prune_config import round_half_up
 from .scored_units import ScoredUnits
-from .shrink import keep_projection
+from .shrink import config_error, keep_projection
 
 # families whose layers normalise inside a sublayer's output or scale the embedding by sqrt(hidden):
 # masking a channel where it is written does not remove it there
@@ -85,16 +85,8 @@ class HiddenRemoval(ScoredUnits):
 
 def hidden_config_error(config, arch, kept: int) -> str | None:
     """Why the family's config class rejects `kept` hidden channels (head size kept), or None."""
-    values = config.to_dict()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    values["hidden_size"] = kept
-    if arch.head_dim_key:
-        values[arch.head_dim_key] = head_dim
-    try:
-        type(config)(**values)
-    except Exception as error:  # the config classes raise assorted types from their validators
-        return str(error).strip().splitlines()[-1].strip()
-    return None
+    return config_error(config, {"hidden_size": kept, **({arch.head_dim_key: head_dim} if arch.head_dim_key else {})})
 
 
 def accepted_ratios(config, arch, kept: int) -> list[float]:

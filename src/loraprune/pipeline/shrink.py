@@ -123,21 +123,28 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, moved: Moved) -> None
                 }
 
 
-def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:
-    """Why the family's own config class rejects these uniform sizes, or None if it accepts them."""
-    dense = LayerGroups.from_config(config, arch)
-    if arch.head_dim_key is None and heads != dense.heads:
-        return f"{type(config).__name__} derives the head size from hidden_size / {arch.heads_key}"
+def config_error(config, changes: dict) -> str | None:
+    """Why the family's own config class rejects `config` with `changes` (its per-layer layout left
+    out), or None if it accepts them."""
     values = config.to_dict()
     values.pop(LAYOUT_KEY, None)
-    if arch.head_dim_key:
-        values[arch.head_dim_key] = dense.head_dim  # explicit: hidden/heads changes
-    values.update({arch.heads_key: heads, arch.kv_heads_key: kv_heads, arch.intermediate_key: channels})
+    values.update(changes)
     try:
         type(config)(**values)
     except Exception as error:  # the config classes raise assorted types from their validators
-        return str(error).strip().splitlines()[-1]
+        return str(error).strip().splitlines()[-1].strip()
     return None
+
+
+def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:
+    """Why the family's config class rejects these uniform sizes, or None if it accepts them."""
+    dense = LayerGroups.from_config(config, arch)
+    if arch.head_dim_key is None and heads != dense.heads:
+        return f"{type(config).__name__} derives the head size from hidden_size / {arch.heads_key}"
+    changes = {arch.heads_key: heads, arch.kv_heads_key: kv_heads, arch.intermediate_key: channels}
+    if arch.head_dim_key:
+        changes[arch.head_dim_key] = dense.head_dim  # explicit: hidden/heads changes
+    return config_error(config, changes)
 
 
 def set_layout(config, arch: Arch, layout: list[dict]) -> None:

@@ -11,7 +11,7 @@ from itertools import pairwise
 
 from ..archs import arch_for, meta_model
 from ..errors import LoraPruneError
-from ..prune_config import PruneConfig, round_half_up
+from ..prune_config import PruneConfig
 from .counts import count_parameters
 from .groups import LayerGroups
 from .hidden import hidden_norms
@@ -67,10 +67,10 @@ class ParameterCounts:
             layer=count_parameters(layers[0]),
             prunable_layers=prunable,
             all_layers=len(layers),
-            removed_layers=round_half_up(config.layer_ratio * prunable),
+            removed_layers=config.removed_layers(len(layers)),
             groups=groups,
             hidden=hidden,
-            removed_hidden=round_half_up(config.hidden_ratio * hidden),
+            removed_hidden=config.removed_hidden(hidden),
             per_head_column=2 * d,  # its q column and o row
             per_kv_head_column=2 * d,  # its k and v columns
             per_channel_column=mlp_inputs + 1,  # its gate/up columns and down row
