@@ -41,6 +41,7 @@ class HiddenRemoval(ScoredUnits):
     def __init__(self, model: nn.Module, arch, layers: nn.ModuleList, ratio: float, ema: float):
         super().__init__("hidden", model.config.hidden_size, ratio, ema)
         self.mask = torch.ones(len(self.alive), device=next(model.parameters()).device)
+        self.step_sum = self.step_sum.to(self.mask.device)  # summed where backward runs: no copy per write
         if not ratio:
             return
         writers = [model.get_input_embeddings()]
@@ -58,7 +59,7 @@ class HiddenRemoval(ScoredUnits):
                 written = output.detach()
 
                 def in_backward(grad: Tensor) -> None:  # returns nothing: the gradient flows on unchanged
-                    self.step_sum.add_((grad * written).flatten(0, -2).sum(0).double().cpu())
+                    self.step_sum.add_((grad * written).flatten(0, -2).sum(0).double())
 
                 masked.register_hook(in_backward)
             return masked
@@ -69,7 +70,7 @@ class HiddenRemoval(ScoredUnits):
         """This step's score of every channel, and the step's sums reset (None when not scoring)."""
         if not self.scoring:
             return None
-        step = self.step_sum.abs().float()
+        step = self.step_sum.abs().float().cpu()
         self.next_step()
         return step
 
