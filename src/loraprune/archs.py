@@ -56,6 +56,12 @@ class Arch:
     # MLP channels); an attribute 'config.NAME' gives that module its own view of the config with NAME
     # changed (for code that reads a size from the config in forward, like Phi-3's qkv split)
     size_attributes: tuple[tuple[str, str, str], ...] = ()
+    # what a hidden-size cut must keep (pipeline/hidden.py): whether the embedding's output is
+    # multiplied by sqrt(hidden_size), the norms (paths in a layer) applied to a sublayer's output
+    # before it joins the residual stream, and the offset of the RMS norms' gain (offset + weight)
+    scaled_embedding: bool = False
+    output_norms: tuple[str, ...] = ()
+    norm_offset: float = 0.0
     task: str = "causal-lm"  # default task (tasks.TASKS), overridable with --task
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
@@ -99,6 +105,14 @@ class Arch:
 # the decoders' MLP keeps its own copy of the width (LlamaMLP.intermediate_size)
 DECODER_SIZES = (("mlp", "intermediate_size", "channels"),)
 
+# its norms multiply by (1 + weight), and `post_attention_layernorm` normalises the attention's output
+GEMMA = Arch(
+    size_attributes=DECODER_SIZES,
+    scaled_embedding=True,
+    output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0,
+)
+
 ARCHS: dict[str, Arch] = {
     "llama": Arch(size_attributes=DECODER_SIZES),
     "mistral": Arch(size_attributes=DECODER_SIZES),
@@ -107,9 +121,9 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch(size_attributes=DECODER_SIZES),
     # embedding scale, pre/post feed-forward norms, logit soft-capping, sliding-window layers and a
     # head_dim of its own: all outside the pruned rows/columns, or per head
-    "gemma2": Arch(size_attributes=DECODER_SIZES),
+    "gemma2": GEMMA,
     # as gemma2, plus per-head q/k norms (Gemma3ForCausalLM, e.g. Gemma 3 1B)
-    "gemma3_text": Arch(size_attributes=DECODER_SIZES),
+    "gemma3_text": GEMMA,
     # fused projections: a head's q, k, v rows and a channel's gate and up rows are row ranges of
     # one matrix each; the attention splits qkv by config.num_attention_heads and its own
     # num_key_value_heads, so both are reset per layer (Phi3MLP keeps no width of its own)

@@ -128,13 +128,9 @@ def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:
 
 
 def check_hidden(model_config, config: PruneConfig, arch: Arch, task, sharded: bool) -> None:
-    """--hidden-ratio: causal LMs of the families whose hidden channels masks remove, not under FSDP,
-    leaving a hidden size the family's config accepts."""
+    """--hidden-ratio: causal LMs, not under FSDP, leaving a hidden size the family's config accepts."""
     if task.name != "causal-lm" or sharded:
         raise LoraPruneError("--hidden-ratio prunes the hidden size of causal LMs, not under --fsdp")
-    why = hidden.REFUSED.get(model_config.model_type)
-    if why:
-        raise LoraPruneError(f"--hidden-ratio cannot prune {model_config.model_type} yet: {why}")
     kept = model_config.hidden_size - config.removed_hidden(model_config.hidden_size)
     problem = hidden.hidden_config_error(model_config, arch, kept)
     if kept < 1 or problem:

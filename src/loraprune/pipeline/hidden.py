@@ -4,12 +4,19 @@ masked on the sparsity schedule, and cut out of every weight that reads or write
 
 A hidden channel is written by the embedding and by every layer's o and down projections, and read
 by the norms and, through them, by every q/k/v/gate/up projection and the LM head. Masking it means
-zeroing it in each write (forward hooks on the embedding, o and down), so the stream never holds
-it. The RMS norms then average over all `hidden` channels, zeros included; the model cut to
-`kept` channels averages over those alone, so its norm weights are scaled by sqrt(hidden / kept)
-and its epsilon (config.rms_norm_eps, one value for every norm of the model) by hidden / kept: the
-masked and the cut model agree exactly, but for the per-head q/k norms (Qwen3), whose epsilon grows
-by that factor too.
+zeroing it in each write (forward hooks on the embedding, o and down; where a norm follows o or down
+before the stream, as in Gemma, the zero goes through it), so the stream never holds it.
+
+The cut model must compute what the masked one does. Its RMS norms average over `kept` channels
+where the masked model's averaged over `hidden`, zeros included: mean(x²) grows by hidden / kept.
+Where the embedding is multiplied by sqrt(hidden_size) (Gemma), the cut model's factor is
+sqrt(kept), so its whole stream is s = sqrt(kept / hidden) times the masked one's; every write is
+scaled by s too (o and down), which makes mean(x²) of the stream and of the sublayer outputs exactly
+the masked model's and leaves every epsilon as it was. Elsewhere s = 1, and the epsilon
+(config.rms_norm_eps, one value for every norm) grows by hidden / kept. In both cases the gain of a
+norm over the stream grows by sqrt(hidden / kept), that of a norm over a sublayer's output by
+s × sqrt(hidden / kept). Exact, but for per-head q/k norms (Qwen3) whose epsilon grows with the
+config's where s = 1.
 
 Score of channel j, a moving average (--ema) over the steps: |Σ ∂L/∂write_j · write_j| over the
 tokens and every write (the embedding's output and each o and down output), the first-order change
@@ -21,16 +28,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..archs import get_path
 from ..prune_config import round_half_up
 from .scored_units import ScoredUnits
-from .shrink import config_error, keep_projection
+from .shrink import config_error, keep_projection, scale_output
 
-# families whose layers normalise inside a sublayer's output or scale the embedding by sqrt(hidden):
-# masking a channel where it is written does not remove it there
-REFUSED = {
-    "gemma2": "Gemma 2 normalises each sublayer's output and scales its embedding by sqrt(hidden_size)",
-    "gemma3_text": "Gemma 3 normalises each sublayer's output and scales its embedding by sqrt(hidden_size)",
-}
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # projections whose input columns are hidden channels
 WRITERS = ("o", "down")  # projections whose output rows are
 
@@ -115,8 +117,8 @@ def hidden_norms(model: nn.Module, hidden: int) -> list[nn.Module]:
 def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
     """Cut the dead hidden channels out of `model` (plain or peft-wrapped, before merging) in place:
     the embedding's columns (and the LM head's, tied or not), the readers' input columns and the
-    writers' output rows in every layer, and the norms' weights, scaled to average over the channels
-    that stay; then the config's hidden size (and its head size, made explicit)."""
+    writers' output rows in every layer, and the norms' weights, scaled as the module docstring
+    says; then the config's hidden size (and its head size, made explicit)."""
     config = model.config
     hidden, kept = config.hidden_size, alive.nonzero().flatten()
     if len(kept) == hidden:
@@ -124,6 +126,8 @@ def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
+    layers = arch.layers_of(model)
+    output_norms = {id(get_path(layer, path)) for layer in layers for path in arch.output_norms}
     norms = hidden_norms(model, hidden)
     embedding.weight = nn.Parameter(embedding.weight[:, kept.to(embedding.weight.device)], requires_grad=False)
     embedding.embedding_dim = len(kept)
@@ -132,21 +136,31 @@ def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
         head.in_features = len(kept)
     elif head is not None:
         keep_projection(head, kept, 1)
-    for layer in arch.layers_of(model):
-        projections = arch.projections(layer)
-        for role, module in projections.items():
+    averaging = math.sqrt(hidden / len(kept))  # sqrt of how much mean(x²) over the kept channels grows
+    stream = 1 / averaging if arch.scaled_embedding else 1.0  # the cut stream over the masked one
+    if arch.scaled_embedding:  # what the family computes from config.hidden_size when it loads
+        embedding.scalar_embed_scale = math.sqrt(len(kept))
+        embedding.embed_scale.fill_(embedding.scalar_embed_scale)
+    for layer in layers:
+        for role, module in arch.projections(layer).items():
             if role in READERS:
                 keep_projection(module, kept, 1)
             elif role in WRITERS:
                 keep_projection(module, kept, 0)
-    scale = math.sqrt(hidden / len(kept))
+                if stream != 1:
+                    scale_output(module, stream)
     for norm in norms:
-        norm.weight = nn.Parameter(norm.weight[kept.to(norm.weight.device)] * scale, requires_grad=False)
-    # mean(x²) over kept channels = hidden / kept × the mean over all of them, zeros included
-    for module in model.modules():
-        if hasattr(module, "variance_epsilon"):  # every norm reads config.rms_norm_eps when the model loads
-            module.variance_epsilon *= hidden / len(kept)
-    config.rms_norm_eps *= hidden / len(kept)
+        gain = averaging * (stream if id(norm) in output_norms else 1.0)
+        weight = (norm.weight[kept.to(norm.weight.device)] + arch.norm_offset) * gain - arch.norm_offset
+        norm.weight = nn.Parameter(weight, requires_grad=False)
+    if not arch.scaled_embedding:  # mean(x²) of the cut stream is hidden / kept times the masked one's
+        epsilon = hidden / len(kept)
+        for module in model.modules():  # every norm reads config.rms_norm_eps when the model loads
+            if "norm" in type(module).__name__.lower():
+                for name in ("variance_epsilon", "eps"):
+                    if hasattr(module, name):
+                        setattr(module, name, getattr(module, name) * epsilon)
+        config.rms_norm_eps *= epsilon
     for module in model.modules():  # sizes some modules keep for their forward (LlamaMLP.hidden_size)
         if getattr(module, "hidden_size", None) == hidden and not isinstance(module.hidden_size, bool):
             module.hidden_size = len(kept)

@@ -48,6 +48,15 @@ def keep_projection(module: nn.Module, index: Tensor, dim: int, moved: Moved | N
             module.in_features = len(index)
 
 
+def scale_output(module: nn.Module, factor: float) -> None:
+    """Multiply a projection's output by `factor`, in place: its weight and bias, and for a peft LoRA
+    layer its B factors (the merged update scales with them)."""
+    for linear in (getattr(module, "base_layer", module), *getattr(module, "lora_B", {}).values()):
+        linear.weight.mul_(factor)
+        if linear.bias is not None:
+            linear.bias.mul_(factor)
+
+
 def _rows(units: Tensor, size: int) -> Tensor:
     """Row indices of whole units of `size` rows: [1, 3] with size 2 -> [2, 3, 6, 7]."""
     return (units[:, None] * size + torch.arange(size)).flatten()
