@@ -2,19 +2,25 @@
 generation throughput, and analytic MACs per token.
 
 Pruned models come from `loraprune.prune()` with a short budget (the speed depends only on the
-shapes, which the ratio fixes). Forward latency: median over rounds of model(input_ids) with
+shapes, which the ratio fixes): every --ratios x --layouts, or the recipes given as
+NAME=CRITERION:RATIO[:setting=value,...] (bench.recipes' form, e.g. layer or hidden-size cuts);
+--save keeps each one as a model folder (for bench.serving in llama.cpp). Forward latency: median over rounds of model(input_ids) with
 use_cache=False under inference_mode, every variant timed in turn (order reversed every round)
 in one process. MACs per token: every nn.Linear (LM head included) plus attention's
 QK^T and AV at the average causal context (S+1)/2. The MAC-limit speedup is dense MACs / pruned
 MACs at that shape; we report achieved speedup / limit.
 """
 
+from pathlib import Path
+
 import torch
 
 from loraprune import PruneConfig, prune
+from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
 
 from . import common
+from .recipes import parse_run
 
 NAME = "speed"
 
@@ -28,7 +34,21 @@ def arguments():
     p.add_argument("--new-tokens", type=int, default=32, help="greedy generation length")
     p.add_argument("--gen-rounds", type=int, default=3)
     p.add_argument("--prune-steps", type=int, default=10, help="fine-tuning steps used to make each pruned model")
+    p.add_argument("--save", help="folder to save each pruned model in (one sub-folder per variant)")
+    p.add_argument("recipes", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] instead of the grid")
     return p
+
+
+def variant_configs(args) -> dict[str, PruneConfig]:
+    """The pruned variants: the recipes given, or every ratio x layout."""
+    brief = dict(steps=args.prune_steps, batch_size=1, prune_freq=1, seed=args.seed)
+    if args.recipes:
+        runs = [parse_run(spec) for spec in args.recipes]
+        return {name: PruneConfig(**{**brief, "criterion": criterion, "ratio": ratio, **settings})
+                for name, criterion, ratio, settings in runs}  # fmt: skip
+    layouts = [x for x in args.layouts.split(",") if x]
+    return {f"{ratio:g} {layout}": PruneConfig(ratio=ratio, uniform=layout == "uniform", **brief)
+            for ratio in args.ratios for layout in layouts}  # fmt: skip
 
 
 def macs_per_token(model, head_dim: int, seq_len: int) -> dict:
@@ -46,18 +66,11 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     train_text = load_text(args.data, "train")
     variants = {"dense": common.fresh(base).eval()}
-    for ratio in args.ratios:
-        for layout in [x for x in args.layouts.split(",") if x]:
-            config = PruneConfig(
-                ratio=ratio,
-                steps=args.prune_steps,
-                batch_size=1,
-                prune_freq=1,
-                uniform=layout == "uniform",
-                seed=args.seed,
-            )
-            pruned, _ = prune(common.fresh(base), tokenizer, train_text, config, progress=False)
-            variants[f"{ratio:g} {layout}"] = pruned.eval()
+    for name, config in variant_configs(args).items():
+        pruned, report = prune(common.fresh(base), tokenizer, train_text, config, progress=False)
+        variants[name] = pruned.eval()
+        if args.save:
+            save_pruned(pruned, tokenizer, Path(args.save) / name.replace(" ", "-"), report)
     names = list(variants)
 
     g = torch.Generator().manual_seed(args.seed)
