@@ -17,6 +17,7 @@ from pathlib import Path
 from loraprune import prune
 from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters, count_prunable
+from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
 
 from . import common
@@ -28,6 +29,7 @@ EVALS = "ptb:test,ptb:valid,pydoc:test"
 def arguments():
     p = common.budget_arguments(common.parser(__doc__.splitlines()[0]))
     p.add_argument("--eval-data", default=EVALS, help="TEXT:SPLIT,... to measure perplexity on")
+    p.add_argument("--save", help="folder to save each pruned model in (one sub-folder per run, for bench.serving)")
     p.add_argument("runs", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] (none: rebuild the table)")
     return p
 
@@ -62,6 +64,8 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
     if ratio is not None:
         config = common.budget(args, ratio, criterion, **settings)
         model, report = prune(model, tokenizer, load_text(args.data, "train"), config, progress=False)
+        if args.save:
+            save_pruned(model, tokenizer, Path(args.save) / name, report, overwrite=True)
     seconds = time.perf_counter() - started
     row = {
         "name": name,

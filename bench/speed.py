@@ -4,9 +4,9 @@ generation throughput, and analytic MACs per token.
 Pruned models come from `loraprune.prune()` with a short budget (the speed depends only on the
 shapes, which the ratio fixes): every --ratios x --layouts, or the recipes given as
 NAME=CRITERION:RATIO[:setting=value,...] (bench.recipes' form, e.g. layer or hidden-size cuts);
---save keeps each one as a model folder (for bench.serving in llama.cpp). Forward latency: median over rounds of model(input_ids) with
-use_cache=False under inference_mode, every variant timed in turn (order reversed every round)
-in one process. MACs per token: every nn.Linear (LM head included) plus attention's
+--save keeps each one as a model folder (for bench.serving in llama.cpp). Forward latency: median
+over rounds of model(input_ids) with use_cache=False under inference_mode, every variant timed in
+turn (order reversed every round) in one process. MACs per token: every nn.Linear (LM head included) plus attention's
 QK^T and AV at the average causal context (S+1)/2. The MAC-limit speedup is dense MACs / pruned
 MACs at that shape; we report achieved speedup / limit.
 """

@@ -10,6 +10,8 @@ on a small text, so that their shapes are what a run gives:
 - depth: a 6-layer GQA Llama with 2 of its layers removed (--layer-ratio), per layer and --uniform
 - hidden: a GQA Llama with a quarter of its hidden size removed (--hidden-ratio), --uniform, and a
   Qwen3 likewise
+- gemma3 (embedding scale, post-sublayer norms, sliding-window layers, GELU): dense, --uniform, and
+  --uniform with a quarter of its hidden size and a third of its layers removed (llama.cpp's gemma3)
 - bias: a GQA Llama with attention_bias=True (q/k/v/o biases), --uniform (llama) and per layer (deci)
 - uneven-kv: a GQA Llama whose last layer keeps query heads 2, 4, 5 of 6 over 2 k/v heads (1 and 2
   readers), pruned by chosen scores (tiny.masked_then_pruned): its k/v head 1 is written twice.
@@ -87,6 +89,8 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
     qwen2 = save_pruned(tiny_model("qwen2-gqa"), bpe_tokenizer(), work / "qwen2", {}, overwrite=True)
     qwen3 = save_pruned(tiny_model("qwen3-gqa"), bpe_tokenizer(), work / "qwen3", {}, overwrite=True)
     deep = save_pruned(tiny_model("llama-gqa", layers=6), bpe_tokenizer(), work / "deep", {}, overwrite=True)
+    gemma3 = tiny_model("gemma3-gqa", layers=6, layer_types=["sliding_attention", "full_attention"] * 3)
+    gemma3 = save_pruned(gemma3, bpe_tokenizer(), work / "gemma3", {}, overwrite=True)
     bias = save_pruned(tiny_model("llama-gqa", attention_bias=True), bpe_tokenizer(), work / "bias", {}, overwrite=True)
     return {
         "qwen2": (qwen2, None),
@@ -98,6 +102,12 @@ def build(work: Path) -> dict[str, tuple[Path, list[int] | None]]:
         "depth-u": (pruned(deep, text, work / "depth-u", True, "--layer-ratio", "0.34"), None),
         "hidden-u": (pruned(deep, text, work / "hidden-u", True, "--hidden-ratio", "0.25"), None),
         "hidden-qwen3-u": (pruned(qwen3, text, work / "hidden-qwen3-u", True, "--hidden-ratio", "0.25"), None),
+        "gemma3": (gemma3, None),
+        "gemma3-u": (pruned(gemma3, text, work / "gemma3-u", uniform=True), None),
+        "gemma3-shape-u": (
+            pruned(gemma3, text, work / "gemma3-shape-u", True, "--hidden-ratio", "0.25", "--layer-ratio", "0.34"),
+            None,
+        ),
         "bias-u": (pruned(bias, text, work / "bias-u", uniform=True), None),
         "bias-pl": (pruned(bias, text, work / "bias-pl", uniform=False), None),
         "uneven-kv": (uneven_kv(work / "uneven-kv"), UNEVEN_KV_HEADS),

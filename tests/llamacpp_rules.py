@@ -2,10 +2,11 @@
 llama.cpp's rules without a llama.cpp build (`make llamacpp-check` runs the real one).
 
 Read from the llama.cpp that `make llamacpp` builds (llama-cpp-python 0.3.36's vendored tree):
-- src/models/{llama,qwen2,qwen3,deci}.cpp, load_arch_tensors: the shapes each architecture creates.
-  `llama`, `qwen2` and `qwen3` size every layer with layer 0's head counts and MLP width (LLAMA_LOAD_LOCALS:
+- src/models/{llama,qwen2,qwen3,gemma3,deci}.cpp, load_arch_tensors: the shapes each architecture creates.
+  `llama`, `qwen2`, `qwen3` and `gemma3` size every layer with layer 0's head counts and MLP width (LLAMA_LOAD_LOCALS:
   hparams.n_head(), n_ff(), ...), `qwen2` its q and o projections as hidden x hidden, `qwen3` adds
-  head-sized q and k norms and no biases but q/k/v's; `deci` each
+  head-sized q and k norms and no biases but q/k/v's, `gemma3` those norms and one after the attention
+  and one after the MLP, and no biases but q/k/v's; `deci` each
   layer with its own (hparams.n_head(i), n_embd_k_gqa(i), n_ff(i)).
 - src/llama-model.cpp, create_tensor_qkv: the optional q/k/v biases have the q/k/v projections'
   output sizes; `qwen2` creates no attn_output or MLP biases.
@@ -19,7 +20,9 @@ Shapes are ggml's, fastest dimension first, as gguf.GGUFReader reports them.
 
 import gguf
 
-ARCHS = ("llama", "qwen2", "qwen3", "deci")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "deci")
+HEAD_NORMS = ("qwen3", "gemma3")  # per-head q/k norms
+ONLY_QKV_BIASES = ("qwen2", "qwen3", "gemma3")
 
 
 def _per_layer(value, n_layer: int) -> list[int]:
@@ -59,10 +62,12 @@ def expected_tensors(fields: dict, arch: str) -> dict[str, tuple[tuple[int, ...]
             "ffn_up.weight": (n_embd, ff[i]),
             "ffn_down.weight": (ff[i], n_embd),
         }
-        if arch == "qwen3":
+        if arch in HEAD_NORMS:
             required |= {"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
+        if arch == "gemma3":
+            required |= {"post_attention_norm.weight": (n_embd,), "post_ffw_norm.weight": (n_embd,)}
         optional = {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
-        if arch not in ("qwen2", "qwen3"):
+        if arch not in ONLY_QKV_BIASES:
             optional |= {
                 "attn_output.bias": (n_embd,),
                 "ffn_gate.bias": (ff[i],),

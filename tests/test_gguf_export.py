@@ -6,6 +6,7 @@ against the shapes llama.cpp's loader accepts (llamacpp_rules.py). No llama.cpp 
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +73,27 @@ def test_qwen3_of_one_shape_is_written_as_qwen3(tmp_path):
         loaded, _ = hf_gguf(path)
         assert type(loaded).__name__ == "Qwen3ForCausalLM"
         torch.testing.assert_close(logits(loaded), logits(m), rtol=0, atol=1e-5)
+
+
+def test_gemma3_of_one_shape_is_written_as_gemma3(tmp_path):
+    """Dense Gemma 3 and Gemma 3 cut to one shape (heads and channels, hidden size, layers): llama.cpp's
+    gemma3, with Gemma's 1 + weight norms written shifted and each layer's sliding-window flag."""
+    model = tiny_model("gemma3-gqa", layers=6, layer_types=["sliding_attention", "full_attention"] * 3)
+    with torch.no_grad():  # norms that are not the identity
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.uniform_(-0.5, 0.5)
+    path = tmp_path / "dense.gguf"
+    assert export_gguf(saved(tmp_path, model, "dense"), path)["architecture"] == "gemma3"
+    assert load_errors(path) == []
+    fields = gguf.GGUFReader(path).fields
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, False] * 3
+    written = {t.name: t.data for t in gguf.GGUFReader(path).tensors}
+    norm = model.model.layers[0].post_attention_layernorm.weight.detach().numpy()
+    np.testing.assert_allclose(written["blk.0.post_attention_norm.weight"], norm + 1, rtol=0, atol=1e-7)
+    _, _, pruned, _ = masked_then_pruned("gemma3-gqa", 0.5, uniform=True)
+    assert export_gguf(saved(tmp_path, pruned, "uniform"), tmp_path / "u.gguf")["architecture"] == "gemma3"
+    assert load_errors(tmp_path / "u.gguf") == []
 
 
 def test_per_layer_qwen3_is_refused_naming_uniform(tmp_path):

@@ -140,6 +140,19 @@ def test_uniform_hidden_pruning_loads_in_stock_transformers_and_llamacpp(tiny_to
     assert load_errors(tmp_path / "m.gguf") == []
 
 
+@pytest.mark.parametrize("shrink_mode", ["progressive", "end"])
+def test_a_uniform_head_count_only_the_cut_hidden_size_admits_is_a_stock_model(tiny_tokenizer, tmp_path, shrink_mode):
+    """3 heads of 8 do not divide LlamaConfig's hidden size 32, but they divide the 24 left by
+    --hidden-ratio 0.25: the run is accepted and the result is a stock model, not a per-layer layout."""
+    model, _ = _run(tiny_tokenizer, shrink_mode, family="llama-mha", uniform=True, ratio=0.25)
+    assert (model.config.num_attention_heads, model.config.hidden_size) == (3, 24)
+    assert not hasattr(model.config, "loraprune_layout")
+    folder = save_pruned(model, tiny_tokenizer, tmp_path / "out", {})
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(tokens()).logits, model.eval()(tokens()).logits, rtol=0, atol=1e-10)
+
+
 def test_hidden_budgets_that_cannot_be_met_are_refused(tmp_path, tiny_folder, text_file, capsys):
     with pytest.raises(LoraPruneError, match="--hidden-ratio must be in"):
         PruneConfig(hidden_ratio=1.0)

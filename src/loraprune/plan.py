@@ -71,7 +71,8 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
     )
     if config.uniform:
         kv_heads = kv_heads or heads  # plain multi-head attention: k/v heads follow the heads
-        problem = stock_config_error(model_config, arch, heads, kv_heads, channels)
+        hidden = model_config.hidden_size - config.removed_hidden(model_config.hidden_size)
+        problem = stock_config_error(model_config, arch, heads, kv_heads, channels, hidden)
         if problem:
             raise LoraPruneError(
                 f"--uniform --ratio {config.ratio} leaves {heads} heads ({kv_heads} k/v) and {channels} channels "

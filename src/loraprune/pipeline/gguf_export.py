@@ -1,4 +1,4 @@
-"""Write a (pruned) llama / mistral / qwen2 / qwen3 model as a GGUF file that llama.cpp runs.
+"""Write a (pruned) llama / mistral / qwen2 / qwen3 / gemma3 model as a GGUF file that llama.cpp runs.
 
 What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cpp):
 - Its loader reads `head_count`, `head_count_kv` and `feed_forward_length` either as one number
@@ -11,6 +11,12 @@ What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cp
 - `qwen3` (per-head q/k norms, which `deci` lacks) also creates every layer with layer 0's sizes, but
   its q is heads x head_dim: a Qwen3 model of one shape is written as `qwen3`, per-layer shapes are
   refused (prune with --uniform).
+- `gemma3` (src/models/gemma3.cpp) likewise builds every layer in layer 0's shape: uniform only. It
+  multiplies the embedding by sqrt(hidden) as transformers does (so a hidden-size cut agrees), rotates
+  halves, reads which layers attend within the sliding window as one flag per layer (a model with
+  layers removed keeps its own pattern), and scales queries by 1/sqrt(head_dim) (by hidden / heads at
+  62 layers, its 27B): a config whose query_pre_attn_scalar says otherwise is refused. Its norms
+  multiply by the weight where Gemma's multiply by 1 + weight: written shifted, as the converter does.
 - The optional q/k/v biases (Qwen2, Llama with attention_bias) are created by create_tensor_qkv
   (src/llama-model.cpp) with the sizes of the layer's q/k/v projections. Builds from before that
   helper (llama.cpp PR #21245, April 2026) create the `llama` and `deci` attn_q.bias hidden-sized
@@ -25,6 +31,9 @@ What llama.cpp loads, read from its source (src/llama-model.cpp, src/models/*.cp
   and `qwen3` rotate halves themselves (no permutation).
 - The tokenizer is built from the Hugging Face tokenizer as convert_hf_to_gguf.py's gpt2 vocab
   does (byte-level BPE: SmolLM2, Llama 3, Qwen2); merges and special ids come from gguf.SpecialVocab.
+  A SentencePiece vocabulary (Gemma) needs each piece's score, which a Hugging Face tokenizer does
+  not keep: it is copied from the GGUF file the model was loaded from (pruning keeps the vocabulary),
+  that is the model itself or the `model` a loraprune output's loraprune.json names.
 
 gguf_read.py reads a `deci` file written here back into a per-layer model.
 """
@@ -67,11 +76,15 @@ PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
 }
 
-# families whose llama.cpp architecture runs layers of one shape only and has no per-layer stand-in
-UNIFORM_ONLY = ("qwen3",)
+# families whose llama.cpp architecture runs layers of one shape only and has no per-layer stand-in,
+# and that architecture's name
+UNIFORM_ONLY = {"qwen3": "qwen3", "gemma3_text": "gemma3"}
 EXPORTED = (*FAMILIES, *UNIFORM_ONLY)
-HALF_ROTATING = ("qwen2", "qwen3")  # llama.cpp architectures that rotate halves, as Hugging Face does
-TENSOR_NAMES = {"qwen3": gguf.MODEL_ARCH.QWEN3}  # gguf-py's name map by architecture; the rest: LLAMA's
+HALF_ROTATING = ("qwen2", "qwen3", "gemma3")  # llama.cpp architectures that rotate halves, as Hugging Face does
+# gguf-py's name map by architecture; the rest: LLAMA's
+TENSOR_NAMES = {"qwen3": gguf.MODEL_ARCH.QWEN3, "gemma3": gguf.MODEL_ARCH.GEMMA3}
+ACTIVATIONS = {"gemma3_text": "gelu_pytorch_tanh"}  # the MLP activation of llama.cpp's graph; the rest: SiLU
+SLIDING_WINDOW_RUN = ("gemma3_text",)  # families whose llama.cpp graph attends within the sliding window
 
 UNKNOWN_PRE_TOKENIZER = "pre-tokenizer not recognised: wrote 'default'; llama.cpp may split text differently"
 SHORT_Q_BIAS = (
@@ -132,7 +145,7 @@ def choose_arch(config, shapes: list[LayerShape], head_dim: int) -> str:
     if not one_shape:
         return PER_LAYER_ARCH
     if config.model_type in UNIFORM_ONLY:
-        return config.model_type
+        return UNIFORM_ONLY[config.model_type]
     if config.model_type == "qwen2":
         # llama.cpp's qwen2 sizes q and o as hidden x hidden
         return "qwen2" if shapes[0].heads * head_dim == config.hidden_size else PER_LAYER_ARCH
@@ -143,11 +156,15 @@ def check_supported(config) -> list[str]:
     """Refuse what the written file could not reproduce; return warnings for what it approximates."""
     if config.model_type not in EXPORTED:
         raise LoraPruneError(f"GGUF export supports {', '.join(EXPORTED)} models, not {config.model_type!r}")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise LoraPruneError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise LoraPruneError(f"llama.cpp's llama graphs use SiLU, not {config.hidden_act!r}")
+    for rope in rope_parameters(config).values():
+        if rope.get("rope_type", "default") != "default":
+            raise LoraPruneError(f"GGUF export does not write rope scaling {rope.get('rope_type')!r} yet")
+    activation = ACTIVATIONS.get(config.model_type, "silu")
+    if getattr(config, "hidden_act", activation) != activation:
+        raise LoraPruneError(f"llama.cpp's {config.model_type} graph uses {activation}, not {config.hidden_act!r}")
+    if config.model_type == "gemma3_text":
+        check_gemma3(config)
+        return []
     window = getattr(config, "sliding_window", None)
     if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         window = None
@@ -157,6 +174,26 @@ def check_supported(config) -> list[str]:
             f"to the whole context, so outputs differ beyond {window} tokens"
         ]
     return []
+
+
+def rope_parameters(config) -> dict[str, dict]:
+    """The config's rope settings by kind of layer: {'full_attention': ..., 'sliding_attention': ...}
+    for Gemma 3, {'all': ...} for the rest."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope if rope and all(isinstance(v, dict) for v in rope.values()) else {"all": rope}
+
+
+def check_gemma3(config) -> None:
+    """What llama.cpp's gemma3 graph computes differently from this config, refused."""
+    head_dim = config.head_dim
+    used = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+    if config.query_pre_attn_scalar != used:
+        raise LoraPruneError(
+            f"llama.cpp's gemma3 scales queries by 1/sqrt({used:g}) for this model, the model by "
+            f"1/sqrt({config.query_pre_attn_scalar}): it cannot be exported to GGUF"
+        )
+    if config.attn_logit_softcapping is not None:
+        raise LoraPruneError("llama.cpp's gemma3 does not soft-cap attention logits; this model does")
 
 
 def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -173,7 +210,11 @@ def _select_heads(weight: torch.Tensor, heads: list[int], head_dim: int) -> torc
 
 
 def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> dict[str, torch.Tensor]:
-    """The model's weights under llama.cpp's names, k/v heads repeated and q/k permuted as needed."""
+    """The model's weights under llama.cpp's names, k/v heads repeated, q/k permuted and norms
+    shifted (Gemma's 1 + weight) as needed."""
+    from ..archs import arch_for
+
+    norm_offset = arch_for(model.config).norm_offset
     names = gguf.get_tensor_name_map(TENSOR_NAMES.get(arch, gguf.MODEL_ARCH.LLAMA), len(shapes))
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -194,6 +235,8 @@ def gguf_tensors(model, shapes: list[LayerShape], head_dim: int, arch: str) -> d
                 tensor = _select_heads(tensor, shape.kv_source, head_dim)
             if arch not in HALF_ROTATING and role in ("q_proj", "k_proj"):
                 tensor = permute_rope(tensor, shape.heads if role == "q_proj" else shape.kv_heads)
+        if name.endswith("norm.weight"):
+            tensor = tensor + norm_offset
         out[f"{gguf_name}.{suffix}"] = tensor
     return out
 
@@ -214,14 +257,48 @@ def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> list[str]:
-    """tokenizer.ggml.* for a byte-level BPE tokenizer, as convert_hf_to_gguf.py's _set_vocab_gpt2."""
+def source_gguf(model: str | Path) -> Path | None:
+    """The GGUF file `model` was loaded from: itself, or the source its loraprune.json names."""
+    import json
+
+    from .load import _resolve
+
+    try:
+        kind, path = _resolve(str(model))
+        if kind == "folder" and (Path(path) / "loraprune.json").is_file():
+            kind, path = _resolve(json.loads((Path(path) / "loraprune.json").read_text()).get("model") or "")
+    except LoraPruneError:
+        return None
+    return Path(path) if kind == "gguf" else None
+
+
+def copy_tokenizer(writer: gguf.GGUFWriter, source: Path, vocab_size: int) -> None:
+    """Every tokenizer.ggml.* field of the GGUF file `source`, whose vocabulary must be the model's."""
+    fields = gguf.GGUFReader(source).fields
+    if len(fields["tokenizer.ggml.tokens"].contents()) != vocab_size:
+        raise LoraPruneError(f"{source}'s vocabulary is not this model's ({vocab_size} ids)")
+    for name, field in fields.items():
+        if name.startswith("tokenizer.ggml."):
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                writer.add_array(name, field.contents())
+            else:
+                writer.add_key_value(name, field.contents(), kind)
+
+
+def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, source: Path | None) -> list[str]:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer, as convert_hf_to_gguf.py's _set_vocab_gpt2;
+    for another kind, copied from the GGUF file `source` the model came from."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model_kind = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
     if model_kind != "BPE" or "ByteLevel" not in backend.to_str():
-        raise LoraPruneError(
-            f"GGUF export writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2) only, not {model_kind}"
-        )
+        if source is None:
+            raise LoraPruneError(
+                f"GGUF export writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2), or copies a {model_kind} "
+                "vocabulary from the GGUF file the model was loaded from; this model came from none"
+            )
+        copy_tokenizer(writer, source, vocab_size)
+        return []
     warnings = []
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -279,7 +356,7 @@ def describe_export(result: dict) -> str:
 
 
 def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite: bool = False) -> dict:
-    """Write `model` (a loraprune output folder, any llama/mistral/qwen2/qwen3 folder, a .gguf or 'smollm2')
+    """Write `model` (a loraprune output folder, any llama/mistral/qwen2/qwen3/gemma3 folder, a .gguf or 'smollm2')
     to the GGUF file `output`, atomically. Returns what was written: architecture, per-layer
     shapes, tensor count, bytes, warnings."""
     from .load import load_model
@@ -307,7 +384,7 @@ def export_gguf(model: str | Path, output: Path, outtype: str = "f32", overwrite
     try:
         writer = gguf.GGUFWriter(partial, arch)
         _write_metadata(writer, config, shapes, head_dim, arch, file_type)
-        warnings += tokenizer_metadata(writer, tokenizer, config.vocab_size)
+        warnings += tokenizer_metadata(writer, tokenizer, config.vocab_size, source_gguf(model))
         tensors = gguf_tensors(hf_model, shapes, head_dim, arch)
         warnings += short_q_bias_warnings(tensors, config.hidden_size)
         for name, tensor in tensors.items():
@@ -359,8 +436,15 @@ def _write_metadata(writer, config, shapes: list[LayerShape], head_dim: int, arc
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope.get("full_attention", rope.get("all"))["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.model_type in SLIDING_WINDOW_RUN:
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+        writer.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from ..archs import get_path
 from ..prune_config import round_half_up
+from .modeling_pruned import LAYOUT_KEY
 from .scored_units import ScoredUnits
-from .shrink import config_error, keep_projection, scale_output
+from .shrink import config_error, keep_projection, scale_output, set_layout
 
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # projections whose input columns are hidden channels
 WRITERS = ("o", "down")  # projections whose output rows are
@@ -167,3 +168,6 @@ def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
     config.hidden_size = len(kept)
     if arch.head_dim_key:
         setattr(config, arch.head_dim_key, head_dim)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout is not None:  # layers of one shape the config class refused at the full hidden size
+        set_layout(config, arch, layout["layers"])

@@ -145,12 +145,17 @@ def config_error(config, changes: dict) -> str | None:
     return None
 
 
-def stock_config_error(config, arch: Arch, heads: int, kv_heads: int, channels: int) -> str | None:
-    """Why the family's config class rejects these uniform sizes, or None if it accepts them."""
+def stock_config_error(
+    config, arch: Arch, heads: int, kv_heads: int, channels: int, hidden: int | None = None
+) -> str | None:
+    """Why the family's config class rejects these uniform sizes (and `hidden` channels, when the
+    hidden size is cut too), or None if it accepts them."""
     dense = LayerGroups.from_config(config, arch)
     if arch.head_dim_key is None and heads != dense.heads:
         return f"{type(config).__name__} derives the head size from hidden_size / {arch.heads_key}"
     changes = {arch.heads_key: heads, arch.kv_heads_key: kv_heads, arch.intermediate_key: channels}
+    if hidden is not None:
+        changes["hidden_size"] = hidden
     if arch.head_dim_key:
         changes[arch.head_dim_key] = dense.head_dim  # explicit: hidden/heads changes
     return config_error(config, changes)
