@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
 
-.PHONY: llamacpp-serving texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-bench
+.PHONY: llamacpp-serving texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-check-gemma3 llamacpp-bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -96,6 +96,16 @@ $(GGUF_RUNS)/u%/config.json: | $(STAMP)
 llamacpp-check: llamacpp $(GGUF_RUNS)/pl50/config.json $(GGUF_RUNS)/u50/config.json
 	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) --tiny \
 		--json bench/results/llamacpp-check.json dense=smollm2 pl50=$(GGUF_RUNS)/pl50 u50=$(GGUF_RUNS)/u50
+
+# the same on the real Gemma 3 270M (make gemma3), dense and cut to one shape (heads, MLP channels,
+# hidden size and layers): bench/results/llamacpp-check-gemma3.json
+GEMMA3_PRUNE := $(subst --model smollm2,--model gemma3-270m,$(GGUF_PRUNE))
+$(GGUF_RUNS)/gemma3-shape-u/config.json: | $(STAMP)
+	$(VENV)/bin/loraprune prune $(GEMMA3_PRUNE) --uniform --ratio 0.2 --hidden-ratio 0.25 --layer-ratio 0.2 \
+		--output $(GGUF_RUNS)/gemma3-shape-u
+llamacpp-check-gemma3: llamacpp $(GGUF_RUNS)/gemma3-shape-u/config.json
+	$(PY) scripts/llamacpp_check.py --bin $(LLAMACPP)/build/bin --work $(GGUF_RUNS) \
+		--json bench/results/llamacpp-check-gemma3.json gemma3=gemma3-270m gemma3-shape-u=$(GGUF_RUNS)/gemma3-shape-u
 
 # the same plus 20% models, llama-bench tokens/s at 2 threads and tokens per CPU second at 1 thread
 # (robust to other work on the machine): bench/results/llamacpp.json
