@@ -69,7 +69,7 @@ class PruneConfig:
     hidden_ratio: float = setting(
         0.0,
         "fraction of the hidden size (the residual stream's channels: embedding columns, every projection's "
-        "hidden side, the norms) removed, on the same schedule; decoders with pre-norm layers",
+        "hidden side, the norms) removed, on the same schedule; causal LMs of every decoder family",
     )
     layer_score: str = setting(
         "similarity",
