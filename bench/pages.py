@@ -458,6 +458,17 @@ CLAIMS = [
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
           lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
                                 for run in ("width25", "hidden25", "depth25", "mix25")), "recipes#shape"),
+    Claim("Speed", "The same shapes in transformers (brief prunes: speed depends on the shape alone): 1 x 512 forward "
+          "/ greedy generation speedup over the dense model", lambda r: " vs ".join(
+              " / ".join(x(row["speedup"]) for row in r.json("speed-shape.json")["rows"]
+                         if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
+              for run in ("width25", "hidden25", "depth25", "mix25")), "speed#shape"),
+    Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
+          "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
+          lambda r: " / ".join(x(held_out(r, "general/streamed20-kdfull90-500", f"{text} test"))
+                               for text in ("ptb", "pydoc", "jargon"))
+          + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs {n(r.ppl('general/dense', 'gcide test'))}",
+          "recipes#general"),
     Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
     Claim("Quality", "`--distill 0.9` keeps text outside the tuning data, 20%, full budget: pydoc perplexity (vs dense "
