@@ -467,7 +467,8 @@ CLAIMS = [
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: " / ".join(x(held_out(r, "general/streamed20-kdfull90-500", f"{text} test"))
                                for text in ("ptb", "pydoc", "jargon"))
-          + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs {n(r.ppl('general/dense', 'gcide test'))}",
+          + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs "
+          f"{n(r.ppl('general/dense', 'gcide test'))}",
           "recipes#general"),
     Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
