@@ -454,6 +454,10 @@ CLAIMS = [
     Claim("Speed", "llama.cpp, 2 threads: a 20% per-layer model with MLP widths a multiple of 256 (`--multiple-of "
           "256`) against the dense model, prompt (pp512) / generation (tg128) tokens/s at f16 and at q4_k_m; the "
           "unaligned one at f16", lambda r: serving_speedups(r), "serving"),
+    Claim("Quality", "What `--multiple-of 256` costs, 20%, 120 steps on PTB, first 200 windows: PTB test / pydoc "
+          "perplexity, aligned vs not", lambda r: " vs ".join(
+              f"{n(r.ppl(f'general-ptb/{run}'))} / {n(r.ppl(f'general-ptb/{run}', 'pydoc test'))}"
+              for run in ("streamed20-ptb-a256", "streamed20-ptb")), "recipes#general-ptb"),
     Claim("Quality", "Shapes at 25% of all parameters removed, 120 steps on PTB: PTB test / pydoc perplexity for "
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
           lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
