@@ -458,6 +458,11 @@ CLAIMS = [
           "perplexity, aligned vs not", lambda r: " vs ".join(
               f"{n(r.ppl(f'general-ptb/{run}'))} / {n(r.ppl(f'general-ptb/{run}', 'pydoc test'))}"
               for run in ("streamed20-ptb-a256", "streamed20-ptb")), "recipes#general-ptb"),
+    Claim("Serving", "What q4_k_m costs in llama.cpp against the same file at f16, PTB test / pydoc perplexity "
+          "ratio: 20% aligned to 256 after 120 PTB steps vs the dense model", lambda r: " vs ".join(
+              " / ".join(x(q4_over_f16(r.json("serving-trained.json")["rows"], label, text))
+                         for text in ("ptb", "pydoc"))
+              for label in ("pl20a", "dense")), "serving#trained"),
     Claim("Quality", "Shapes at 25% of all parameters removed, 120 steps on PTB: PTB test / pydoc perplexity for "
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
           lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
@@ -543,6 +548,13 @@ CLAIMS = [
           lambda r: " / ".join(n(r.json("llamacpp-cputime.json")["models"][m]["cpu_time_1_thread"]
           ["tg_tokens_per_cpu_s_best"]) for m in ("dense", "u50", "pl50")), "llamacpp#cputime"),
 ]  # fmt: skip
+
+
+def q4_over_f16(rows: list[dict], label: str, text: str) -> float:
+    """llama-perplexity of a model's q4_k_m file over its f16 file's, on one text."""
+    ppl = {r["outtype"]: r["perplexity"][text]["perplexity"] for r in rows if r["label"] == label}
+    return ppl["q4_k_m"] / ppl["f16"]
+
 
 INTRO = """# Benchmarks
 
