@@ -1,6 +1,7 @@
 """Several processes (torchrun, gloo on CPU): 2 ranks x --batch-size 2 prune like 1 process x 4,
 resume under 2 processes is bit-identical, and diverged ranks are caught."""
 
+import gc
 import json
 import os
 import signal
@@ -254,6 +255,7 @@ def _uneven_rows_rank(rank: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(port), LORAPRUNE_DIST_TIMEOUT="30")  # a mismatch times out, not hangs
     torch.set_num_threads(1)
+    net = whole = None
     try:
         assert distributed.init()
         torch.manual_seed(0)
@@ -276,6 +278,10 @@ def _uneven_rows_rank(rank: int, port: int, folder: str) -> None:
         message = f"{type(error).__name__}: {error}"
     with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
         f.write(message)
+    # the sharded module holds the process group through its device mesh: released before the group
+    # is destroyed, not at the interpreter's exit (where gloo's threads once aborted the process)
+    del net, whole
+    gc.collect()
     distributed.finish()
 
 
