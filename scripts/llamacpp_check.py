@@ -67,6 +67,11 @@ class GgmlGelu(torch.nn.Module):
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
 
 
+def computes_table_gelu(config) -> bool:
+    """Whether llama.cpp runs this model's MLP with ggml's float16 GELU table (Gemma's tanh GELU)."""
+    return getattr(config, "hidden_activation", None) == "gelu_pytorch_tanh"
+
+
 def check(label: str, source: str, bin_dir: Path, work: Path, args, kv_heads: list[int] | None = None) -> dict:
     """`kv_heads`: the k/v heads per layer the file must declare (None: not checked)."""
     gguf = work / f"{label}.{args.outtype}.gguf"
@@ -74,7 +79,7 @@ def check(label: str, source: str, bin_dir: Path, work: Path, args, kv_heads: li
     ours = run_llamacpp(bin_dir / "lp-logits", gguf, args.prompt, args.n_gen, args.threads, work, "exact")
     defaults = run_llamacpp(bin_dir / "lp-logits", gguf, args.prompt, args.n_gen, args.threads, work, "defaults")
     model, tokenizer = load_model(source)
-    if getattr(model.config, "hidden_activation", None) == "gelu_pytorch_tanh":
+    if computes_table_gelu(model.config):
         for mlp in (m for m in model.modules() if hasattr(m, "act_fn")):
             mlp.act_fn = GgmlGelu()
     hf_tokens = tokenizer(args.prompt)["input_ids"]
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tiny = build(work / "tiny")
         for label, (folder, kv) in tiny.items():
-            gelu = getattr(load_config(str(folder)), "hidden_activation", None) == "gelu_pytorch_tanh"
+            gelu = computes_table_gelu(load_config(str(folder)))
             models[label] = (str(folder), kv, args.tiny_gelu_tolerance if gelu else args.tiny_tolerance)
     for label, (source, kv_heads, tolerance) in models.items():
         only_speed = args.bench_only or (args.cpu_time and not args.bench)

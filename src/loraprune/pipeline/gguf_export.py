@@ -164,8 +164,9 @@ def check_supported(config) -> list[str]:
         raise LoraPruneError(f"llama.cpp's {config.model_type} graph uses {activation}, not {config.hidden_act!r}")
     if config.model_type == "gemma3_text":
         check_gemma3(config)
-        return []
     window = getattr(config, "sliding_window", None)
+    if config.model_type in SLIDING_WINDOW_RUN:  # llama.cpp's graph attends within the window too
+        window = None
     if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
         window = None
     if window is not None and window < config.max_position_embeddings:

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from ..archs import get_path
 from ..prune_config import round_half_up
+from .groups import LayerGroups
 from .modeling_pruned import LAYOUT_KEY
 from .scored_units import ScoredUnits
-from .shrink import config_error, keep_projection, scale_output, set_layout
+from .shrink import keep_projection, scale_output, set_layout, stock_config_error
 
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # projections whose input columns are hidden channels
 WRITERS = ("o", "down")  # projections whose output rows are
@@ -88,9 +89,10 @@ class HiddenRemoval(ScoredUnits):
 
 
 def hidden_config_error(config, arch, kept: int) -> str | None:
-    """Why the family's config class rejects `kept` hidden channels (head size kept), or None."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config_error(config, {"hidden_size": kept, **({arch.head_dim_key: head_dim} if arch.head_dim_key else {})})
+    """Why the family's config class rejects `kept` hidden channels (heads, widths and head size
+    kept), or None."""
+    dense = LayerGroups.from_config(config, arch)
+    return stock_config_error(config, arch, dense.heads, dense.kv_heads, dense.channels, kept)
 
 
 def accepted_ratios(config, arch, kept: int) -> list[float]:
@@ -124,7 +126,7 @@ def shrink_hidden(model: nn.Module, arch, alive: Tensor) -> None:
     hidden, kept = config.hidden_size, alive.nonzero().flatten()
     if len(kept) == hidden:
         return
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    head_dim = LayerGroups.from_config(config, arch).head_dim
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
     layers = arch.layers_of(model)
