@@ -130,7 +130,7 @@ def test_top_k_distillation_with_every_token_is_the_whole_logits_distillation(fa
     teacher = DenseTeacher(peft_model, task.forward)
     expected, expected_grads = loss_and_lora_grads(peft_model, objective(task, teacher, alpha, temperature), tokens)
     with peft_model.disable_adapter():
-        ids, log_p = top_k_targets(peft_model, tokens, k=64)
+        ids, log_p = top_k_targets(peft_model, tokens, k=64, temperature=temperature)
     batch = {"input_ids": tokens, "teacher_ids": ids, "teacher_log_p": log_p}
     loss, grads = loss_and_lora_grads(peft_model, objective(task, None, alpha, temperature), batch)
     torch.testing.assert_close(loss, expected, rtol=2e-3, atol=2e-4)
@@ -138,25 +138,60 @@ def test_top_k_distillation_with_every_token_is_the_whole_logits_distillation(fa
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=2e-2, atol=2e-5)
 
 
-def test_top_k_distillation_is_the_kl_to_the_renormalised_top_k():
-    """Small k: the loss and its gradient are autograd's of (1 - α)·CE + α·T²·KL(p̃ ‖ q) per position, p̃
-    the teacher's top-k renormalised at temperature T."""
+def top_k_and_rest(log_probs: torch.Tensor, k: int):
+    """The teacher as the cache keeps it: its top-k ids, and the log-probabilities of those k and of all
+    other tokens together."""
+    top = torch.topk(log_probs, k)
+    rest = log_probs.scatter(1, top.indices, float("-inf")).logsumexp(-1, keepdim=True)
+    return top.indices, torch.cat([top.values, rest], -1)
+
+
+def kl_over_top_k_and_rest(logits: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor, T: float):
+    """autograd's KL(p ‖ q) per position over the k + 1 buckets (the k tokens, every other token)."""
+    scaled = (logits / T).log_softmax(-1)
+    others = scaled.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    q = torch.cat([scaled.gather(1, ids), others], -1)
+    return (log_p.exp() * (log_p - q)).sum(-1)
+
+
+def test_top_k_distillation_is_the_kl_over_the_top_k_and_the_rest():
+    """Small k: the loss and its gradient are autograd's of (1 - α)·CE + α·T²·KL(p ‖ q) per position, p and
+    q the teacher's and the student's probabilities of the teacher's top k and of every other token as one
+    bucket, at temperature T."""
     g = torch.Generator().manual_seed(0)
     n, vocab, hidden, k, alpha, T = 7, 13, 5, 4, 0.7, 2.0
     states, weight = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
-    teacher_logits = torch.randn(n, vocab, generator=g)
-    top = torch.topk(teacher_logits.log_softmax(-1), k)
+    ids, log_p = top_k_and_rest((torch.randn(n, vocab, generator=g) / T).log_softmax(-1), k)
     targets = torch.randint(0, vocab, (n,), generator=g)
     targets[-1] = lm_loss.NO_TARGET
     mine, theirs = states.clone().requires_grad_(), states.clone().requires_grad_()
-    loss = lm_loss.ChunkedHeadLoss.apply(mine, weight, None, targets, None, (top.indices, top.values), alpha, T)
+    loss = lm_loss.ChunkedHeadLoss.apply(mine, weight, None, targets, None, (ids, log_p), alpha, T)
     loss.backward()
     logits = theirs @ weight.T
     ce = torch.nn.functional.cross_entropy(logits[:-1], targets[:-1])
-    p = torch.zeros(n, vocab).scatter_(1, top.indices, (top.values / T).softmax(-1))
-    q = (logits / T).log_softmax(-1)
-    kl = (p * (p.clamp(min=1e-30).log() - q)).sum(-1).mean()
-    expected = (1 - alpha) * ce + alpha * T**2 * kl
+    expected = (1 - alpha) * ce + alpha * T**2 * kl_over_top_k_and_rest(logits, ids, log_p, 1.0 * T).mean()
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_top_k_distillation_of_a_student_sure_of_the_top_k_has_a_bounded_gradient():
+    """A student that leaves 1e-12 to the tokens outside the teacher's top k, the teacher 1e-3: the
+    student's rest is summed, not 1 − Σ q_top (0 in float32), so the gradient is autograd's in float64
+    (its entries on a position sum in absolute value to at most 2, the bound of q − p)."""
+    vocab, k = 50, 3
+    logits = torch.full((2, vocab), -30.0, dtype=torch.float64)
+    logits[:, :k] = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    teacher = logits.clone()
+    teacher[:, k:] = -8.0  # its rest: about 47 · e^-8 / e^2.4 ≈ 1.4e-3
+    ids, log_p = top_k_and_rest(teacher.log_softmax(-1), k)
+    student = logits.float().requires_grad_()
+    kl, grad = lm_loss._sparse_kl_and_its_gradient(
+        student.detach(), student.detach().logsumexp(-1), ids, log_p.float(), 1.0
+    )
+    reference = logits.clone().requires_grad_()
+    expected = kl_over_top_k_and_rest(reference, ids, log_p, 1.0).sum()
+    expected.backward()
+    assert grad.abs().sum(-1).max() <= 2
+    torch.testing.assert_close(kl.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), reference.grad, rtol=1e-4, atol=1e-7)

@@ -23,6 +23,7 @@ LOSS_CHUNK_BYTES = 64 * 2**20  # the float32 (tokens x vocabulary) temporaries o
 # how many such tensors one chunk keeps alive: its logits and a temporary of logsumexp; distilling,
 # also the teacher's logits, log-probabilities and probabilities (so its chunks are shorter)
 LOGIT_COPIES = {False: 2, True: 4}  # by distillation
+TINY = 1e-30  # the least probability a bucket of the top-k teacher or of its student holds
 NO_TARGET = -1  # a position without a next token (the last of a window): distilled, no cross-entropy
 
 
@@ -90,16 +91,25 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, rows
 
 def _sparse_kl_and_its_gradient(logits: Tensor, log_norm: Tensor, teacher_ids: Tensor, teacher_log_p: Tensor,
                                 temperature: float):  # fmt: skip
-    """_kl_and_its_gradient against a teacher known by its top-k tokens only (ids and log-probabilities
-    [rows, k]): its distribution renormalised over those k at temperature T, zero elsewhere. With
-    k = the vocabulary it is the whole teacher."""
+    """_kl_and_its_gradient against a teacher known by its top-k tokens only: their ids [rows, k] and
+    log-probabilities at temperature T [rows, k + 1], the last that of all other tokens (teacher_cache).
+    The KL is over those k + 1 buckets, for the student too; inside the last bucket the gradient
+    follows the student's own shape, as if the teacher's tail had it. With k = the vocabulary it is
+    the whole teacher."""
     scaled = logits if temperature == 1 else logits / temperature
     scaled_norm = log_norm if temperature == 1 else torch.logsumexp(scaled, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_log_p.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_log_p.float(), dim=-1)  # sums to 1 again after float16 rounding
     p_teacher = log_p_teacher.exp()
-    kl = (p_teacher * (log_p_teacher - scaled.gather(1, teacher_ids))).sum() + scaled_norm.sum()
-    p_student = (scaled - scaled_norm[:, None]).exp_()
-    return kl, p_student.scatter_add_(1, teacher_ids, -p_teacher)
+    log_q_top = scaled.gather(1, teacher_ids) - scaled_norm[:, None]
+    q_top = log_q_top.exp()
+    # the student's rest is summed over the other tokens, not taken as 1 - sum(q_top): that difference
+    # cancels to 0 where the student is sure, and the rest's gradient below divides by it
+    p_student = (scaled - scaled_norm[:, None]).exp_().scatter_(1, teacher_ids, 0.0)
+    q_rest = p_student.sum(-1, keepdim=True).clamp_(min=TINY)
+    kl = (p_teacher * (log_p_teacher - torch.cat([log_q_top, q_rest.log()], dim=-1))).sum()
+    # d KL / d logit_j = q_j - p_j on the top k, q_j · (1 - p_rest / q_rest) on every other token
+    grad = p_student.mul_(1.0 - p_teacher[:, -1:] / q_rest)
+    return kl, grad.scatter_(1, teacher_ids, q_top - p_teacher[:, :-1])
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -214,15 +224,15 @@ def distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, dense: Callabl
 
 def top_k_distilled_causal_lm_loss(model: nn.Module, input_ids: Tensor, teacher_ids: Tensor, teacher_log_p: Tensor,
                                    distill: float, temperature: float) -> Tensor | None:  # fmt: skip
-    """distilled_causal_lm_loss against the dense model's top-k tokens per position (ids and
-    log-probabilities [batch, tokens, k], teacher_cache.py) instead of its forward. None where the
-    head cannot be read directly."""
+    """distilled_causal_lm_loss against the dense model's top-k tokens per position (ids [batch, tokens,
+    k] and log-probabilities [batch, tokens, k + 1], teacher_cache.py) instead of its forward. None where
+    the head cannot be read directly."""
     head = chunked_head(model)
     if head is None:
         return None
     last = last_hidden_states(model, head, input_ids)
     k = teacher_ids.shape[-1]
-    teacher = (teacher_ids.reshape(-1, k).to(last.device, torch.long), teacher_log_p.reshape(-1, k).to(last.device))
+    teacher = (teacher_ids.reshape(-1, k).to(last.device, torch.long), teacher_log_p.reshape(-1, k + 1).to(last.device))
     return _distilled_head_loss(model, head, last, input_ids, teacher, distill, temperature)
 
 

@@ -50,7 +50,7 @@ def examples(model, tokenizer, text: str, config) -> Tensor | dict:
     if len(all_windows) > needed:
         picked = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(config.seed))[:needed]
         all_windows = all_windows[picked.sort().values]
-    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k)
+    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k, config.distill_temperature)
     return {"input_ids": all_windows, "teacher_ids": ids, "teacher_log_p": log_p}
 
 
