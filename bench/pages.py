@@ -389,9 +389,11 @@ def held_out(r: Numbers, run: str, split: str) -> float:
 
 
 def overhead_ratios(r: Numbers) -> str:
-    rows = {row["variant"]: row["ratio_vs_plain"] for row in r.json("overhead-general-topk.json")["rows"]}
-    return (f"{x(rows['LoRAPrune (streamed, distill 1, top-64)'])} vs "
-            f"{x(rows['LoRAPrune (streamed, distill 1)'])}")  # fmt: skip
+    bench = r.json("overhead-general-topk.json")
+    rows = {row["variant"]: row["ratio_vs_plain"] for row in bench["rows"]}
+    distill, k = bench["args"]["distill"], bench["args"]["distill_top_k"]
+    return (f"top-{k}: {x(rows[f'LoRAPrune (streamed, distill {distill:g}, top-{k})'])} vs "
+            f"{x(rows[f'LoRAPrune (streamed, distill {distill:g})'])}")  # fmt: skip
 
 
 def serving_speedups(r: Numbers) -> str:
@@ -442,15 +444,11 @@ CLAIMS = [
           f"{x(held_out(r, 'general-ptb/streamed20-ptb', 'ptb test'))} vs "
           f"{x(held_out(r, 'general/streamed20-kdfull-120', 'pydoc test'))} / "
           f"{x(held_out(r, 'general/streamed20-kdfull-120', 'ptb test'))}", "recipes#general"),
-    Claim("Quality", "What the dense model's top-64 (`--distill-top-k 64`, progressive) costs against its whole logits "
-          "(shrink at the end), 20%, 120 steps on `gcide+foldoc`: pydoc / PTB test perplexity",
-          lambda r: f"{n(r.ppl('general/streamed20-kd64-120', 'pydoc test'))} / "
-          f"{n(r.ppl('general/streamed20-kd64-120'))} vs {n(r.ppl('general/streamed20-kdfull-120', 'pydoc test'))}"
-          f" / {n(r.ppl('general/streamed20-kdfull-120'))}", "recipes#general"),
-    Claim("Quality", "The criteria under that recipe (top-64, 20%, 120 steps on `gcide+foldoc`): pydoc / jargon "
-          "perplexity, `streamed` vs `gradient` vs `lora`", lambda r: " vs ".join(
-              " / ".join(n(r.ppl(f"general/{c}20-kd64-120", f"{text} test")) for text in ("pydoc", "jargon"))
-              for c in ("streamed", "gradient", "lora")), "recipes#general"),
+    Claim("Quality", "What the dense model's top-K (`--distill-top-k K`, progressive) costs against its whole logits "
+          "(shrink at the end), 20%, 120 steps of `--distill 1` on `gcide+foldoc`: pydoc / PTB test perplexity, "
+          "K = 64 vs 256 vs the whole logits", lambda r: " vs ".join(
+              f"{n(r.ppl(f'general/streamed20-{run}-120', 'pydoc test'))} / {n(r.ppl(f'general/streamed20-{run}-120'))}"
+              for run in ("kd64", "kd256", "kdfull")), "recipes#general"),
     Claim("Speed", "llama.cpp, 2 threads: a 20% per-layer model with MLP widths a multiple of 256 (`--multiple-of "
           "256`) against the dense model, prompt (pp512) / generation (tg128) tokens/s at f16 and at q4_k_m; the "
           "unaligned one at f16", lambda r: serving_speedups(r), "serving"),
@@ -479,7 +477,8 @@ CLAIMS = [
           + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs "
           f"{n(r.ppl('general/dense', 'gcide test'))}",
           "recipes#general"),
-    Claim("Speed", "A step distilling from the top-64 against a plain LoRA step (4x128, alternated), and against "
+    Claim("Speed", "A step distilling from the dense model's top-K (`--distill-top-k`) against a plain LoRA "
+          "step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
     Claim("Quality", "`--distill 0.9` keeps text outside the tuning data, 20%, full budget: pydoc perplexity (vs dense "
           "+ LoRA), and what it costs on PTB test", lambda r: f"{n(r.ppl('full/streamed20-kd9', 'pydoc test'))} "

@@ -47,6 +47,7 @@ def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
         ("ddp", "sketch", ()),
         ("ddp", "gradient", ()),  # base weights in DDP while scoring; a new wrapper without them after
         ("ddp", "lora", ("--distill", 0.5, "--allocation", "global", "--skip-layers", "none")),
+        ("ddp", "lora", ("--layer-ratio", 0.5)),  # a removed layer's LoRA factors leave DDP
     ],
 )
 def test_two_processes_prune_like_one_at_the_same_global_batch(

@@ -15,7 +15,7 @@ from .pipeline.scoring import check_criterion
 from .pipeline.shrink import stock_config_error
 from .pipeline.target import resolve_ratio
 from .prune_config import PruneConfig
-from .runtime import distributed, fsdp
+from .runtime import fsdp
 from .tasks import Task, task_for
 
 
@@ -118,11 +118,10 @@ def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) 
 
 
 def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:
-    """--layer-ratio: causal LMs in one process (a removed layer's LoRA factors get no gradient, which
-    DDP's reducer refuses), and at least one layer left."""
-    if task.name != "causal-lm" or sharded or distributed.launched():
-        raise LoraPruneError("--layer-ratio removes decoder layers of causal LMs, in one process (not under "
-                             "torchrun or accelerate launch yet)")  # fmt: skip
+    """--layer-ratio: causal LMs, not under FSDP (whose flat shards a removed layer cannot leave), and
+    at least one layer left."""
+    if task.name != "causal-lm" or sharded:
+        raise LoraPruneError("--layer-ratio removes decoder layers of causal LMs, not under --fsdp")
     layers = model_config.num_hidden_layers
     if config.removed_layers(layers) >= layers:
         raise LoraPruneError(f"--layer-ratio {config.layer_ratio} would remove all {layers} layers; lower it")

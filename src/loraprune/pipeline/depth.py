@@ -94,9 +94,11 @@ class LayerRemoval(ScoredUnits):
         self.apply_alive()
 
     def apply_alive(self) -> None:
-        if self.progressive:  # nothing needs a removed layer again: it stops computing
-            for i in self.prunable:
-                if not self.alive[i]:
+        for i in self.prunable:
+            if not self.alive[i]:
+                # no gradient reaches a removed layer: frozen, so DDP (rebuilt by train) waits for none
+                self.layers[i].requires_grad_(False)
+                if self.progressive:  # nothing needs it again: it stops computing
                     self.layers[i].forward = _passing_on
 
     def kept(self) -> list[int]:

@@ -142,6 +142,7 @@ def train(
     nan_run = _trailing_run(history.skipped_steps, first - 1)
     model.train()
     ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
+    trained = trainable_parameters(model)
     size = base_parameters(model)  # changes only when a shrink cuts groups out
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
@@ -152,6 +153,7 @@ def train(
                 pruner.stop_scoring()
                 del ddp_model
                 ddp_model = distributed.wrap(model)  # DDP reduces what required grad when built: no base weights now
+                trained = trainable_parameters(model)
             loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
             nan_run = 0 if updated else nan_run + 1
             if nan_run:
@@ -166,9 +168,12 @@ def train(
                 )
             _after_step(step, loss, schedules, pruner, history, bar)
             pruned = schedule.is_pruning_step(step)
-            if pruned and pruner.shrink_dead(optimizer):  # --shrink progressive: the dead groups leave the model
+            shrunk = pruned and pruner.shrink_dead(optimizer)  # --shrink progressive: the dead groups leave
+            if shrunk or (pruned and trainable_parameters(model) != trained):  # or a removed layer froze
                 del ddp_model
                 ddp_model = distributed.wrap(model)  # DDP's buckets hold the old parameters: a new wrapper
+                trained = trainable_parameters(model)
+            if shrunk:
                 size = base_parameters(model)
             history.step_seconds.append(time.perf_counter() - started)
             if pruned and on_pruning_step is not None:
@@ -189,6 +194,11 @@ def train(
 def base_parameters(model: nn.Module) -> int:
     """Parameters of the model without its LoRA factors: the size of the model a step runs on."""
     return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """How many parameter tensors train (what DDP all-reduces, see distributed.wrap)."""
+    return sum(p.requires_grad for p in model.parameters())
 
 
 def _trailing_run(steps: list[int], last: int) -> int:
