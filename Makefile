@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO := --model smollm2 --data ptb --ratio 0.2 --steps 120 --lr 5e-4 --output runs/demo --overwrite
+DEMO := --model smollm2 --ratio 0.2 --eval-windows 200 --output runs/demo --overwrite
 
 .PHONY: llamacpp-serving texts install demo test test-fast lint bench-quick bench bench-questions gemma3 bench-scale llamacpp llamacpp-check llamacpp-check-gemma3 llamacpp-bench
 
@@ -30,13 +30,16 @@ gemma3: $(STAMP)
 # general English text to tune on, from Debian's dictd packages (src/loraprune/pipeline/texts.py):
 # gcide, foldoc and jargon into ~/.cache/loraprune/texts ($$LORAPRUNE_TEXTS); no root needed
 TEXTS ?= $(or $(LORAPRUNE_TEXTS),$(HOME)/.cache/loraprune/texts)
-texts:
+$(TEXTS)/jargon.dict.dz:
 	@mkdir -p "$(TEXTS)"
 	cd "$$(mktemp -d)" && apt-get download -q dict-gcide dict-foldoc dict-jargon \
 		&& for deb in *.deb; do dpkg-deb -x "$$deb" x; done && cp x/usr/share/dictd/*.dict.dz "$(TEXTS)/"
 	@ls "$(TEXTS)"
 
-demo: $(STAMP)
+texts: $(TEXTS)/jargon.dict.dz
+
+# the default recipe tunes on general English (gcide+foldoc) and compares on PTB and pydoc besides
+demo: $(STAMP) texts
 	$(VENV)/bin/loraprune prune $(DEMO)
 
 test: $(STAMP)

@@ -155,7 +155,7 @@ def test_recipes_write_one_json_per_run_skip_done_runs_and_rebuild_the_table(out
     out, _, base = outputs
     budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
     budget += ["--eval-windows", "2", "--eval-seq", "16"]
-    recipes.main([*base, *budget, "kd=lora:0.5:distill=0.5", "shipped=none"])
+    recipes.main([*base, *budget, "kd=lora:0.5:distill=0.5,distill_top_k=0", "shipped=none"])
     folder = out / "results" / "recipes-smoke"
     kd = json.loads((folder / "kd.json").read_text())
     assert kd["config"]["distill"] == 0.5 and kd["config"]["shrink"] == "end"  # distillation needs the dense layers
@@ -165,5 +165,5 @@ def test_recipes_write_one_json_per_run_skip_done_runs_and_rebuild_the_table(out
     assert "kd: done before" in capsys.readouterr().out
     recipes.main([*base, *budget])  # no runs: the table is rebuilt from the JSON present
     section = (out / "BENCH.md").read_text().split("<!-- bench:recipes-smoke -->")[1]
-    assert re.search(r"\| kd \| lora:0.5:distill=0.5 \| \d+ \| end \|", section)
+    assert re.search(r"\| kd \| lora:0.5:distill=0.5,distill_top_k=0 \| \d+ \| end \|", section)
     assert "| shipped | none |  |  |" in section

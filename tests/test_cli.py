@@ -7,6 +7,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import make_tokenizer
+from loraprune import LoraPruneError
 from loraprune.cli import main
 
 FAST = ["--steps", "6", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet"]
@@ -242,3 +243,17 @@ def test_every_task_prunes_from_the_command_line_with_the_memory_preflight(tmp_p
     assert code == 0, err
     assert json.loads((out / "loraprune.json").read_text())["removed"]["heads"] == 0.5
     assert "reloaded with" in stdout
+
+
+def test_data_defaults_to_general_text_for_causal_lms_and_is_required_elsewhere():
+    from dataclasses import replace
+
+    from loraprune.job import with_data
+    from loraprune.run_settings import RunSettings
+    from loraprune.tasks import TASKS
+
+    run = RunSettings(model="m", output="o")
+    assert with_data(run, TASKS["causal-lm"]).data == "gcide+foldoc"
+    assert with_data(replace(run, data="ptb"), TASKS["causal-lm"]).data == "ptb"
+    with pytest.raises(LoraPruneError, match="--data is required for the embedding task"):
+        with_data(run, TASKS["embedding"])

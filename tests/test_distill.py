@@ -97,7 +97,7 @@ def test_objective_mixes_task_loss_and_distillation(alpha):
 
 
 def test_prune_with_distillation(tiny_tokenizer):
-    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=0.5)
+    config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=0.5, distill_top_k=0)
     pruned, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False)
     assert report["config"]["distill"] == 0.5 and report["history"]["pruning_steps"] == [3, 5]
     assert all(torch.isfinite(torch.tensor(report["history"]["loss"])))
@@ -163,7 +163,7 @@ def test_the_logged_distillation_loss_is_the_kl_of_the_whole_logits(tiny_tokeniz
 
     monkeypatch.setattr(pruning, "training_loss", training_loss)
     config = PruneConfig(ratio=0.5, steps=6, prune_freq=2, seq_len=16, batch_size=2, distill=1.0, lora_dropout=0,
-                         distill_temperature=2.0, distill_teacher="model", lr=1e-2)  # fmt: skip
+                         distill_top_k=0, distill_temperature=2.0, distill_teacher="model", lr=1e-2)  # fmt: skip
     _, report = prune(tiny_model("llama-gqa"), tiny_tokenizer, CORPUS, config, progress=False)
     assert report["history"]["pruning_steps"] == [3, 5]
     assert whole["kl"] > 1e-3  # the pruned, trained student is not the teacher
@@ -184,7 +184,7 @@ def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
         (["--distill-temperature", "0"], "--distill-temperature must be a positive number"),
         (["--distill-teacher", "float8"], "--distill-teacher.*invalid choice"),
         (["--min-keep", "1"], r"--min-keep must be in \(0, 1\)"),
-        (["--distill-top-k", "8"], "--distill-top-k sets how --distill reads the dense model; give --distill"),
+        (["--distill", "0", "--distill-top-k", "8"], "--distill-top-k sets how --distill reads the dense model; give --distill"),
         (["--distill", "1", "--distill-top-k", "-1"], "--distill-top-k must be 0"),
         (["--distill", "1", "--distill-top-k", "100000"], r"--distill-top-k must be in \[1, 64\]"),
         (["--allocation", "global", "--uniform"], "cannot be combined with --uniform"),
@@ -199,3 +199,23 @@ def test_bad_distill_and_allocation_flags(tmp_path, capsys, tiny_folder, text_fi
     assert code == 2 and err.startswith("loraprune: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_the_default_recipe_distils_causal_lms_from_their_top_256_and_leaves_other_tasks_alone():
+    """No recipe flags: a causal LM is distilled (0.9) from the dense model's top 256 tokens (fewer when
+    the vocabulary is smaller) and shrinks as it trains; --distill 0 is the paper's task loss alone, and
+    the embedding task, which trains against the dense model already, is not distilled."""
+    from loraprune.plan import check_compatible
+
+    lm = copy.deepcopy(tiny_model("llama-gqa").config)
+    small = check_compatible(lm, PruneConfig(seq_len=16)).config
+    assert (small.distill, small.distill_top_k, small.shrink) == (0.9, lm.vocab_size, "progressive")
+    lm.vocab_size = 1000
+    default = check_compatible(lm, PruneConfig(seq_len=16)).config
+    assert (default.distill, default.distill_top_k, default.shrink) == (0.9, 256, "progressive")
+    paper = check_compatible(lm, PruneConfig(seq_len=16, distill=0)).config
+    assert (paper.distill, paper.distill_top_k, paper.shrink) == (0, 0, "progressive")
+    whole = check_compatible(lm, PruneConfig(seq_len=16, distill=0.5, distill_top_k=0)).config
+    assert (whole.distill, whole.distill_top_k, whole.shrink) == (0.5, 0, "end")
+    bert = check_compatible(tiny_encoder("bert").config, PruneConfig(seq_len=16)).config
+    assert (bert.distill, bert.distill_top_k) == (0, 0)

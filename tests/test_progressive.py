@@ -116,10 +116,10 @@ def test_progressive_default_and_refusals(tiny_tokenizer):
     assert PruneConfig().shrink is None
     _, report = _run("llama-gqa", tiny_tokenizer, None, steps=6)
     assert report["config"]["shrink"] == "progressive"
-    _, report = _run("llama-gqa", tiny_tokenizer, None, steps=6, distill=0.5)
+    _, report = _run("llama-gqa", tiny_tokenizer, None, steps=6, distill=0.5, distill_top_k=0)
     assert report["config"]["shrink"] == "end"  # the teacher is the dense model inside
     with pytest.raises(LoraPruneError, match="--shrink progressive cannot be combined with --distill"):
-        _run("llama-gqa", tiny_tokenizer, "progressive", steps=6, distill=0.5)
+        _run("llama-gqa", tiny_tokenizer, "progressive", steps=6, distill=0.5, distill_top_k=0)
     with pytest.raises(LoraPruneError, match="--shrink must be one of progressive, end"):
         PruneConfig(shrink="sometimes")
     assert resolve_shrink(PruneConfig(), sharded=True).shrink == "end"

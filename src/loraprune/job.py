@@ -4,6 +4,7 @@ check → load → evaluate dense → prune → evaluate pruned → save → rel
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     if run.memory_check:  # from the config alone: a run that cannot fit fails in seconds
         check_memory(model_config, plan.config, run, plan.sharded)
     task = plan.task
+    run = with_data(run, task)
     # torchrun / accelerate launch: every rank trains (DDP), rank 0 alone evaluates, prints and writes
     main = not distributed.init() or distributed.is_main()
     if not main:
@@ -105,6 +107,15 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
     if run.gguf is not None:
         print(describe_export(export_gguf(output, Path(run.gguf), "f32", overwrite=run.overwrite)))
     return report
+
+
+def with_data(run: RunSettings, task: Task) -> RunSettings:
+    """`run` with --data decided: the task's default text (causal LMs: general English) where none was given."""
+    if run.data is not None:
+        return run
+    if task.default_data is None:
+        raise LoraPruneError(f"--data is required for the {task.name} task")
+    return replace(run, data=task.default_data)
 
 
 def eval_texts(task: Task, run: RunSettings) -> list[str]:

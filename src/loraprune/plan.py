@@ -37,10 +37,11 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
     if quantized is None:
         quantized = getattr(model_config, "quantization_config", None) is not None
     sharded = fsdp.requested(config.fsdp)
-    config = resolve_criterion(config, sharded)
-    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
     arch = arch_for(model_config)
     task = task_for(model_config, config.task)
+    config = resolve_criterion(config, sharded)
+    config = resolve_distill(config, task, sharded, getattr(model_config, "vocab_size", None))
+    config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
     config, target = resolve_ratio(model_config, config)
     context = context_length(model_config)
     if config.seq_len > context:
@@ -94,17 +95,31 @@ def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
     return config
 
 
+def resolve_distill(config: PruneConfig, task: Task, sharded: bool, vocab: int | None) -> PruneConfig:
+    """`config` with --distill and --distill-top-k decided: the task's recipe where they were not
+    given (causal LMs: 0.9 from the dense model's top 256), the top-k only where it can be computed up
+    front (one process or DDP, not FSDP: there the whole logits, from the dense model inside)."""
+    distill = task.default_distill if config.distill is None else config.distill
+    top_k = config.distill_top_k
+    if top_k is None:
+        top_k = task.default_distill_top_k if distill and not sharded else 0
+        top_k = min(top_k, vocab) if vocab else top_k
+    if top_k and not distill:
+        raise LoraPruneError("--distill-top-k sets how --distill reads the dense model; give --distill too")
+    return replace(config, distill=distill, distill_top_k=top_k)
+
+
 def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) -> PruneConfig:
     """`config` with --shrink decided: progressive unless something needs the dense layers to the end
     (then end); a progressive shrink asked for where it cannot work is refused."""
     reasons = {
+        "--fsdp": (sharded, "FSDP shards the layers once, and re-sharding after each shrink is not implemented"),
+        "8-/4-bit weights": (quantized, "quantized weights are sliced only after they are dequantized, at the end"),
         "--distill": (
-            config.distill > 0 and not config.distill_top_k,
+            bool(config.distill) and not config.distill_top_k,
             "the distillation teacher is the dense model inside the one being pruned (adapter off, masks "
             "lifted), and a physical shrink removes the rows it needs (--distill-top-k K computes it up front)",
         ),
-        "--fsdp": (sharded, "FSDP shards the layers once, and re-sharding after each shrink is not implemented"),
-        "8-/4-bit weights": (quantized, "quantized weights are sliced only after they are dequantized, at the end"),
     }
     found = [(name, why) for name, (applies, why) in reasons.items() if applies]
     if config.shrink is None:

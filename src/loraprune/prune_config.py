@@ -44,11 +44,11 @@ class PruneConfig:
     target_params: float | None = setting(
         None, "fraction of the model's total parameters to remove; picks the group ratio that reaches it"
     )
-    steps: int = setting(200, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
+    steps: int = setting(500, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
     seq_len: int = setting(128, "tokens per training window")
     batch_size: int = setting(4, "windows per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
-    lr: float = setting(1e-4, "AdamW learning rate of the LoRA factors")
+    lr: float = setting(5e-4, "AdamW learning rate of the LoRA factors (the paper's: 1e-4 at batch 128)")
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling s = alpha / r)")
     lora_dropout: float = setting(0.05, "dropout on the LoRA branch")
@@ -95,10 +95,12 @@ class PruneConfig:
     min_keep: float = setting(
         0.1, "with --allocation global: the fraction of its heads and of its channels every pruned layer keeps"
     )
-    distill: float = setting(
-        0.0,
-        "weight alpha of self-distillation from the dense model (the same weights, adapter off, masks lifted): "
-        "loss = (1 - alpha) task loss + alpha T^2 KL(dense || pruned); 0 turns it off",
+    distill: float | None = setting(
+        None,
+        "weight alpha of distillation from the dense model (the same weights, adapter off, masks lifted): "
+        "loss = (1 - alpha) task loss + alpha T^2 KL(dense || pruned); 0 turns it off (the paper's recipe: "
+        "the task loss alone). None: 0.9 for causal LMs, which keeps their ability on text they were not "
+        "tuned on; 0 for the other tasks",
     )
     distill_temperature: float = setting(1.0, "temperature T of the distillation's softmaxes")
     distill_teacher: str = setting(
@@ -107,11 +109,12 @@ class PruneConfig:
         "(bfloat16 where the model is float32 and the device computes bfloat16 natively)",
         choices=TEACHER_PRECISIONS,
     )
-    distill_top_k: int = setting(
-        0,
+    distill_top_k: int | None = setting(
+        None,
         "with --distill: distil from the dense model's K most likely next tokens per position, computed once "
         "for the training windows before LoRA (memory-mapped): no teacher forward per step, and the model "
-        "may shrink while it trains; 0: the whole distribution, from the dense model inside the pruned one",
+        "may shrink while it trains; 0: the whole distribution, from the dense model inside the pruned one. "
+        "None: 256 for causal LMs outside FSDP, else 0",
     )
     prune_freq: int = setting(10, "prune every this many optimizer steps inside the pruning window")
     warmup: float = setting(0.1, "fraction of steps fine-tuned before pruning starts")
@@ -173,13 +176,14 @@ class PruneConfig:
         require(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
         require(self.allocation in ALLOCATIONS, "allocation", f"must be one of {', '.join(ALLOCATIONS)}")
         require(0 < self.min_keep < 1, "min_keep", "must be in (0, 1)")
-        require(0 <= self.distill <= 1, "distill", "must be in [0, 1]")
+        require(self.distill is None or 0 <= self.distill <= 1, "distill", "must be in [0, 1]")
         require(self.distill_temperature > 0 and math.isfinite(self.distill_temperature), "distill_temperature",
                 "must be a positive number")  # fmt: skip
         require(self.distill_teacher in TEACHER_PRECISIONS, "distill_teacher",
                 f"must be one of {', '.join(TEACHER_PRECISIONS)}")  # fmt: skip
-        require(self.distill_top_k >= 0, "distill_top_k", "must be 0 (off) or a positive number of tokens")
-        if self.distill_top_k and not self.distill:
+        require(self.distill_top_k is None or self.distill_top_k >= 0, "distill_top_k",
+                "must be 0 (off) or a positive number of tokens")  # fmt: skip
+        if self.distill_top_k and self.distill == 0:
             raise LoraPruneError("--distill-top-k sets how --distill reads the dense model; give --distill too")
         if self.multiple_of is not None:
             n = self.multiple_of

@@ -22,7 +22,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_data", "eval_batch_size", "eval_windows", "checkpoint_every",
                      "max_nan_steps", "gradient_checkpointing", "overwrite", "memory_check",
                      "return_freed_memory", "gguf"}  # fmt: skip
-REQUIRED = ("model", "data", "output")
+REQUIRED = ("model", "output")
+PATHS = ("model", "data", "output")  # recorded as absolute paths where they are files or folders
 
 
 def _require_positive(settings, *names: str) -> None:
@@ -40,7 +41,8 @@ class RunSettings:
     data: str | None = setting(
         None,
         "text to tune on: 'ptb', 'gcide', 'foldoc', 'jargon', 'pydoc', a .txt or .jsonl file, or a mix like "
-        "gcide*3+foldoc (docs/evaluation.md); 'digits' for a ViT (required)",
+        "gcide*3+foldoc (docs/evaluation.md); 'digits' for a ViT. None: gcide+foldoc (general English, "
+        "`make texts`) for causal LMs; required for the other tasks",
     )
     output: str | None = setting(None, "folder to write the pruned model to (required)")
     overwrite: bool = setting(False, "replace a non-empty output folder")
@@ -206,7 +208,7 @@ def agreed_settings(checkpoint, resume, given: dict) -> dict:
 
 def _normalized(key: str, value):
     # model and data files are recorded as absolute paths, so a run resumes from any folder
-    if key in REQUIRED and isinstance(value, str) and os.path.exists(value):
+    if key in PATHS and isinstance(value, str) and os.path.exists(value):
         return os.path.abspath(value)
     return value
 

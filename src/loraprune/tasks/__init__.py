@@ -66,6 +66,12 @@ class Task:
     held_out: tuple[str, ...] = ()
     ratio_key: str | None = None
     top_k_distill: bool = False  # examples carry the dense model's top-k logits under --distill-top-k
+    # the recipe a run gets unless its flags say otherwise: the text it tunes on (None: --data is
+    # required), the weight of distillation from the dense model, and from how many of its most
+    # likely tokens (0: its whole distribution)
+    default_data: str | None = None
+    default_distill: float = 0.0
+    default_distill_top_k: int = 0
 
     @property
     def auto_class(self) -> str:
@@ -96,6 +102,12 @@ TASKS: dict[str, Task] = {
         held_out=("ptb", "pydoc"),
         ratio_key="perplexity",
         top_k_distill=True,
+        # general English, distilled from the dense model: what keeps the model's ability on text it
+        # was not tuned on, on three seeds (docs/benchmarks/recipes.md#general); top-256 matches the
+        # whole logits there
+        default_data="gcide+foldoc",
+        default_distill=0.9,
+        default_distill_top_k=256,
     ),
     "embedding": Task(
         "embedding",

@@ -65,13 +65,21 @@ def format_summary(report: dict) -> str:
     lines = [f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(
         f"ratio {config['ratio']} of groups in {pruned_layers}/{len(report['layers'])} layers, "
-        f"criterion {config['criterion']}, {config['steps']} steps, "
+        f"criterion {config['criterion']}, {config['steps']} steps on {report.get('data')}, {_objective(config)}, "
         f"{report['skipped_score_updates']} skipped score updates, shrink {config.get('shrink') or 'end'}; "
         f"pruning {report['seconds']:.0f} s, wall time {report.get('wall_seconds', report['seconds']):.0f} s"
     )
     if evaluation and "ratio" in evaluation:
         lines += ["", texts_table(evaluation)]
     return "\n".join(lines)
+
+
+def _objective(config: dict) -> str:
+    """What the LoRA steps minimised: the task loss, or distillation from the dense model mixed with it."""
+    if not config.get("distill"):
+        return "task loss alone"
+    teacher = f"top {config['distill_top_k']}" if config.get("distill_top_k") else "whole logits"
+    return f"distilled {config['distill']:g} from the dense model's {teacher}"
 
 
 def texts_table(evaluation: dict) -> str:
