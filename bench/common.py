@@ -101,11 +101,12 @@ def prepare(parser: argparse.ArgumentParser, argv, model=None, tokenizer=None):
 
 def budget(args, ratio: float, criterion: str = "lora", **overrides):
     """The fine-tuning budget every row of a benchmark shares; `overrides` may change any of it (a
-    recipe's batch_size=1,grad_accum=4)."""
+    recipe's batch_size=1,grad_accum=4). The objective is the task loss alone, as in the paper, unless
+    `overrides` set distill: a benchmark compares what it varies, not `prune`'s default recipe."""
     from loraprune import PruneConfig
 
     shared = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                  prune_freq=args.prune_freq, seed=args.seed)  # fmt: skip
+                  prune_freq=args.prune_freq, seed=args.seed, distill=0.0)  # fmt: skip
     return PruneConfig(ratio=ratio, criterion=criterion, **(shared | overrides))
 
 
@@ -115,7 +116,8 @@ def budget_text(args: dict, splits: str = "each split") -> str:
     windows = f"the first {a['eval_windows']}" if a.get("eval_windows") else "all"
     return (
         f"{a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
-        f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}; perplexity over {windows} "
+        f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}, the task loss alone unless a "
+        f"recipe sets distill; perplexity over {windows} "
         f"{a.get('eval_seq', 128)}-token windows of {splits}."
     )
 

@@ -477,6 +477,11 @@ CLAIMS = [
           + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs "
           f"{n(r.ppl('general/dense', 'gcide test'))}",
           "recipes#general"),
+    Claim("Quality", "The default recipe (500 steps on `gcide+foldoc`, `--distill 0.9` from the top 256) at 20% on "
+          "seeds 0, 1, 2, first 200 windows: PTB test / pydoc / jargon perplexity over the dense model's",
+          lambda r: "; ".join(" / ".join(x(held_out(r, f"general/streamed20-kd256a90-500{seed}", f"{text} test"))
+                                         for text in ("ptb", "pydoc", "jargon"))
+                              for seed in ("", "-s1", "-s2")), "recipes#general"),
     Claim("Speed", "A step distilling from the dense model's top-K (`--distill-top-k`) against a plain LoRA "
           "step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),

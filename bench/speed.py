@@ -41,7 +41,7 @@ def arguments():
 
 def variant_configs(args) -> dict[str, PruneConfig]:
     """The pruned variants: the recipes given, or every ratio x layout."""
-    brief = dict(steps=args.prune_steps, batch_size=1, prune_freq=1, seed=args.seed)
+    brief = dict(steps=args.prune_steps, batch_size=1, prune_freq=1, seed=args.seed, distill=0.0)
     if args.recipes:
         runs = [parse_run(spec) for spec in args.recipes]
         return {name: PruneConfig(**{**brief, "criterion": criterion, "ratio": ratio, **settings})

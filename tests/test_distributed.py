@@ -22,7 +22,7 @@ from loraprune.runtime import distributed
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # this process is no rank
     ENV.pop(name, None)
-RUN = ["--seq-len", "16", "--prune-freq", "2", "--quiet", "--no-eval"]
+RUN = ["--seq-len", "16", "--prune-freq", "2", "--quiet", "--no-eval", "--distill", "0"]  # recipes below add theirs
 # all-reduce averaging sums the two halves of the batch in another order than one process does
 WEIGHT_ATOL, SCORE_ATOL = 1e-5, 1e-5
 
@@ -46,7 +46,8 @@ def run(processes: int, *argv, cwd) -> subprocess.CompletedProcess:
         ("fsdp", "lora", ()),  # --shrink end (FSDP's default)
         ("ddp", "sketch", ()),
         ("ddp", "gradient", ()),  # base weights in DDP while scoring; a new wrapper without them after
-        ("ddp", "lora", ("--distill", 0.5, "--allocation", "global", "--skip-layers", "none")),
+        ("ddp", "lora", ("--distill", 0.5, "--distill-top-k", 0, "--allocation", "global", "--skip-layers", "none")),
+        ("ddp", "lora", ("--distill", 0.9, "--distill-top-k", 8)),  # the top-k up front: a sample of the global batch
         ("ddp", "lora", ("--layer-ratio", 0.5)),  # a removed layer's LoRA factors leave DDP
     ],
 )

@@ -8,6 +8,7 @@ from ..pipeline.evaluate import greedy_generate, perplexity
 from ..pipeline.lm_loss import causal_lm_loss as chunked_lm_loss
 from ..pipeline.lm_loss import distilled_causal_lm_loss, top_k_distilled_causal_lm_loss
 from ..pipeline.teacher_cache import top_k_targets
+from ..runtime import distributed
 from .common import device_of
 
 PROMPT = "the company said it expects"  # the greedy sample printed after a run
@@ -40,13 +41,14 @@ def distilled_loss(model: nn.Module, batch: Tensor | dict, teacher, distill: flo
 
 
 def examples(model, tokenizer, text: str, config) -> Tensor | dict:
-    """The text's windows; under --distill-top-k K only those training will draw (steps × batch size
-    × grad accum, a sample seeded by --seed when the text has more), each with the dense `model`'s
-    top-K next tokens at every position (teacher_cache.py)."""
+    """The text's windows; under --distill-top-k K only those training will draw (steps × global batch
+    × grad accum, a sample seeded by --seed when the text has more: the same on every rank), each with
+    the dense `model`'s top-K next tokens at every position (teacher_cache.py)."""
     all_windows = windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
     if not (config.distill and config.distill_top_k):
         return all_windows
-    needed = config.steps * config.batch_size * config.grad_accum
+    # --batch-size is per process: the global batch, and so the sample, grows with the processes
+    needed = config.steps * config.batch_size * distributed.world_size() * config.grad_accum
     if len(all_windows) > needed:
         picked = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(config.seed))[:needed]
         all_windows = all_windows[picked.sort().values]
