@@ -114,7 +114,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder,
     capsys.readouterr()
     assert main(["prune", "--resume", str(tmp_path / "out"), "--lr", "0.5", "--steps", "60"]) == 2
     err = capsys.readouterr().err
-    assert "other settings: --lr 0.5 (checkpoint: 0.0001); drop these flags" in err and "--steps" not in err
+    assert "other settings: --lr 0.5 (checkpoint: 0.0005); drop these flags" in err and "--steps" not in err
 
     # resume in this process (same thread count): the result is still the uninterrupted one
     assert main(["prune", "--resume", str(tmp_path / "out"), "--quiet"]) == 0

@@ -194,7 +194,7 @@ def test_no_scoring_work_after_the_last_pruning_step(tiny_tokenizer, monkeypatch
         original = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _f=original: collected.append(forwards[0]) or _f(self, *a))
     config = PruneConfig(ratio=0.5, steps=20, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion,
-                         schedule="oneshot", skip_layers="none")  # fmt: skip
+                         schedule="oneshot", skip_layers="none", distill=0)  # fmt: skip (no top-k teacher forwards)
     corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
     _, report = prune(model, tiny_tokenizer, corpus, config, progress=False)
     last = SparsitySchedule.of(config).end
@@ -213,7 +213,7 @@ def test_resume_into_the_cooldown_scores_nothing_and_ends_alike(tiny_tokenizer, 
     from loraprune.runtime.checkpoint import Checkpointer, latest
 
     config = PruneConfig(ratio=0.5, steps=10, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion,
-                         schedule="oneshot", skip_layers="none", shrink="end")  # fmt: skip
+                         schedule="oneshot", skip_layers="none", shrink="end", distill=0)  # fmt: skip
     corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
     checkpointer = Checkpointer(tmp_path / "run", {"model": "tiny"}, every=6)
     whole, whole_report = prune(tiny_model("llama-gqa"), tiny_tokenizer, corpus, config, False, checkpointer)
