@@ -388,6 +388,15 @@ def held_out(r: Numbers, run: str, split: str) -> float:
     return r.ppl(run, split) / r.ppl(f"{run.split('/')[0]}/dense", split)
 
 
+def general_text_ratios(r: Numbers, run: str, tuned: bool = True) -> str:
+    """A recipes-general run's PTB test / pydoc / jargon perplexity over the dense model's, and with
+    `tuned` its gcide perplexity (the text it tuned on) beside the dense model's."""
+    ratios = " / ".join(x(held_out(r, f"general/{run}", f"{text} test")) for text in ("ptb", "pydoc", "jargon"))
+    if not tuned:
+        return ratios
+    return f"{ratios}; {n(r.ppl(f'general/{run}', 'gcide test'))} vs {n(r.ppl('general/dense', 'gcide test'))}"
+
+
 def overhead_ratios(r: Numbers) -> str:
     bench = r.json("overhead-general-topk.json")
     rows = {row["variant"]: row["ratio_vs_plain"] for row in bench["rows"]}
@@ -472,16 +481,14 @@ CLAIMS = [
               for run in ("width25", "hidden25", "depth25", "mix25")), "speed#shape"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
-          lambda r: " / ".join(x(held_out(r, "general/streamed20-kdfull90-500", f"{text} test"))
-                               for text in ("ptb", "pydoc", "jargon"))
-          + f"; {n(r.ppl('general/streamed20-kdfull90-500', 'gcide test'))} vs "
-          f"{n(r.ppl('general/dense', 'gcide test'))}",
-          "recipes#general"),
+          lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),
     Claim("Quality", "The default recipe (500 steps on `gcide+foldoc`, `--distill 0.9` from the top 256) at 20% on "
           "seeds 0, 1, 2, first 200 windows: PTB test / pydoc / jargon perplexity over the dense model's",
-          lambda r: "; ".join(" / ".join(x(held_out(r, f"general/streamed20-kd256a90-500{seed}", f"{text} test"))
-                                         for text in ("ptb", "pydoc", "jargon"))
+          lambda r: "; ".join(general_text_ratios(r, f"streamed20-kd256a90-500{seed}", tuned=False)
                               for seed in ("", "-s1", "-s2")), "recipes#general"),
+    Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
+          "perplexity over the dense model's; gcide (tuned) vs dense",
+          lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
     Claim("Speed", "A step distilling from the dense model's top-K (`--distill-top-k`) against a plain LoRA "
           "step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),

@@ -184,7 +184,7 @@ def test_distill_is_refused_for_the_embedding_task(tiny_tokenizer):
         (["--distill-temperature", "0"], "--distill-temperature must be a positive number"),
         (["--distill-teacher", "float8"], "--distill-teacher.*invalid choice"),
         (["--min-keep", "1"], r"--min-keep must be in \(0, 1\)"),
-        (["--distill", "0", "--distill-top-k", "8"], "--distill-top-k sets how --distill reads the dense model; give --distill"),
+        (["--distill", "0", "--distill-top-k", "8"], "--distill-top-k sets how --distill reads the dense model"),
         (["--distill", "1", "--distill-top-k", "-1"], "--distill-top-k must be 0"),
         (["--distill", "1", "--distill-top-k", "100000"], r"--distill-top-k must be in \[1, 64\]"),
         (["--allocation", "global", "--uniform"], "cannot be combined with --uniform"),

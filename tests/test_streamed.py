@@ -193,8 +193,9 @@ def test_no_scoring_work_after_the_last_pruning_step(tiny_tokenizer, monkeypatch
     for cls, name in ((StreamedScore, "add"), (GradientSketch, "_accumulate")):
         original = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _f=original: collected.append(forwards[0]) or _f(self, *a))
+    # the task loss alone: the top-k teacher's forwards would count as collections
     config = PruneConfig(ratio=0.5, steps=20, prune_freq=2, seq_len=16, batch_size=2, criterion=criterion,
-                         schedule="oneshot", skip_layers="none", distill=0)  # fmt: skip (no top-k teacher forwards)
+                         schedule="oneshot", skip_layers="none", distill=0)  # fmt: skip
     corpus = " ".join(["the cat sat on a mat and the dog ran to the park"] * 40)
     _, report = prune(model, tiny_tokenizer, corpus, config, progress=False)
     last = SparsitySchedule.of(config).end
