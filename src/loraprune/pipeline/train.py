@@ -141,8 +141,7 @@ def train(
     first = 1 if resume is None else resume.restore(model, optimizer, pruner, batches, history) + 1
     nan_run = _trailing_run(history.skipped_steps, first - 1)
     model.train()
-    ddp_model = distributed.wrap(model)  # several processes: LoRA gradients all-reduced in backward
-    trained = trainable_parameters(model)
+    ddp = ParallelModel(model)  # several processes: LoRA gradients all-reduced in backward
     size = base_parameters(model)  # changes only when a shrink cuts groups out
     bar = tqdm(range(first, config.steps + 1), desc="pruning", disable=not progress, dynamic_ncols=True)
     with checkpointer.catching_interrupts() if checkpointer is not None else contextlib.nullcontext():
@@ -151,10 +150,8 @@ def train(
             history.parameters.append(size)
             if step > schedule.end and pruner.scoring:  # no pruning step left (also on resume into the cooldown)
                 pruner.stop_scoring()
-                del ddp_model
-                ddp_model = distributed.wrap(model)  # DDP reduces what required grad when built: no base weights now
-                trained = trainable_parameters(model)
-            loss, updated = _step(ddp_model, pruner, optimizer, batches, config, loss_fn)
+                ddp.rebuild()  # the base weights no longer require grad
+            loss, updated = _step(ddp.wrapped, pruner, optimizer, batches, config, loss_fn)
             nan_run = 0 if updated else nan_run + 1
             if nan_run:
                 history.skipped_steps.append(step)
@@ -169,10 +166,8 @@ def train(
             _after_step(step, loss, schedules, pruner, history, bar)
             pruned = schedule.is_pruning_step(step)
             shrunk = pruned and pruner.shrink_dead(optimizer)  # --shrink progressive: the dead groups leave
-            if shrunk or (pruned and trainable_parameters(model) != trained):  # or a removed layer froze
-                del ddp_model
-                ddp_model = distributed.wrap(model)  # DDP's buckets hold the old parameters: a new wrapper
-                trained = trainable_parameters(model)
+            if shrunk or (pruned and ddp.trains_other_parameters()):  # or a removed layer froze
+                ddp.rebuild()  # the old buckets hold the old parameters
             if shrunk:
                 size = base_parameters(model)
             history.step_seconds.append(time.perf_counter() - started)
@@ -189,6 +184,25 @@ def train(
                     raise checkpointer.interrupted_error(step, config.steps)
     model.eval()
     return history
+
+
+class ParallelModel:
+    """The model as a step runs it: wrapped by DDP under several processes (itself in one). DDP
+    all-reduces the parameters that required grad when it was built, bucketed as they were then, so
+    it is built again whenever those change: a shrink, a layer removed, scoring stopped."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.wrapped = None
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        self.wrapped = None  # the old wrapper's hooks and buckets go before the new ones are made
+        self.wrapped = distributed.wrap(self.model)
+        self.trained = trainable_parameters(self.model)
+
+    def trains_other_parameters(self) -> bool:
+        return trainable_parameters(self.model) != self.trained
 
 
 def base_parameters(model: nn.Module) -> int:
