@@ -144,8 +144,8 @@ class PruneConfig:
         None,
         "when pruned groups leave the model physically: progressive (at every pruning step: W0, LoRA factors and "
         "their AdamW moments are sliced, so training runs on the smaller model) or end (masked until training "
-        "ends, then sliced); the same masks and weights either way. None: progressive, except with --distill, "
-        "--fsdp or 8-/4-bit weights, which need the dense layers (end)",
+        "ends, then sliced); the same masks and weights either way. None: progressive, except with a live "
+        "--distill teacher (--distill-top-k 0), --fsdp or 8-/4-bit weights, which need the dense layers (end)",
         choices=SHRINK_MODES,
     )
     fsdp: bool = setting(
