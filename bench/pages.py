@@ -489,6 +489,10 @@ CLAIMS = [
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
+    Claim("Quality", "How long to run it, 20%: 250 vs 500 steps, PTB test / pydoc / jargon perplexity over the dense "
+          "model's; gcide (tuned) vs dense", lambda r: "; ".join(
+              f"{steps} steps: {general_text_ratios(r, f'streamed20-kd256a90-{steps}')}" for steps in (250, 500)),
+          "recipes#general"),
     Claim("Speed", "A step distilling from the dense model's top-K (`--distill-top-k`) against a plain LoRA "
           "step (4x128, alternated), and against "
           "the live teacher's step", lambda r: overhead_ratios(r), "overhead#general-topk"),
