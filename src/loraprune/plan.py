@@ -98,7 +98,8 @@ def resolve_criterion(config: PruneConfig, sharded: bool) -> PruneConfig:
 def resolve_distill(config: PruneConfig, task: Task, sharded: bool, vocab: int | None) -> PruneConfig:
     """`config` with --distill and --distill-top-k decided: the task's recipe where they were not
     given (causal LMs: 0.9 from the dense model's top 256), the top-k only where it can be computed up
-    front (one process or DDP, not FSDP: there the whole logits, from the dense model inside)."""
+    front (one process or DDP, not FSDP: there the whole logits, from the dense model inside). A top-k
+    without distillation is refused here, where an undecided --distill has become the task's."""
     distill = task.default_distill if config.distill is None else config.distill
     top_k = config.distill_top_k
     if top_k is None:

@@ -183,8 +183,6 @@ class PruneConfig:
                 f"must be one of {', '.join(TEACHER_PRECISIONS)}")  # fmt: skip
         require(self.distill_top_k is None or self.distill_top_k >= 0, "distill_top_k",
                 "must be 0 (off) or a positive number of tokens")  # fmt: skip
-        if self.distill_top_k and self.distill == 0:
-            raise LoraPruneError("--distill-top-k sets how --distill reads the dense model; give --distill too")
         if self.multiple_of is not None:
             n = self.multiple_of
             require(n >= 1 and n & (n - 1) == 0, "multiple_of", "must be a positive power of two")

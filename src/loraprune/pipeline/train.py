@@ -193,11 +193,10 @@ class ParallelModel:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.wrapped = None
         self.rebuild()
 
     def rebuild(self) -> None:
-        self.wrapped = None  # the old wrapper's hooks and buckets go before the new ones are made
+        self.wrapped = None  # an old wrapper's hooks and buckets go before the new ones are made
         self.wrapped = distributed.wrap(self.model)
         self.trained = trainable_parameters(self.model)
 
