@@ -210,8 +210,12 @@ def machine() -> dict:
 
 
 def command(argv: list[str] | None, module: str) -> str:
-    """The command that reproduces this run."""
-    argv = sys.argv[1:] if argv is None else argv
+    """The command that reproduces this run. `--results` pointing at a checkout's bench/results (another
+    worktree's, say) is left out: it is the default folder, wherever the run was started."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--results" in argv and Path(argv[argv.index("--results") + 1]).parts[-2:] == ("bench", "results"):
+        i = argv.index("--results")
+        del argv[i : i + 2]
     return " ".join([".venv/bin/python", "-m", module, *map(shlex.quote, argv)])
 
 
