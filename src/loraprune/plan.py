@@ -42,6 +42,8 @@ def check_compatible(model_config, config: PruneConfig, quantized: bool | None =
     config = resolve_criterion(config, sharded)
     config = resolve_distill(config, task, sharded, getattr(model_config, "vocab_size", None))
     config = resolve_shrink(config, sharded, quantized)  # refuses --shrink progressive where it cannot work
+    if config.target_shape == "mix":
+        check_mix(config, task, sharded)
     config, target = resolve_ratio(model_config, config)
     context = context_length(model_config)
     if config.seq_len > context:
@@ -131,6 +133,16 @@ def resolve_shrink(config: PruneConfig, sharded: bool, quantized: bool = False) 
             f"--shrink progressive cannot be combined with {name}: {why}; use --shrink end (or leave --shrink out)"
         )
     return config
+
+
+def check_mix(config: PruneConfig, task, sharded: bool) -> None:
+    """--target-shape mix: it picks --layer-ratio and --hidden-ratio from --target-params (so a given
+    ratio is refused, not overridden), where both apply."""
+    if config.target_params is None or config.layer_ratio or config.hidden_ratio:
+        raise LoraPruneError("--target-shape mix chooses --layer-ratio and --hidden-ratio from --target-params: "
+                             "give --target-params and neither ratio")  # fmt: skip
+    if task.name != "causal-lm" or sharded:
+        raise LoraPruneError("--target-shape mix removes layers and hidden channels of causal LMs, not under --fsdp")
 
 
 def check_depth(model_config, config: PruneConfig, task, sharded: bool) -> None:

@@ -20,6 +20,7 @@ TASK_NAMES = tuple(TASK_MODELS)  # tasks.TASKS holds one entry each
 SHRINK_MODES = ("progressive", "end")
 TEACHER_PRECISIONS = ("auto", "bfloat16", "model")  # train.teacher_autocast
 LAYER_SCORES = ("similarity", "taylor")  # depth.LayerRemoval
+TARGET_SHAPES = ("width", "mix")  # target.resolve_ratio
 
 
 def round_half_up(x: float) -> int:
@@ -43,6 +44,13 @@ class PruneConfig:
     ratio: float = setting(0.5, "fraction of heads and of MLP channels removed in each prunable layer")
     target_params: float | None = setting(
         None, "fraction of the model's total parameters to remove; picks the group ratio that reaches it"
+    )
+    target_shape: str = setting(
+        "width",
+        "how --target-params splits the cut: width (heads and MLP channels, besides any --layer-ratio and "
+        "--hidden-ratio given) or mix (whole layers up to half the target, then the hidden size up to nine "
+        "tenths of it, heads and channels the rest; causal LMs)",
+        choices=TARGET_SHAPES,
     )
     steps: int = setting(500, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
     seq_len: int = setting(128, "tokens per training window")
@@ -164,6 +172,7 @@ class PruneConfig:
         require(0 <= self.hidden_ratio < 1, "hidden_ratio", "must be in [0, 1)")
         require(self.layer_score in LAYER_SCORES, "layer_score", f"must be one of {', '.join(LAYER_SCORES)}")
         require(self.target_params is None or 0 < self.target_params < 1, "target_params", "must be in (0, 1)")
+        require(self.target_shape in TARGET_SHAPES, "target_shape", f"must be one of {', '.join(TARGET_SHAPES)}")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "lora_r", "prune_freq", "max_nan_steps"):
             require(getattr(self, name) >= 1, name, "must be a positive integer")
         require(self.seq_len >= 2, "seq_len", "must be at least 2 tokens")
