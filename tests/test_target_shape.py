@@ -11,7 +11,7 @@ from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.hidden import hidden_config_error
-from loraprune.pipeline.target import MIX_DEPTH_HIDDEN_SHARE, MIX_DEPTH_SHARE, ParameterCounts
+from loraprune.pipeline.target import MIX_DEPTH_HIDDEN_SHARE, MIX_DEPTH_SHARE, MIX_HIDDEN_MULTIPLE, ParameterCounts
 from loraprune.plan import check_compatible
 from test_hidden import SETTINGS
 from test_progressive import CORPUS
@@ -39,6 +39,18 @@ def test_mix_takes_layers_then_hidden_size_within_their_shares(family, target):
     assert replace(counts, removed_hidden=counts.hidden - larger).removed(0.0, False) > MIX_DEPTH_HIDDEN_SHARE * budget
     # heads and channels fill the rest: the prediction lands near the target
     assert plan.config.ratio > 0 and plan.target["predicted"] == pytest.approx(target, abs=0.03)
+
+
+def test_mix_keeps_a_hidden_size_of_64s_where_the_model_has_one():
+    """llama.cpp's kernels slow down on other sizes: a 256-wide model keeps 192 or 128, never 200."""
+    config = tiny_model("llama-mha", layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=4).config
+    plan = check_compatible(config, PruneConfig(**MIX, target_params=0.4))
+    cut = plan.config.removed_hidden(256)
+    assert cut > 0 and cut % MIX_HIDDEN_MULTIPLE == 0
+    # alignment decided it: four more channels fit the share, at a size the config accepts
+    counts = ParameterCounts.of(config, plan.config)
+    assert replace(counts, removed_hidden=cut + 4).removed(0.0, False) <= MIX_DEPTH_HIDDEN_SHARE * 0.4 * counts.total
+    assert hidden_config_error(config, arch_for(config), 256 - cut - 4) is None
 
 
 def test_a_mix_run_removes_what_its_plan_predicts(tiny_tokenizer):

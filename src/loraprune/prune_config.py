@@ -49,7 +49,7 @@ class PruneConfig:
         "width",
         "how --target-params splits the cut: width (heads and MLP channels, besides any --layer-ratio and "
         "--hidden-ratio given) or mix (whole layers up to half the target, then the hidden size up to nine "
-        "tenths of it, heads and channels the rest; causal LMs)",
+        "tenths of it (a multiple of 64 where the model's is one), heads and channels the rest; causal LMs)",
         choices=TARGET_SHAPES,
     )
     steps: int = setting(500, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")

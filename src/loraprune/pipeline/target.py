@@ -150,18 +150,23 @@ def ratio_for_target_params(counts: ParameterCounts, config: PruneConfig) -> flo
 # together, may take; heads and channels take the rest. Measured at a quarter of SmolLM2 (docs/benchmarks/
 # recipes.md#shape), a cut split about this way kept held-out text better than width, depth or hidden alone.
 MIX_DEPTH_SHARE, MIX_DEPTH_HIDDEN_SHARE = 0.5, 0.9
+# a hidden size that is not a multiple of 64 slowed llama.cpp's f16 prompt processing to a third
+# (docs/benchmarks/serving.md#shape): mix keeps it one where the model's is
+MIX_HIDDEN_MULTIPLE = 64
 
 
 def mix_shape(model_config, config: PruneConfig) -> PruneConfig:
     """`config` with --layer-ratio and --hidden-ratio chosen for --target-shape mix: the most whole layers
     within MIX_DEPTH_SHARE of the target (one prunable layer always stays), then the largest hidden cut
-    the family's config accepts that keeps both within MIX_DEPTH_HIDDEN_SHARE."""
+    that keeps both within MIX_DEPTH_HIDDEN_SHARE, at a size the family's config accepts (a multiple of
+    MIX_HIDDEN_MULTIPLE where the model's is one; none where no such size is accepted)."""
     counts = ParameterCounts.of(model_config, config)
     budget = config.target_params * counts.total
     layers = min(int(MIX_DEPTH_SHARE * budget // counts.layer), counts.prunable_layers - 1)
     counts = replace(counts, removed_layers=layers)
     arch, hidden, cut = arch_for(model_config), counts.hidden, 0
-    for kept in range(hidden - 1, 0, -1):
+    multiple = MIX_HIDDEN_MULTIPLE if hidden % MIX_HIDDEN_MULTIPLE == 0 else 1
+    for kept in range(hidden - multiple, 0, -multiple):
         if replace(counts, removed_hidden=hidden - kept).removed(0.0, config.uniform) > MIX_DEPTH_HIDDEN_SHARE * budget:
             break
         if hidden_config_error(model_config, arch, kept) is None:
