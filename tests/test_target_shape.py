@@ -11,7 +11,7 @@ from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.hidden import hidden_config_error
-from loraprune.pipeline.target import MIX_DEPTH_HIDDEN_SHARE, MIX_DEPTH_SHARE, MIX_HIDDEN_MULTIPLE, ParameterCounts
+from loraprune.pipeline.target import MIX_DEPTH_HIDDEN_SHARE, MIX_DEPTH_SHARE, MIX_HIDDEN_MULTIPLE, MIX_MOST_LAYERS, ParameterCounts
 from loraprune.plan import check_compatible
 from test_hidden import SETTINGS
 from test_progressive import CORPUS
@@ -31,6 +31,7 @@ def test_mix_takes_layers_then_hidden_size_within_their_shares(family, target):
     assert layers >= 1 and (cut >= 1 or target < 0.4)  # 40% of these models has room for both
     # the most whole layers within their share; one more would pass it
     assert layers * counts.layer <= MIX_DEPTH_SHARE * budget < (layers + 1) * counts.layer
+    assert layers <= MIX_MOST_LAYERS * counts.prunable_layers
     # the largest accepted hidden cut that keeps layers and hidden size within theirs
     kept = counts.hidden - cut
     assert hidden_config_error(config, arch_for(config), kept) is None
@@ -39,6 +40,16 @@ def test_mix_takes_layers_then_hidden_size_within_their_shares(family, target):
     assert replace(counts, removed_hidden=counts.hidden - larger).removed(0.0, False) > MIX_DEPTH_HIDDEN_SHARE * budget
     # heads and channels fill the rest: the prediction lands near the target
     assert plan.config.ratio > 0 and plan.target["predicted"] == pytest.approx(target, abs=0.03)
+
+
+def test_mix_leaves_most_layers_where_the_embedding_dominates():
+    """With a large vocabulary half the target would be most of the layers: a third of them go."""
+    config = tiny_model("llama-gqa", layers=8, vocab_size=2048).config
+    plan = check_compatible(config, PruneConfig(**MIX, target_params=0.4))
+    counts = ParameterCounts.of(config, plan.config)
+    assert MIX_DEPTH_SHARE * 0.4 * counts.total >= (counts.removed_layers + 1) * counts.layer  # the share allows more
+    assert counts.removed_layers == int(MIX_MOST_LAYERS * counts.prunable_layers) == 2
+    assert counts.removed_hidden > 0 and plan.target["predicted"] == pytest.approx(0.4, abs=0.03)
 
 
 def test_mix_keeps_a_hidden_size_of_64s_where_the_model_has_one():

@@ -48,7 +48,7 @@ class PruneConfig:
     target_shape: str = setting(
         "width",
         "how --target-params splits the cut: width (heads and MLP channels, besides any --layer-ratio and "
-        "--hidden-ratio given) or mix (whole layers up to half the target, then the hidden size up to nine "
+        "--hidden-ratio given) or mix (whole layers up to half the target and a third of the layers, then the hidden size up to nine "
         "tenths of it (a multiple of 64 where the model's is one), heads and channels the rest; causal LMs)",
         choices=TARGET_SHAPES,
     )

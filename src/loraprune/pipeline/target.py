@@ -150,6 +150,9 @@ def ratio_for_target_params(counts: ParameterCounts, config: PruneConfig) -> flo
 # together, may take; heads and channels take the rest. Measured at a quarter of SmolLM2 (docs/benchmarks/
 # recipes.md#shape), a cut split about this way kept held-out text better than width, depth or hidden alone.
 MIX_DEPTH_SHARE, MIX_DEPTH_HIDDEN_SHARE = 0.5, 0.9
+# and never more than a third of the prunable layers: where the embedding dominates (Gemma 3 270M: 63%),
+# half the target would be most of the layers; ShortGPT removed about a quarter before quality fell off
+MIX_MOST_LAYERS = 1 / 3
 # a hidden size that is not a multiple of 64 slowed llama.cpp's f16 prompt processing to a third
 # (docs/benchmarks/serving.md#shape): mix keeps it one where the model's is
 MIX_HIDDEN_MULTIPLE = 64
@@ -157,12 +160,12 @@ MIX_HIDDEN_MULTIPLE = 64
 
 def mix_shape(model_config, config: PruneConfig) -> PruneConfig:
     """`config` with --layer-ratio and --hidden-ratio chosen for --target-shape mix: the most whole layers
-    within MIX_DEPTH_SHARE of the target (one prunable layer always stays), then the largest hidden cut
+    within MIX_DEPTH_SHARE of the target and MIX_MOST_LAYERS of the prunable ones, then the largest hidden cut
     that keeps both within MIX_DEPTH_HIDDEN_SHARE, at a size the family's config accepts (a multiple of
     MIX_HIDDEN_MULTIPLE where the model's is one; none where no such size is accepted)."""
     counts = ParameterCounts.of(model_config, config)
     budget = config.target_params * counts.total
-    layers = min(int(MIX_DEPTH_SHARE * budget // counts.layer), counts.prunable_layers - 1)
+    layers = min(int(MIX_DEPTH_SHARE * budget // counts.layer), int(MIX_MOST_LAYERS * counts.prunable_layers))
     counts = replace(counts, removed_layers=layers)
     arch, hidden, cut = arch_for(model_config), counts.hidden, 0
     multiple = MIX_HIDDEN_MULTIPLE if hidden % MIX_HIDDEN_MULTIPLE == 0 else 1
