@@ -11,7 +11,13 @@ from loraprune.archs import arch_for
 from loraprune.cli import main
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline.hidden import hidden_config_error
-from loraprune.pipeline.target import MIX_DEPTH_HIDDEN_SHARE, MIX_DEPTH_SHARE, MIX_HIDDEN_MULTIPLE, MIX_MOST_LAYERS, ParameterCounts
+from loraprune.pipeline.target import (
+    MIX_DEPTH_HIDDEN_SHARE,
+    MIX_DEPTH_SHARE,
+    MIX_HIDDEN_MULTIPLE,
+    MIX_MOST_LAYERS,
+    ParameterCounts,
+)
 from loraprune.plan import check_compatible
 from test_hidden import SETTINGS
 from test_progressive import CORPUS

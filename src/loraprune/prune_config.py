@@ -48,8 +48,9 @@ class PruneConfig:
     target_shape: str = setting(
         "width",
         "how --target-params splits the cut: width (heads and MLP channels, besides any --layer-ratio and "
-        "--hidden-ratio given) or mix (whole layers up to half the target and a third of the layers, then the hidden size up to nine "
-        "tenths of it (a multiple of 64 where the model's is one), heads and channels the rest; causal LMs)",
+        "--hidden-ratio given) or mix (whole layers up to half the target and a third of the layers, then the "
+        "hidden size up to nine tenths of it (a multiple of 64 where the model's is one), heads and channels the "
+        "rest; causal LMs)",
         choices=TARGET_SHAPES,
     )
     steps: int = setting(500, "optimizer steps of LoRA fine-tuning (pruning happens inside them)")
