@@ -474,6 +474,22 @@ CLAIMS = [
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
           lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
                                 for run in ("width25", "hidden25", "depth25", "mix25")), "recipes#shape"),
+    Claim("Quality", "The same four shapes at 40% of all parameters: PTB test / pydoc perplexity",
+          lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+                                for run in ("width40", "hidden40", "depth40", "mix40")), "recipes#shape"),
+    Claim("Quality", "Which layers go (`--layer-score`), the depth shape at 25%: PTB test / pydoc perplexity with "
+          "`similarity` vs `taylor`", lambda r: " vs ".join(
+              f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+              for run in ("depth25", "depth25-taylor")), "recipes#shape"),
+    Claim("Quality", "`--target-shape mix` against heads and channels alone (`width`) at 25% and 40% of all "
+          "parameters: PTB test / pydoc perplexity", lambda r: "; ".join(
+              f"{n(r.ppl(f'shape/auto{size}'))} / {n(r.ppl(f'shape/auto{size}', 'pydoc test'))} vs "
+              f"{n(r.ppl(f'shape/width{size}'))} / {n(r.ppl(f'shape/width{size}', 'pydoc test'))}"
+              for size in (25, 40)), "recipes#shape"),
+    Claim("Quality", "`--target-shape mix` against `width` at 25% of all parameters under the default recipe "
+          "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
+          lambda r: " vs ".join(general_text_ratios(r, f"{run}25-kd256a90-120") for run in ("mix", "width")),
+          "recipes#general"),
     Claim("Speed", "The same shapes in transformers (brief prunes: speed depends on the shape alone): 1 x 512 forward "
           "/ greedy generation speedup over the dense model", lambda r: " vs ".join(
               " / ".join(x(row["speedup"]) for row in r.json("speed-shape.json")["rows"]
@@ -486,6 +502,10 @@ CLAIMS = [
           "seeds 0, 1, 2, first 200 windows: PTB test / pydoc / jargon perplexity over the dense model's",
           lambda r: "; ".join(general_text_ratios(r, f"streamed20-kd256a90-500{seed}", tuned=False)
                               for seed in ("", "-s1", "-s2")), "recipes#general"),
+    Claim("Quality", "The default recipe with each criterion, 20%, 500 steps: PTB test / pydoc / jargon perplexity "
+          "over the dense model's for `streamed` vs `lora` vs `gradient`", lambda r: " vs ".join(
+              general_text_ratios(r, f"{criterion}20-kd256a90-500", tuned=False)
+              for criterion in ("streamed", "lora", "gradient")), "recipes#general"),
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
