@@ -474,9 +474,10 @@ CLAIMS = [
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
           lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
                                 for run in ("width25", "hidden25", "depth25", "mix25")), "recipes#shape"),
-    Claim("Quality", "The same four shapes at 40% of all parameters: PTB test / pydoc perplexity",
-          lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
-                                for run in ("width40", "hidden40", "depth40", "mix40")), "recipes#shape"),
+    Claim("Quality", "At 40% of all parameters: PTB test / pydoc perplexity for heads and channels only, hidden "
+          "size only, and layers + hidden + width", lambda r: " vs ".join(
+              f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+              for run in ("width40", "hidden40", "mix40")), "recipes#shape"),
     Claim("Quality", "Which layers go (`--layer-score`), the depth shape at 25%: PTB test / pydoc perplexity with "
           "`similarity` vs `taylor`", lambda r: " vs ".join(
               f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
