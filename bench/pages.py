@@ -397,6 +397,11 @@ def general_text_ratios(r: Numbers, run: str, tuned: bool = True) -> str:
     return f"{ratios}; {n(r.ppl(f'general/{run}', 'gcide test'))} vs {n(r.ppl('general/dense', 'gcide test'))}"
 
 
+def ptb_pydoc(r: Numbers, run: str) -> str:
+    """A recipes run's PTB test / pydoc perplexity, as the shape claims print it."""
+    return f"{n(r.ppl(run))} / {n(r.ppl(run, 'pydoc test'))}"
+
+
 def overhead_ratios(r: Numbers) -> str:
     bench = r.json("overhead-general-topk.json")
     rows = {row["variant"]: row["ratio_vs_plain"] for row in bench["rows"]}
@@ -472,20 +477,19 @@ CLAIMS = [
               for label in ("pl20a", "dense")), "serving#trained"),
     Claim("Quality", "Shapes at 25% of all parameters removed, 120 steps on PTB: PTB test / pydoc perplexity for "
           "heads and channels only, hidden size only, whole layers (+ a little width), and layers + hidden + width",
-          lambda r: " vs ".join(f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+          lambda r: " vs ".join(ptb_pydoc(r, f"shape/{run}")
                                 for run in ("width25", "hidden25", "depth25", "mix25")), "recipes#shape"),
     Claim("Quality", "At 40% of all parameters: PTB test / pydoc perplexity for heads and channels only, hidden "
           "size only, and layers + hidden + width", lambda r: " vs ".join(
-              f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+              ptb_pydoc(r, f"shape/{run}")
               for run in ("width40", "hidden40", "mix40")), "recipes#shape"),
     Claim("Quality", "Which layers go (`--layer-score`), the depth shape at 25%: PTB test / pydoc perplexity with "
           "`similarity` vs `taylor`", lambda r: " vs ".join(
-              f"{n(r.ppl(f'shape/{run}'))} / {n(r.ppl(f'shape/{run}', 'pydoc test'))}"
+              ptb_pydoc(r, f"shape/{run}")
               for run in ("depth25", "depth25-taylor")), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against heads and channels alone (`width`) at 25% and 40% of all "
           "parameters: PTB test / pydoc perplexity", lambda r: "; ".join(
-              f"{n(r.ppl(f'shape/auto{size}'))} / {n(r.ppl(f'shape/auto{size}', 'pydoc test'))} vs "
-              f"{n(r.ppl(f'shape/width{size}'))} / {n(r.ppl(f'shape/width{size}', 'pydoc test'))}"
+              f"{ptb_pydoc(r, f'shape/auto{size}')} vs {ptb_pydoc(r, f'shape/width{size}')}"
               for size in (25, 40)), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% of all parameters under the default recipe "
           "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
