@@ -500,6 +500,12 @@ CLAIMS = [
               " / ".join(x(row["speedup"]) for row in r.json("speed-shape.json")["rows"]
                          if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
               for run in ("width25", "hidden25", "depth25", "mix25")), "speed#shape"),
+    Claim("Speed", "`--target-shape mix` against `width` in transformers at 25% / 40% of all parameters: 1 x 512 "
+          "forward / greedy generation speedup over the dense model", lambda r: "; ".join(
+              " vs ".join(" / ".join(x(row["speedup"]) for row in r.json("speed-shape-mix.json")["rows"]
+                                     if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
+                          for run in (f"auto{size}", f"width{size}"))
+              for size in (25, 40)), "speed#shape-mix"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),
