@@ -410,11 +410,15 @@ def overhead_ratios(r: Numbers) -> str:
             f"{x(rows[f'LoRAPrune (streamed, distill {distill:g})'])}")  # fmt: skip
 
 
-def serving_speedups(r: Numbers) -> str:
-    rows = {(row["label"], row["outtype"]): row["tokens_per_s"] for row in r.json("serving-smollm2.json")["rows"]}
+def llamacpp_speedup(r: Numbers, file: str, label: str, kind: str) -> str:
+    """A bench.serving model's prompt (pp512) / generation (tg128) tokens/s over the dense file's of that type."""
+    rows = {(row["label"], row["outtype"]): row["tokens_per_s"] for row in r.json(file)["rows"]}
+    return " / ".join(x(rows[label, kind][t] / rows["dense", kind][t]) for t in ("pp512", "tg128"))
 
+
+def serving_speedups(r: Numbers) -> str:
     def ratio(label: str, kind: str) -> str:
-        return " / ".join(x(rows[label, kind][t] / rows["dense", kind][t]) for t in ("pp512", "tg128"))
+        return llamacpp_speedup(r, "serving-smollm2.json", label, kind)
 
     return f"{ratio('pl20a', 'f16')} (f16), {ratio('pl20a', 'q4_k_m')} (q4_k_m); unaligned {ratio('pl20', 'f16')}"
 
@@ -491,6 +495,11 @@ CLAIMS = [
           "parameters: PTB test / pydoc perplexity", lambda r: "; ".join(
               f"{ptb_pydoc(r, f'shape/auto{size}')} vs {ptb_pydoc(r, f'shape/width{size}')}"
               for size in (25, 40)), "recipes#shape"),
+    Claim("Quality", "`--target-shape mix` against `width` at 25% on seeds 1 and 2: PTB test / pydoc / gcide "
+          "perplexity",
+          lambda r: "; ".join(" vs ".join(
+              f"{ptb_pydoc(r, f'shape/{run}25-s{seed}')} / {n(r.ppl(f'shape/{run}25-s{seed}', 'gcide test'))}"
+              for run in ("auto", "width")) for seed in (1, 2)), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% of all parameters under the default recipe "
           "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: " vs ".join(general_text_ratios(r, f"{run}25-kd256a90-120") for run in ("mix", "width")),
@@ -506,6 +515,11 @@ CLAIMS = [
                                      if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
                           for run in (f"auto{size}", f"width{size}"))
               for size in (25, 40)), "speed#shape-mix"),
+    Claim("Speed", "`--target-shape mix` against `width` at 25% of all parameters in llama.cpp, 2 threads: prompt "
+          "(pp512) / generation (tg128) speedup over the dense model at f16 and at q4_k_m", lambda r: " vs ".join(
+              ", ".join(f"{llamacpp_speedup(r, 'serving-shape-mix.json', f'{run}25-s1', kind)} ({kind})"
+                        for kind in ("f16", "q4_k_m"))
+              for run in ("auto", "width")), "serving#shape-mix"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),
