@@ -501,8 +501,11 @@ CLAIMS = [
               f"{ptb_pydoc(r, f'shape/{run}25-s{seed}')} / {n(r.ppl(f'shape/{run}25-s{seed}', 'gcide test'))}"
               for run in ("auto", "width")) for seed in (1, 2)), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% of all parameters under the default recipe "
-          "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
-          lambda r: " vs ".join(general_text_ratios(r, f"{run}25-kd256a90-120") for run in ("mix", "width")),
+          "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's, `mix` vs `width`; gcide "
+          "(tuned) for `mix` vs `width` vs dense", lambda r: " vs ".join(
+              general_text_ratios(r, f"{run}25-kd256a90-120", tuned=False) for run in ("mix", "width"))
+          + "; " + " vs ".join(n(r.ppl(f"general/{run}", "gcide test"))
+                               for run in ("mix25-kd256a90-120", "width25-kd256a90-120", "dense")),
           "recipes#general"),
     Claim("Speed", "The same shapes in transformers (brief prunes: speed depends on the shape alone): 1 x 512 forward "
           "/ greedy generation speedup over the dense model", lambda r: " vs ".join(
