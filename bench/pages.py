@@ -523,6 +523,15 @@ CLAIMS = [
               ", ".join(f"{llamacpp_speedup(r, 'serving-shape-mix.json', f'{run}25-s1', kind)} ({kind})"
                         for kind in ("f16", "q4_k_m"))
               for run in ("auto", "width")), "serving#shape-mix"),
+    Claim("Speed", "The same with MLP widths a multiple of 256 (`--multiple-of 256`), seed 0: prompt / generation "
+          "speedup over the dense model at f16 and at q4_k_m, `mix` vs `width`", lambda r: " vs ".join(
+              ", ".join(f"{llamacpp_speedup(r, 'serving-shape-mix-a256.json', f'{run}25-a256', kind)} ({kind})"
+                        for kind in ("f16", "q4_k_m"))
+              for run in ("auto", "width")), "serving#shape-mix-a256"),
+    Claim("Quality", "`--target-shape mix` against `width` at 25% with `--multiple-of 256`, seed 0: PTB test / pydoc "
+          "/ gcide perplexity (parameters removed)", lambda r: " vs ".join(
+              f"{ptb_pydoc(r, f'shape/{run}25-a256')} / {n(r.ppl(f'shape/{run}25-a256', 'gcide test'))} "
+              f"({r.removed(f'shape/{run}25-a256'):.1%})" for run in ("auto", "width")), "recipes#shape"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),
@@ -639,7 +648,8 @@ a benchmark script rewrites its page after each run.
 def claims(results: Path, pages: str = "docs/benchmarks") -> str:
     """BENCHMARKS.md: the claims whose results are current, a table per topic, then the pages with none."""
     numbers, out, topic = Numbers(results), [INTRO], None
-    for claim in CLAIMS:
+    topics = list(dict.fromkeys(claim.topic for claim in CLAIMS))  # a table per topic, in first-seen order
+    for claim in sorted(CLAIMS, key=lambda claim: topics.index(claim.topic)):
         try:
             number = claim.number(numbers)
         except Missing as missing:
