@@ -402,6 +402,10 @@ def ptb_pydoc(r: Numbers, run: str) -> str:
     return f"{n(r.ppl(run))} / {n(r.ppl(run, 'pydoc test'))}"
 
 
+def ptb_pydoc_gcide(r: Numbers, run: str) -> str:
+    return f"{ptb_pydoc(r, run)} / {n(r.ppl(run, 'gcide test'))}"
+
+
 def overhead_ratios(r: Numbers) -> str:
     bench = r.json("overhead-general-topk.json")
     rows = {row["variant"]: row["ratio_vs_plain"] for row in bench["rows"]}
@@ -416,11 +420,20 @@ def llamacpp_speedup(r: Numbers, file: str, label: str, kind: str) -> str:
     return " / ".join(x(rows[label, kind][t] / rows["dense", kind][t]) for t in ("pp512", "tg128"))
 
 
-def serving_speedups(r: Numbers) -> str:
-    def ratio(label: str, kind: str) -> str:
-        return llamacpp_speedup(r, "serving-smollm2.json", label, kind)
+def llamacpp_speedups(r: Numbers, file: str, label: str) -> str:
+    """llamacpp_speedup at f16 and at q4_k_m."""
+    return ", ".join(f"{llamacpp_speedup(r, file, label, kind)} ({kind})" for kind in ("f16", "q4_k_m"))
 
-    return f"{ratio('pl20a', 'f16')} (f16), {ratio('pl20a', 'q4_k_m')} (q4_k_m); unaligned {ratio('pl20', 'f16')}"
+
+def transformers_speedups(r: Numbers, file: str, variant: str) -> str:
+    """A bench.speed variant's 1 x 512 forward / greedy generation speedup over the dense model."""
+    return " / ".join(x(row["speedup"]) for row in r.json(file)["rows"]
+                      if row["variant"] == variant and row["shape"] in ("1x512", "generate 32"))  # fmt: skip
+
+
+def serving_speedups(r: Numbers) -> str:
+    unaligned = llamacpp_speedup(r, "serving-smollm2.json", "pl20", "f16")
+    return f"{llamacpp_speedups(r, 'serving-smollm2.json', 'pl20a')}; unaligned {unaligned}"
 
 
 def agreement(model: dict) -> str:
@@ -497,9 +510,8 @@ CLAIMS = [
               for size in (25, 40)), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% on seeds 1 and 2: PTB test / pydoc / gcide "
           "perplexity",
-          lambda r: "; ".join(" vs ".join(
-              f"{ptb_pydoc(r, f'shape/{run}25-s{seed}')} / {n(r.ppl(f'shape/{run}25-s{seed}', 'gcide test'))}"
-              for run in ("auto", "width")) for seed in (1, 2)), "recipes#shape"),
+          lambda r: "; ".join(" vs ".join(ptb_pydoc_gcide(r, f"shape/{run}25-s{seed}") for run in ("auto", "width"))
+                              for seed in (1, 2)), "recipes#shape"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% of all parameters under the default recipe "
           "(120 steps): PTB test / pydoc / jargon perplexity over the dense model's, `mix` vs `width`; gcide "
           "(tuned) for `mix` vs `width` vs dense", lambda r: " vs ".join(
@@ -509,29 +521,24 @@ CLAIMS = [
           "recipes#general"),
     Claim("Speed", "The same shapes in transformers (brief prunes: speed depends on the shape alone): 1 x 512 forward "
           "/ greedy generation speedup over the dense model", lambda r: " vs ".join(
-              " / ".join(x(row["speedup"]) for row in r.json("speed-shape.json")["rows"]
-                         if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
+              transformers_speedups(r, "speed-shape.json", run)
               for run in ("width25", "hidden25", "depth25", "mix25")), "speed#shape"),
     Claim("Speed", "`--target-shape mix` against `width` in transformers at 25% / 40% of all parameters: 1 x 512 "
           "forward / greedy generation speedup over the dense model", lambda r: "; ".join(
-              " vs ".join(" / ".join(x(row["speedup"]) for row in r.json("speed-shape-mix.json")["rows"]
-                                     if row["variant"] == run and row["shape"] in ("1x512", "generate 32"))
-                          for run in (f"auto{size}", f"width{size}"))
+              " vs ".join(transformers_speedups(r, "speed-shape-mix.json", f"{run}{size}") for run in ("auto", "width"))
               for size in (25, 40)), "speed#shape-mix"),
     Claim("Speed", "`--target-shape mix` against `width` at 25% of all parameters in llama.cpp, 2 threads: prompt "
           "(pp512) / generation (tg128) speedup over the dense model at f16 and at q4_k_m", lambda r: " vs ".join(
-              ", ".join(f"{llamacpp_speedup(r, 'serving-shape-mix.json', f'{run}25-s1', kind)} ({kind})"
-                        for kind in ("f16", "q4_k_m"))
-              for run in ("auto", "width")), "serving#shape-mix"),
+              llamacpp_speedups(r, "serving-shape-mix.json", f"{run}25-s1") for run in ("auto", "width")),
+          "serving#shape-mix"),
     Claim("Speed", "The same with MLP widths a multiple of 256 (`--multiple-of 256`), seed 0: prompt / generation "
           "speedup over the dense model at f16 and at q4_k_m, `mix` vs `width`", lambda r: " vs ".join(
-              ", ".join(f"{llamacpp_speedup(r, 'serving-shape-mix-a256.json', f'{run}25-a256', kind)} ({kind})"
-                        for kind in ("f16", "q4_k_m"))
-              for run in ("auto", "width")), "serving#shape-mix-a256"),
+              llamacpp_speedups(r, "serving-shape-mix-a256.json", f"{run}25-a256") for run in ("auto", "width")),
+          "serving#shape-mix-a256"),
     Claim("Quality", "`--target-shape mix` against `width` at 25% with `--multiple-of 256`, seed 0: PTB test / pydoc "
           "/ gcide perplexity (parameters removed)", lambda r: " vs ".join(
-              f"{ptb_pydoc(r, f'shape/{run}25-a256')} / {n(r.ppl(f'shape/{run}25-a256', 'gcide test'))} "
-              f"({r.removed(f'shape/{run}25-a256'):.1%})" for run in ("auto", "width")), "recipes#shape"),
+              f"{ptb_pydoc_gcide(r, f'shape/{run}25-a256')} ({r.removed(f'shape/{run}25-a256'):.1%})"
+              for run in ("auto", "width")), "recipes#shape"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),
