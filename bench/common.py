@@ -115,7 +115,7 @@ def budget_text(args: dict, splits: str = "each split") -> str:
     a = args if isinstance(args, dict) else vars(args)
     windows = f"the first {a['eval_windows']}" if a.get("eval_windows") else "all"
     return (
-        f"{a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
+        f"Model `{a.get('model', 'smollm2')}`, {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
         f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}, the task loss alone unless a "
         f"recipe sets distill; perplexity over {windows} "
         f"{a.get('eval_seq', 128)}-token windows of {splits}."
@@ -211,12 +211,18 @@ def machine() -> dict:
 
 def command(argv: list[str] | None, module: str) -> str:
     """The command that reproduces this run. `--results` pointing at a checkout's bench/results (another
-    worktree's, say) is left out: it is the default folder, wherever the run was started."""
+    worktree's, say) is left out: it is the default folder, wherever the run was started; other absolute
+    paths inside the folder it was started from are written relative to it, as the command runs there."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--results" in argv and Path(argv[argv.index("--results") + 1]).parts[-2:] == ("bench", "results"):
         i = argv.index("--results")
         del argv[i : i + 2]
-    return " ".join([".venv/bin/python", "-m", module, *map(shlex.quote, argv)])
+    return " ".join([".venv/bin/python", "-m", module, *(shlex.quote(_relative(arg)) for arg in argv)])
+
+
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else arg
 
 
 def write_json(args, name: str, payload: dict) -> Path:

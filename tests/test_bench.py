@@ -94,6 +94,17 @@ def test_table_and_markers(tmp_path):
     )
 
 
+def test_a_recorded_command_runs_from_the_checkout(tmp_path, monkeypatch):
+    """The command in a JSON names paths relative to where it ran, and leaves out a checkout's own
+    bench/results, so it reruns from any clone."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--results", str(tmp_path / "other" / "bench" / "results"), "--save", str(tmp_path / "runs" / "x"),
+            "--data", "/elsewhere/t.txt", "a=streamed:0.2"]  # fmt: skip
+    assert common.command(argv, "bench.recipes") == (
+        ".venv/bin/python -m bench.recipes --save runs/x --data /elsewhere/t.txt a=streamed:0.2"
+    )
+
+
 def test_a_page_is_built_from_the_json_alone_and_carries_no_provenance(outputs, tmp_path, monkeypatch):
     from bench import pages
 
