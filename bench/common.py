@@ -115,7 +115,8 @@ def budget_text(args: dict, splits: str = "each split") -> str:
     a = args if isinstance(args, dict) else vars(args)
     windows = f"the first {a['eval_windows']}" if a.get("eval_windows") else "all"
     return (
-        f"Model `{a.get('model', 'smollm2')}`, {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
+        f"Model `{a.get('model', 'smollm2')}`, {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, "
+        f"lr {a['lr']:g}, LoRA r=8 alpha=16 "
         f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}, the task loss alone unless a "
         f"recipe sets distill; perplexity over {windows} "
         f"{a.get('eval_seq', 128)}-token windows of {splits}."

@@ -450,6 +450,9 @@ class Claim:
 
 
 GiB = 2**30
+# the shapes measured on Gemma 3 270M at each size: at 40% heads, channels and layers alone are out of reach
+SHAPES_GEMMA3 = ((25, ("width", "hidden", "depth", "auto")), (40, ("hidden", "auto")))
+
 CLAIMS = [
     Claim("Quality", "`streamed` (the default) against the true gradient's `gradient`, 50%, full budget: PTB test "
           "perplexity", lambda r: f"{n(r.ppl('full/streamed50'))} vs {n(r.ppl('full/gradient50'))}", "recipes#full"),
@@ -539,6 +542,25 @@ CLAIMS = [
           "/ gcide perplexity (parameters removed)", lambda r: " vs ".join(
               f"{ptb_pydoc_gcide(r, f'shape/{run}25-a256')} ({r.removed(f'shape/{run}25-a256'):.1%})"
               for run in ("auto", "width")), "recipes#shape"),
+    Claim("Quality", "Gemma 3 270M at 25% of all parameters, 120 steps on PTB: PTB test / pydoc / gcide perplexity "
+          "for heads and channels only, hidden size only, layers + width, and `--target-shape mix` (dense as loaded "
+          "last)", lambda r: " vs ".join(
+              ptb_pydoc_gcide(r, f"shape-gemma3/{run}")
+              for run in ("width25", "hidden25", "depth25", "auto25", "dense")), "recipes#shape-gemma3"),
+    Claim("Quality", "Gemma 3 270M at 40% (out of reach of heads, channels and layers alone): PTB test / pydoc / gcide "
+          "perplexity, hidden size only vs `--target-shape mix`", lambda r: " vs ".join(
+              ptb_pydoc_gcide(r, f"shape-gemma3/{run}") for run in ("hidden40", "auto40")), "recipes#shape-gemma3"),
+    Claim("Speed", "Gemma 3 270M in transformers: 1 x 512 forward / greedy generation speedup over the dense model, "
+          "the same shapes at 25% (width, hidden, layers, mix), then at 40% (hidden, mix)", lambda r: "; ".join(
+              " vs ".join(transformers_speedups(r, "speed-shape-gemma3.json", f"{run}{size}") for run in runs)
+              for size, runs in SHAPES_GEMMA3),
+          "speed#shape-gemma3"),
+    Claim("Speed", "Gemma 3 270M in llama.cpp, 2 threads, the same shapes from 10-step `loraprune prune --uniform` "
+          "runs (llama.cpp's Gemma 3 takes one layer shape; layers + width: `--layer-ratio 0.44`, 8 of 18): prompt "
+          "(pp512) / generation (tg128) speedup over the dense model at f16, at 25% (width, hidden, layers, mix), "
+          "then at 40% (hidden, mix)", lambda r: "; ".join(
+              " vs ".join(llamacpp_speedup(r, "serving-shape-gemma3.json", f"{run}{size}", "f16") for run in runs)
+              for size, runs in SHAPES_GEMMA3), "serving#shape-gemma3"),
     Claim("Quality", "Held-out text against the dense model as shipped, 20%, 500 steps of `--distill 0.9` on "
           "`gcide+foldoc`, first 200 windows: PTB test / pydoc / jargon ratios; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed20-kdfull90-500"), "recipes#general"),

@@ -154,7 +154,8 @@ def section(payload: dict, page, results) -> str:
     ]
     gen = [[r["variant"], r["tokens_per_s"], r["speedup"]] for r in rows if "tokens_per_s" in r]
     return (
-        f"Model `{args.get('model', 'smollm2')}`; {args['rounds']} alternated rounds per shape (medians); the pruned models come from "
+        f"Model `{args.get('model', 'smollm2')}`; {args['rounds']} alternated rounds per shape (medians); "
+        "the pruned models come from "
         f"{args['prune_steps']} steps of `prune()` (the ratio fixes their shapes); greedy generation of "
         f"{args['new_tokens']} tokens from a 16-token prompt, {args['gen_rounds']} rounds. MACs per token count the "
         "LM head and attention at the mean causal context; the MAC limit is dense MACs / pruned MACs.\n\n"
