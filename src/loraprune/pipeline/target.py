@@ -139,9 +139,11 @@ def ratio_for_target_params(counts: ParameterCounts, config: PruneConfig) -> flo
     most = max(reachable.values())
     step = max(counts.head, counts.channel) * counts.prunable_layers / counts.total
     if config.target_params > most + step:
+        further = "" if config.hidden_ratio else "; --hidden-ratio also cuts the embedding"
         raise LoraPruneError(
             f"--target-params {config.target_params} is out of reach: at most {most:.3f} of the parameters can go "
             "(embeddings, norms, the LM head and skipped layers stay, and every layer keeps a head and a channel)"
+            + further
         )
     return best
 
