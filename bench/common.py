@@ -24,12 +24,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+DEFAULT_MODEL = "smollm2"  # also what a result measured before --model was recorded ran on
 PAGES = ROOT / "docs" / "benchmarks"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="model spec for loraprune.load_model")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec for loraprune.load_model")
     p.add_argument("--data", default="ptb", help="'ptb' or a .txt/.jsonl file (used for every split)")
     p.add_argument("--label", default="custom", help="configuration name (quick, full, ...) in the outputs")
     p.add_argument("--seed", type=int, default=0)
@@ -115,8 +116,8 @@ def budget_text(args: dict, splits: str = "each split") -> str:
     a = args if isinstance(args, dict) else vars(args)
     windows = f"the first {a['eval_windows']}" if a.get("eval_windows") else "all"
     return (
-        f"Model `{a.get('model', 'smollm2')}`, {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} tokens, "
-        f"lr {a['lr']:g}, LoRA r=8 alpha=16 "
+        f"Model `{a.get('model', DEFAULT_MODEL)}`, {a['steps']} steps x batch {a['batch_size']} x {a['seq_len']} "
+        f"tokens, lr {a['lr']:g}, LoRA r=8 alpha=16 "
         f"dropout 0.05, prune every {a['prune_freq']} steps, seed {a['seed']}, the task loss alone unless a "
         f"recipe sets distill; perplexity over {windows} "
         f"{a.get('eval_seq', 128)}-token windows of {splits}."

@@ -154,7 +154,7 @@ def section(payload: dict, page, results) -> str:
     ]
     gen = [[r["variant"], r["tokens_per_s"], r["speedup"]] for r in rows if "tokens_per_s" in r]
     return (
-        f"Model `{args.get('model', 'smollm2')}`; {args['rounds']} alternated rounds per shape (medians); "
+        f"Model `{args.get('model', common.DEFAULT_MODEL)}`; {args['rounds']} alternated rounds per shape (medians); "
         "the pruned models come from "
         f"{args['prune_steps']} steps of `prune()` (the ratio fixes their shapes); greedy generation of "
         f"{args['new_tokens']} tokens from a 16-token prompt, {args['gen_rounds']} rounds. MACs per token count the "
