@@ -388,13 +388,13 @@ def held_out(r: Numbers, run: str, split: str) -> float:
     return r.ppl(run, split) / r.ppl(f"{run.split('/')[0]}/dense", split)
 
 
-def general_text_ratios(r: Numbers, run: str, tuned: bool = True) -> str:
-    """A recipes-general run's PTB test / pydoc / jargon perplexity over the dense model's, and with
-    `tuned` its gcide perplexity (the text it tuned on) beside the dense model's."""
-    ratios = " / ".join(x(held_out(r, f"general/{run}", f"{text} test")) for text in ("ptb", "pydoc", "jargon"))
+def general_text_ratios(r: Numbers, run: str, tuned: bool = True, label: str = "general") -> str:
+    """A run's PTB test / pydoc / jargon perplexity over the dense model's (recipes-`label`, tuned on
+    gcide+foldoc), and with `tuned` its gcide perplexity (the text it tuned on) beside the dense model's."""
+    ratios = " / ".join(x(held_out(r, f"{label}/{run}", f"{text} test")) for text in ("ptb", "pydoc", "jargon"))
     if not tuned:
         return ratios
-    return f"{ratios}; {n(r.ppl(f'general/{run}', 'gcide test'))} vs {n(r.ppl('general/dense', 'gcide test'))}"
+    return f"{ratios}; {n(r.ppl(f'{label}/{run}', 'gcide test'))} vs {n(r.ppl(f'{label}/dense', 'gcide test'))}"
 
 
 def ptb_pydoc(r: Numbers, run: str) -> str:
@@ -575,6 +575,10 @@ CLAIMS = [
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
+    Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
+          "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
+          lambda r: f"{general_text_ratios(r, 'streamed20-kd256a90-500', label='general-gemma3')} "
+          f"({r.removed('general-gemma3/streamed20-kd256a90-500'):.1%})", "recipes#general-gemma3"),
     Claim("Quality", "How long to run it, 20%: 250 vs 500 steps, PTB test / pydoc / jargon perplexity over the dense "
           "model's; gcide (tuned) vs dense", lambda r: "; ".join(
               f"{steps} steps: {general_text_ratios(r, f'streamed20-kd256a90-{steps}')}" for steps in (250, 500)),
