@@ -579,6 +579,9 @@ CLAIMS = [
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
           lambda r: f"{general_text_ratios(r, 'streamed20-kd256a90-500', label='general-gemma3')} "
           f"({r.removed('general-gemma3/streamed20-kd256a90-500'):.1%})", "recipes#general-gemma3"),
+    Claim("Quality", "Gemma 3 270M, nothing pruned: 120 LoRA steps on `gcide+foldoc` with the task loss alone, first "
+          "100 windows: PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
+          lambda r: general_text_ratios(r, "dense-lora-120", label="general-gemma3"), "recipes#general-gemma3"),
     Claim("Quality", "How long to run it, 20%: 250 vs 500 vs 1,000 steps, PTB test / pydoc / jargon perplexity over "
           "the dense model's; gcide (tuned) vs dense", lambda r: "; ".join(
               f"{steps} steps: {general_text_ratios(r, f'streamed20-kd256a90-{steps}')}" for steps in (250, 500, 1000)),
