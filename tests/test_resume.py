@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from loraprune.cli import main
+from loraprune.pipeline import teacher_cache
 
 # 60 steps of ~25 ms (over a second), so a kill at the first checkpoint (step 2) lands mid-run
 RUN = ["--steps", "60", "--prune-freq", "2", "--seq-len", "16", "--batch-size", "2", "--quiet", "--no-eval"]
@@ -98,7 +99,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_folder, reference):
     print(f"kill + resume: {time.monotonic() - started:.1f} s")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder, reference, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder, reference, capsys, monkeypatch):
     started = time.monotonic()
     out = tmp_path / "out"
     process = start("--model", tiny_folder, "--data", reference["corpus"], "--output", out, *RUN,
@@ -116,7 +117,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder,
     err = capsys.readouterr().err
     assert "other settings: --lr 0.5 (checkpoint: 0.0005); drop these flags" in err and "--steps" not in err
 
-    # resume in this process (same thread count): the result is still the uninterrupted one
+    # resume in this process (same thread count): the result is still the uninterrupted one, and the
+    # dense model's top-k for distillation (the default) are read back, not computed again
+    assert (tmp_path / "out.checkpoints" / "teacher" / "COMPLETE").is_file()
+    monkeypatch.setattr(teacher_cache, "_fill", lambda *args: pytest.fail("the dense model's top-k ran again"))
     assert main(["prune", "--resume", str(tmp_path / "out"), "--quiet"]) == 0
     same_result(finished(reference), out)
     print(f"Ctrl-C + resume: {time.monotonic() - started:.1f} s")

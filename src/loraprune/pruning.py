@@ -69,8 +69,10 @@ def prune(
     # under torchrun / accelerate launch: DDP over the LoRA factors, or FSDP (distributed.py, fsdp.py)
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()
-    # from the dense model, before LoRA: the embedding task's teacher targets are computed here
-    train_windows = task.examples(model, tokenizer, data, config)
+    # from the dense model, before LoRA: the embedding task's teacher targets are computed here, and
+    # the causal LM's top-k for distillation, kept beside the checkpoints for --resume (one process)
+    store = checkpointer.kept_folder("teacher") if checkpointer and distributed.world_size() == 1 else None
+    train_windows = task.examples(model, tokenizer, data, config, store)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
     dense_layer = count_parameters(arch.layers_of(model)[0])  # what a layer removed whole takes with it
 
@@ -99,6 +101,10 @@ def prune(
             resume=resume,
             on_pruning_step=on_pruning_step,
         )
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.abandon()
+        raise
     finally:  # also when training stops on an error: the caller's model keeps no hooks of ours
         pruner.close()
         if config.gradient_checkpointing:

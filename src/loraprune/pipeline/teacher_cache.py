@@ -5,43 +5,105 @@ dense copy of the weights, so the model may shrink physically while it trains.
 Each position keeps the ids (int32) of its K most likely tokens and K + 1 log-probabilities (float16,
 at the distillation's temperature): those of the K, and that of every other token together, so the
 loss keeps the probability the K leave (lm_loss._sparse_kl_and_its_gradient). 6·K + 2 bytes per
-position, in a temporary file memory-mapped and deleted when the run ends (10 MB per thousand
-128-token windows at K = 64).
+position, memory-mapped (10 MB per thousand 128-token windows at K = 64). A run with checkpoints keeps
+them in its checkpoint folder (`store`, removed with it), so `--resume` reads them back instead of
+running the dense model over every window again:
+
+    OUT.checkpoints/teacher/   ids.npy, log_p.npy and COMPLETE (what they were computed from), renamed
+                               into place from .teacher.partial-* once complete
+Elsewhere they live in temporary files deleted when the run ends.
 """
 
+import hashlib
+import json
 import math
+import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..errors import LoraPruneError
+from ..errors import LoraPruneError, write_error
 from .lm_loss import TINY, chunked_head, head_logits, last_hidden_states, logit_softcap, loss_chunk_tokens
 
+MARKER, FILES = "COMPLETE", ("ids.npy", "log_p.npy")
 
-def memory_mapped(shape: tuple[int, ...], dtype: np.dtype) -> Tensor:
-    """A zeroed tensor backed by an anonymous temporary file (gone once the tensor is freed)."""
-    backing = tempfile.TemporaryFile()
-    array = np.memmap(backing, dtype=dtype, mode="w+", shape=shape)
-    return torch.from_numpy(array)
+
+def memory_mapped(shape: tuple[int, ...], dtype: np.dtype, path: Path | None = None) -> np.memmap:
+    """A zeroed array backed by the .npy file `path`, or by an anonymous temporary file (gone once the
+    array is freed)."""
+    if path is not None:
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return np.memmap(tempfile.TemporaryFile(), dtype=dtype, mode="w+", shape=shape)
+
+
+def fingerprint(windows: Tensor, k: int, temperature: float) -> dict:
+    """What stored targets were computed from, beside the model (a resumed run's is its checkpoint's)."""
+    digest = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+    return {"windows_sha256": digest, "shape": list(windows.shape), "k": k, "temperature": temperature}
+
+
+def stored_targets(store: Path, made_from: dict) -> tuple[Tensor, Tensor] | None:
+    """The targets in `store` if they are complete and were made from `made_from`, else None."""
+    marker = store / MARKER
+    if not marker.is_file() or json.loads(marker.read_text()) != made_from:
+        return None
+    # copy-on-write: the tensors are writable, the files never change
+    ids, log_p = (torch.from_numpy(np.load(store / name, mmap_mode="c")) for name in FILES)
+    return ids, log_p
 
 
 @torch.no_grad()
 def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float = 1.0,
-                  batch_size: int = 8) -> tuple[Tensor, Tensor]:  # fmt: skip
+                  batch_size: int = 8, store: Path | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(ids int32 [windows, tokens, k], log-probabilities float16 [windows, tokens, k + 1]): the dense
     `model`'s top-k next tokens at every position of `windows` [n, tokens] and their log-probabilities
-    at `temperature`, then the log-probability of all the other tokens; memory-mapped. A progress
-    bar shows on a terminal."""
+    at `temperature`, then the log-probability of all the other tokens; memory-mapped. With `store`
+    (a folder that belongs to this run), those it holds from the same windows are read back, and new
+    ones are kept there. A progress bar shows on a terminal."""
+    made_from = fingerprint(windows, k, temperature)
+    if store is not None and (found := stored_targets(store, made_from)) is not None:
+        return found
     head = chunked_head(model)
     if head is None:
         raise LoraPruneError("--distill-top-k reads the output embedding directly; this model's is sharded "
                              "or quantized: use --distill without --distill-top-k")  # fmt: skip
-    vocab = head.weight.shape[0]
     n, tokens = windows.shape
-    ids, log_p = memory_mapped((n, tokens, k), np.int32), memory_mapped((n, tokens, k + 1), np.float16)
+    staging = None
+    try:
+        if store is not None:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.partial-", dir=store.parent))
+        paths = [staging / name for name in FILES] if staging else [None, None]
+        arrays = (
+            memory_mapped((n, tokens, k), np.int32, paths[0]),
+            memory_mapped((n, tokens, k + 1), np.float16, paths[1]),
+        )
+        ids, log_p = map(torch.from_numpy, arrays)
+        _fill(model, head, windows, temperature, batch_size, ids, log_p)
+        if staging is not None:
+            for array in arrays:
+                array.flush()
+            (staging / MARKER).write_text(json.dumps(made_from))
+            shutil.rmtree(store, ignore_errors=True)  # another run's, or one made from other windows
+            staging.rename(store)
+    except OSError as error:
+        where = store if store is not None else tempfile.gettempdir()
+        raise write_error(error, f"writing the dense model's top-{k} to {where}", "training did not start") from error
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ids, log_p
+
+
+def _fill(model: nn.Module, head: nn.Module, windows: Tensor, temperature: float, batch_size: int,
+          ids: Tensor, log_p: Tensor) -> None:  # fmt: skip
+    """Write the dense `model`'s top-k (k = ids.shape[-1]) of every window into `ids` and `log_p`."""
+    n, tokens = windows.shape
+    k, vocab = ids.shape[-1], head.weight.shape[0]
     device, softcap, was_training = head.weight.device, logit_softcap(model), model.training
     rows = loss_chunk_tokens(vocab)
     model.eval()
@@ -62,4 +124,3 @@ def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float 
             log_p[start : start + len(batch)] = torch.cat(batch_log_p).view(len(batch), tokens, k + 1).half().cpu()
     finally:
         model.train(was_training)
-    return ids, log_p

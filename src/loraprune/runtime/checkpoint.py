@@ -9,6 +9,8 @@ The output folder OUT is written only at the end, atomically, so checkpoints liv
                                (model, data, output, config): everything `--resume` needs
             COMPLETE           written last: the size of each file above
         step-000038/           the previous one, removed only once a newer one is complete
+        teacher/               the dense model's top-k for distillation, made before the first step
+                               (teacher_cache.py): `--resume` reads it back
 
 `--resume` continues from the newest checkpoint whose files match its COMPLETE marker; a damaged
 newer one is skipped with a warning. The folder is removed once the pruned model is saved.
@@ -89,6 +91,23 @@ class Checkpointer:
         self.replace = replace  # a fresh run under --overwrite: its first save removes older checkpoints
         self.interrupted = False
         self.last: Path | None = None  # newest checkpoint written or resumed from
+        self.kept: list[Path] = []  # kept_folder's
+
+    def kept_folder(self, name: str) -> Path:
+        """The folder `name` among the checkpoints, for what the run computes once before training and
+        `--resume` should read back (the dense model's top-k: teacher_cache.py). A fresh run's starts
+        empty: what is there belongs to an earlier run."""
+        folder = self.directory / name
+        if self.replace:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.kept.append(folder)
+        return folder
+
+    def abandon(self) -> None:
+        """The run failed: with no checkpoint to resume from, nothing will read the kept folders."""
+        if not (self.directory.is_dir() and _steps(self.directory)):
+            for folder in self.kept:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def due(self, step: int, last_step: int) -> bool:
         return self.interrupted or (self.every is not None and (step % self.every == 0 or step == last_step))

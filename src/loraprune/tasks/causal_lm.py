@@ -1,5 +1,7 @@
 """causal-lm: next-token loss on token windows (chunked: lm_loss.py), evaluated by perplexity."""
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -40,10 +42,11 @@ def distilled_loss(model: nn.Module, batch: Tensor | dict, teacher, distill: flo
     return distilled_causal_lm_loss(model, batch.to(device_of(model)), teacher.run, distill, temperature)
 
 
-def examples(model, tokenizer, text: str, config) -> Tensor | dict:
+def examples(model, tokenizer, text: str, config, store: Path | None = None) -> Tensor | dict:
     """The text's windows; under --distill-top-k K only those training will draw (steps × global batch
     × grad accum, a sample seeded by --seed when the text has more: the same on every rank), each with
-    the dense `model`'s top-K next tokens at every position (teacher_cache.py)."""
+    the dense `model`'s top-K next tokens at every position (teacher_cache.py), kept in or read back
+    from the folder `store` when given."""
     all_windows = windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
     if not (config.distill and config.distill_top_k):
         return all_windows
@@ -52,7 +55,7 @@ def examples(model, tokenizer, text: str, config) -> Tensor | dict:
     if len(all_windows) > needed:
         picked = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(config.seed))[:needed]
         all_windows = all_windows[picked.sort().values]
-    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k, config.distill_temperature)
+    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k, config.distill_temperature, store=store)
     return {"input_ids": all_windows, "teacher_ids": ids, "teacher_log_p": log_p}
 
 

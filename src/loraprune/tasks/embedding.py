@@ -49,12 +49,13 @@ def embedding_loss(embeddings: Tensor, batch: dict, dense: Tensor | None = None)
     return 1 - F.cosine_similarity(embeddings, dense.to(embeddings.device), dim=-1).mean()
 
 
-def examples(model, tokenizer, sentences: list[str] | str, config) -> dict:
+def examples(model, tokenizer, sentences: list[str] | str, config, store=None) -> dict:
     """The sentences training will see, padded, with the dense `model`'s embedding of each
     (`teacher`: the loss's target, one forward per sentence as a per-step teacher would cost, but
     from the dense model before it is pruned). Training draws steps × batch size × grad accum
     sentences: when the data has more, a sample of that many (seeded by --seed) is kept, not all
-    of it (PTB train has 42k sentences). A text is one sentence per non-empty line."""
+    of it (PTB train has 42k sentences). A text is one sentence per non-empty line. Nothing is kept
+    in `store`: the sentences' embeddings take seconds to make again."""
     if isinstance(sentences, str):
         sentences = [line.strip() for line in sentences.split("\n") if line.strip()]
     needed = config.steps * config.batch_size * config.grad_accum

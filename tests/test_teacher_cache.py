@@ -1,0 +1,67 @@
+"""The dense model's top-k kept in a run's folder: read back by a resumed run, never another run's."""
+
+import json
+
+import pytest
+import torch
+
+from loraprune.pipeline import teacher_cache
+from loraprune.pipeline.teacher_cache import top_k_targets
+from loraprune.runtime.checkpoint import Checkpointer
+from tiny import tiny_model
+
+
+def windows(seed: int):
+    return torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def test_kept_targets_are_the_computed_ones_and_are_read_back_without_the_model(tmp_path, monkeypatch):
+    model, store = tiny_model("llama-gqa"), tmp_path / "run.checkpoints" / "teacher"
+    expected = top_k_targets(model, windows(0), k=8, temperature=2.0)
+    kept = top_k_targets(model, windows(0), k=8, temperature=2.0, store=store)
+    assert all(a.equal(b) for a, b in zip(kept, expected, strict=True))
+    assert json.loads((store / "COMPLETE").read_text())["k"] == 8
+    assert not list(store.parent.glob(".teacher.partial-*"))  # the staging folder became `store`
+
+    def no_forward(*args):
+        raise AssertionError("the dense model ran again")
+
+    monkeypatch.setattr(teacher_cache, "_fill", no_forward)
+    again = top_k_targets(model, windows(0), k=8, temperature=2.0, store=store)
+    assert all(a.equal(b) for a, b in zip(again, expected, strict=True))
+    again[1][0, 0, 0] = 1.0  # copy-on-write: training may write to the tensors, the file stays
+    assert top_k_targets(model, windows(0), k=8, temperature=2.0, store=store)[1].equal(expected[1])
+    for other in ({"k": 4}, {"temperature": 1.0}):  # made from something else: computed, not read
+        with pytest.raises(AssertionError, match="ran again"):
+            top_k_targets(model, windows(0), **{"k": 8, "temperature": 2.0, **other}, store=store)
+    with pytest.raises(AssertionError, match="ran again"):
+        top_k_targets(model, windows(1), k=8, temperature=2.0, store=store)
+    assert (store / "COMPLETE").is_file()  # a failed computation leaves what was complete
+    assert not list(store.parent.glob(".teacher.partial-*"))
+
+
+def test_other_windows_replace_the_kept_targets(tmp_path):
+    model, store = tiny_model("llama-gqa"), tmp_path / "teacher"
+    top_k_targets(model, windows(0), k=8, store=store)
+    ids, _ = top_k_targets(model, windows(1), k=8, store=store)
+    assert ids.equal(top_k_targets(model, windows(1), k=8)[0])
+    assert json.loads((store / "COMPLETE").read_text()) == teacher_cache.fingerprint(windows(1), 8, 1.0)
+
+
+def test_a_fresh_run_starts_without_an_earlier_runs_targets(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "COMPLETE").write_text("{}")
+    assert (Checkpointer(tmp_path, {}).kept_folder("teacher") / "COMPLETE").is_file()  # resumed: kept
+    assert not Checkpointer(tmp_path, {}, replace=True).kept_folder("teacher").exists()  # fresh: emptied
+
+
+def test_a_failed_run_leaves_its_targets_only_beside_a_checkpoint(tmp_path):
+    checkpointer = Checkpointer(tmp_path, {}, replace=True)
+    folder = checkpointer.kept_folder("teacher")
+    folder.mkdir()
+    (tmp_path / "step-000004").mkdir()
+    checkpointer.abandon()
+    assert folder.is_dir()  # --resume will read it
+    (tmp_path / "step-000004").rmdir()
+    checkpointer.abandon()
+    assert not folder.exists()
