@@ -572,6 +572,13 @@ CLAIMS = [
           "over the dense model's for `streamed` vs `lora` vs `gradient`", lambda r: " vs ".join(
               general_text_ratios(r, f"{criterion}20-kd256a90-500", tuned=False)
               for criterion in ("streamed", "lora", "gradient")), "recipes#general"),
+    Claim("Quality", "The default recipe on seed 1 (its worst on PTB), 20%, 500 steps, with each pruned layer losing "
+          "its own lowest groups (`--allocation layer`, the default) vs the lowest across layers (`--allocation "
+          "global`) vs `--distill-temperature 2`: PTB test / pydoc / jargon perplexity over the dense model's "
+          "(gcide, tuned; dense 33.6)", lambda r: " vs ".join(
+              f"{general_text_ratios(r, run, tuned=False)} ({n(r.ppl(f'general/{run}', 'gcide test'))})"
+              for run in ("streamed20-kd256a90-500-s1", "streamed20-kd256a90-500-s1-global",
+                          "streamed20-kd256a90-500-s1-t2")), "recipes#general"),
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
