@@ -575,10 +575,11 @@ CLAIMS = [
     Claim("Quality", "The default recipe on seed 1 (its worst on PTB), 20%, 500 steps, with each pruned layer losing "
           "its own lowest groups (`--allocation layer`, the default) vs the lowest across layers (`--allocation "
           "global`) vs `--distill-temperature 2`: PTB test / pydoc / jargon perplexity over the dense model's "
-          "(gcide, tuned; dense 33.6)", lambda r: " vs ".join(
+          "(gcide, tuned: perplexity; the dense model's last)", lambda r: " vs ".join(
               f"{general_text_ratios(r, run, tuned=False)} ({n(r.ppl(f'general/{run}', 'gcide test'))})"
               for run in ("streamed20-kd256a90-500-s1", "streamed20-kd256a90-500-s1-global",
-                          "streamed20-kd256a90-500-s1-t2")), "recipes#general"),
+                          "streamed20-kd256a90-500-s1-t2")) + f"; {n(r.ppl('general/dense', 'gcide test'))}",
+          "recipes#general"),
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
