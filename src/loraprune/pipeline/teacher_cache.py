@@ -17,8 +17,8 @@ Elsewhere they live in temporary files deleted when the run ends.
 import hashlib
 import json
 import math
-import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..errors import LoraPruneError, write_error
+from ..errors import LoraPruneError
+from .export import staged_folder
 from .lm_loss import TINY, chunked_head, head_logits, last_hidden_states, logit_softcap, loss_chunk_tokens
 
 MARKER, FILES = "COMPLETE", ("ids.npy", "log_p.npy")
@@ -72,30 +73,17 @@ def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float 
         raise LoraPruneError("--distill-top-k reads the output embedding directly; this model's is sharded "
                              "or quantized: use --distill without --distill-top-k")  # fmt: skip
     n, tokens = windows.shape
-    staging = None
-    try:
-        if store is not None:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.partial-", dir=store.parent))
-        paths = [staging / name for name in FILES] if staging else [None, None]
-        arrays = (
-            memory_mapped((n, tokens, k), np.int32, paths[0]),
-            memory_mapped((n, tokens, k + 1), np.float16, paths[1]),
-        )
+    shapes = ((n, tokens, k), np.int32), ((n, tokens, k + 1), np.float16)
+    keeping = staged_folder(store, True, f"writing the dense model's top-{k}") if store else nullcontext()
+    with keeping as staging:  # renamed to `store` once complete
+        arrays = [memory_mapped(shape, dtype, staging and staging / name)
+                  for (shape, dtype), name in zip(shapes, FILES, strict=True)]  # fmt: skip
         ids, log_p = map(torch.from_numpy, arrays)
         _fill(model, head, windows, temperature, batch_size, ids, log_p)
         if staging is not None:
             for array in arrays:
                 array.flush()
             (staging / MARKER).write_text(json.dumps(made_from))
-            shutil.rmtree(store, ignore_errors=True)  # another run's, or one made from other windows
-            staging.rename(store)
-    except OSError as error:
-        where = store if store is not None else tempfile.gettempdir()
-        raise write_error(error, f"writing the dense model's top-{k} to {where}", "training did not start") from error
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return ids, log_p
 
 
