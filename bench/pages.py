@@ -580,11 +580,11 @@ CLAIMS = [
               for run in ("streamed20-kd256a90-500-s1", "streamed20-kd256a90-500-s1-global",
                           "streamed20-kd256a90-500-s1-t2")) + f"; {n(r.ppl('general/dense', 'gcide test'))}",
           "recipes#general"),
-    Claim("Quality", "`--allocation global` against the default's `layer` on seeds 1 and 2, 20%, 500 steps: PTB test "
-          "/ pydoc / jargon perplexity over the dense model's", lambda r: "; ".join(
-              f"seed {seed}: {general_text_ratios(r, f'streamed20-kd256a90-500-s{seed}-global', tuned=False)} vs "
-              f"{general_text_ratios(r, f'streamed20-kd256a90-500-s{seed}', tuned=False)}" for seed in (1, 2)),
-          "recipes#general"),
+    Claim("Quality", "`--allocation global` against the default's `layer` on seeds 0, 1 and 2, 20%, 500 steps: PTB "
+          "test / pydoc / jargon perplexity over the dense model's", lambda r: "; ".join(
+              f"seed {seed}: {general_text_ratios(r, f'streamed20-kd256a90-500{suffix}-global', tuned=False)} vs "
+              f"{general_text_ratios(r, f'streamed20-kd256a90-500{suffix}', tuned=False)}"
+              for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))), "recipes#general"),
     Claim("Quality", "The same recipe at 50% of the groups (33.2% of the parameters): PTB test / pydoc / jargon "
           "perplexity over the dense model's; gcide (tuned) vs dense",
           lambda r: general_text_ratios(r, "streamed50-kd256a90-500"), "recipes#general"),
