@@ -585,10 +585,11 @@ CLAIMS = [
               f"seed {seed}: {general_text_ratios(r, f'streamed20-kd256a90-500{suffix}-global', tuned=False)} vs "
               f"{general_text_ratios(r, f'streamed20-kd256a90-500{suffix}', tuned=False)}"
               for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))), "recipes#general"),
-    Claim("Quality", "The same recipe at 50% of the groups, `--allocation layer` (the default) vs `global`: PTB test "
-          "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
-          lambda r: " vs ".join(f"{general_text_ratios(r, run)} ({r.removed(f'general/{run}'):.1%})"
-                                for run in ("streamed50-kd256a90-500", "streamed50-kd256a90-500-global")),
+    Claim("Quality", "The same recipe at 50% of the groups, `--allocation layer` (the default) vs `global` vs "
+          "`global --cooldown 0.2`: PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs "
+          "dense (parameters removed)",
+          lambda r: " vs ".join(f"{general_text_ratios(r, run)} ({r.removed(f'general/{run}'):.1%})" for run in (
+              "streamed50-kd256a90-500", "streamed50-kd256a90-500-global", "streamed50-kd256a90-500-global-c20")),
           "recipes#general"),
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
