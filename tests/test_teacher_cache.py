@@ -1,10 +1,12 @@
 """The dense model's top-k kept in a run's folder: read back by a resumed run, never another run's."""
 
+import errno
 import json
 
 import pytest
 import torch
 
+from loraprune.errors import LoraPruneError
 from loraprune.pipeline import teacher_cache
 from loraprune.pipeline.teacher_cache import top_k_targets
 from loraprune.runtime.checkpoint import Checkpointer
@@ -65,3 +67,16 @@ def test_a_failed_run_leaves_its_targets_only_beside_a_checkpoint(tmp_path):
     (tmp_path / "step-000004").rmdir()
     checkpointer.abandon()
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, kept):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(teacher_cache.np.lib.format, "open_memmap", full)
+    monkeypatch.setattr(teacher_cache.tempfile, "TemporaryFile", full)
+    store = tmp_path / "teacher" if kept else None
+    with pytest.raises(LoraPruneError, match="the disk is full: writing the dense model's top-"):
+        top_k_targets(tiny_model("llama-gqa"), windows(0), k=8, store=store)
+    assert list(tmp_path.iterdir()) == []

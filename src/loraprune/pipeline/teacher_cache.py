@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..errors import LoraPruneError
+from ..errors import LoraPruneError, write_error
 from .export import staged_folder
 from .lm_loss import TINY, chunked_head, head_logits, last_hidden_states, logit_softcap, loss_chunk_tokens
 
@@ -36,9 +36,13 @@ MARKER, FILES = "COMPLETE", ("ids.npy", "log_p.npy")
 def memory_mapped(shape: tuple[int, ...], dtype: np.dtype, path: Path | None = None) -> np.memmap:
     """A zeroed array backed by the .npy file `path`, or by an anonymous temporary file (gone once the
     array is freed)."""
-    if path is not None:
+    if path is not None:  # inside a staged folder, whose errors name `path`
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    return np.memmap(tempfile.TemporaryFile(), dtype=dtype, mode="w+", shape=shape)
+    try:
+        return np.memmap(tempfile.TemporaryFile(), dtype=dtype, mode="w+", shape=shape)
+    except OSError as error:
+        where = tempfile.gettempdir()
+        raise write_error(error, f"writing the dense model's top-k to {where}", "training did not start") from error
 
 
 def fingerprint(windows: Tensor, k: int, temperature: float) -> dict:
