@@ -4,13 +4,15 @@ under the same recipe, at one fine-tuning budget.
 A run is `NAME=CRITERION:RATIO[:setting=value,...]` (PruneConfig settings, e.g.
 `lora-kd=lora:0.5:distill=0.5,allocation=global`); ratio 0 is dense + LoRA, `none` the model as
 shipped. Each run writes its own JSON into bench/results/recipes-LABEL/ and is skipped when that
-file exists, so a long list resumes where it stopped; the table is built from every JSON there.
+file exists, so a long list resumes where it stopped; the table is built from every JSON there. With
+--checkpoints DIR a run longer than one sitting continues from its newest checkpoint (DIR/NAME).
 Perplexity: non-overlapping 128-token windows of each --eval-data text (by default PTB test and
 valid, and `pydoc`, the Python reference as the interpreter ships it: another domain than PTB).
 """
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -19,17 +21,21 @@ from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters, count_prunable
 from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
+from loraprune.runtime.checkpoint import Checkpoint, Checkpointer, latest
 
 from . import common
 
 NAME = "recipes"
 EVALS = "ptb:test,ptb:valid,pydoc:test"
+CHECKPOINT_EVERY = 25  # steps a stopped run loses at most (Gemma 3 270M: about 15 s a step here)
 
 
 def arguments():
     p = common.budget_arguments(common.parser(__doc__.splitlines()[0]))
     p.add_argument("--eval-data", default=EVALS, help="TEXT:SPLIT,... to measure perplexity on")
     p.add_argument("--save", help="folder to save each pruned model in (one sub-folder per run, for bench.serving)")
+    every = f"a sub-folder per run, every {CHECKPOINT_EVERY} steps"
+    p.add_argument("--checkpoints", help=f"folder of each run's checkpoints ({every}): a stopped run continues")
     p.add_argument("runs", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] (none: rebuild the table)")
     return p
 
@@ -60,10 +66,13 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         print(f"[recipes] {name}: done before ({path})", flush=True)
         return
     started = time.perf_counter()
-    model, report = common.fresh(base), None
+    model, report, resume = common.fresh(base), None, None
     if ratio is not None:
         config = common.budget(args, ratio, criterion, **settings)
-        model, report = prune(model, tokenizer, load_text(args.data, "train"), config, progress=False)
+        checkpointer, resume = checkpoints(args, name, spec)
+        model, report = prune(model, tokenizer, load_text(args.data, "train"), config, False, checkpointer, resume)
+        if checkpointer is not None:
+            shutil.rmtree(checkpointer.directory, ignore_errors=True)  # the run is complete
         if args.save:
             save_pruned(model, tokenizer, Path(args.save) / name, report, overwrite=True)
     seconds = time.perf_counter() - started
@@ -76,7 +85,9 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         "layers": None if report is None else report["layers"],
         "masks": None if report is None else packed_masks(report["scores"]),
         "config": None if report is None else report["config"],
-        "prune_seconds": seconds,
+        "prune_seconds": seconds,  # of this process alone when resumed; the steps' own time is in train_seconds
+        "train_seconds": None if report is None else sum(report["history"]["step_seconds"]),
+        "resumed_from_step": None if resume is None else resume.step,
         "args": vars(args),
         "machine": common.machine(),
         "command": common.command(None, "bench.recipes"),
@@ -84,6 +95,18 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
     print(f"[recipes] {name}: {row['perplexity']} ({seconds:.0f} s to prune)", flush=True)
+
+
+def checkpoints(args, name: str, spec: str) -> tuple[Checkpointer | None, Checkpoint | None]:
+    """Under --checkpoints: the run's checkpointer, and its newest checkpoint if an earlier process
+    stopped part-way (an unfinished run of another spec under the same name is refused)."""
+    if not args.checkpoints:
+        return None, None
+    directory = Path(args.checkpoints) / name
+    resume = latest(directory) if directory.is_dir() and any(directory.glob("step-*")) else None
+    if resume is not None and resume.run != {"spec": spec}:
+        raise SystemExit(f"bench.recipes: {directory} holds an unfinished run of {resume.run}, not {spec!r}")
+    return Checkpointer(directory, {"spec": spec}, every=CHECKPOINT_EVERY, replace=resume is None), resume
 
 
 def packed_masks(scores: dict) -> dict:

@@ -178,3 +178,41 @@ def test_recipes_write_one_json_per_run_skip_done_runs_and_rebuild_the_table(out
     section = (out / "BENCH.md").read_text().split("<!-- bench:recipes-smoke -->")[1]
     assert re.search(r"\| kd \| lora:0.5:distill=0.5,distill_top_k=0 \| \d+ \| end \|", section)
     assert "| shipped | none |  |  |" in section
+
+
+def test_a_recipe_run_stopped_part_way_continues_from_its_checkpoint(outputs, tmp_path, monkeypatch):
+    """--checkpoints: a run killed after a checkpoint ends, when run again, as the run never stopped."""
+    from bench import recipes
+
+    _, _, base = outputs
+    argv = [*base, "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ck")]
+    argv += ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
+    argv += ["--eval-windows", "2", "--eval-seq", "16"]
+    run = "streamed:0.5:distill=0.9,distill_top_k=8"  # progressive shrinking, top-k kept beside the checkpoints
+    monkeypatch.setattr(recipes, "CHECKPOINT_EVERY", 1)
+    recipes.main([*argv, f"whole={run}"])
+
+    class Killed(Exception):
+        pass
+
+    save = recipes.Checkpointer.save
+
+    def save_then_die(self, step, *rest, **kw):
+        folder = save(self, step, *rest, **kw)
+        if step == 2:
+            raise Killed
+        return folder
+
+    monkeypatch.setattr(recipes.Checkpointer, "save", save_then_die)
+    with pytest.raises(Killed):
+        recipes.main([*argv, f"parted={run}"])
+    assert (tmp_path / "ck" / "parted" / "step-000002").is_dir()
+    monkeypatch.setattr(recipes.Checkpointer, "save", save)
+    with pytest.raises(SystemExit, match="unfinished run"):
+        recipes.main([*argv, "parted=streamed:0.3"])
+    recipes.main([*argv, f"parted={run}"])
+    folder = tmp_path / "results" / "recipes-smoke"
+    whole, parted = (json.loads((folder / f"{name}.json").read_text()) for name in ("whole", "parted"))
+    assert parted["resumed_from_step"] == 2 and whole["resumed_from_step"] is None
+    assert parted["perplexity"] == whole["perplexity"] and parted["masks"] == whole["masks"]
+    assert not (tmp_path / "ck" / "parted").exists() and not (tmp_path / "ck" / "whole").exists()
