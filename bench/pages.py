@@ -397,6 +397,16 @@ def general_text_ratios(r: Numbers, run: str, tuned: bool = True, label: str = "
     return f"{ratios}; {n(r.ppl(f'{label}/{run}', 'gcide test'))} vs {n(r.ppl(f'{label}/dense', 'gcide test'))}"
 
 
+def seed_by_seed(r: Numbers, run: str, other: str) -> str:
+    """Two recipes-general runs on seeds 0, 1 and 2 ('{seed}' in their names: '', '-s1', '-s2'), their
+    held-out ratios side by side, seed by seed."""
+    return "; ".join(
+        f"seed {seed}: {general_text_ratios(r, run.format(seed=suffix), tuned=False)} vs "
+        f"{general_text_ratios(r, other.format(seed=suffix), tuned=False)}"
+        for seed, suffix in enumerate(("", "-s1", "-s2"))
+    )
+
+
 def ptb_pydoc(r: Numbers, run: str) -> str:
     """A recipes run's PTB test / pydoc perplexity, as the shape claims print it."""
     return f"{n(r.ppl(run))} / {n(r.ppl(run, 'pydoc test'))}"
@@ -581,16 +591,17 @@ CLAIMS = [
                           "streamed20-kd256a90-500-s1-t2")) + f"; {n(r.ppl('general/dense', 'gcide test'))}",
           "recipes#general"),
     Claim("Quality", "`--allocation global` against the default's `layer` on seeds 0, 1 and 2, 20%, 500 steps: PTB "
-          "test / pydoc / jargon perplexity over the dense model's", lambda r: "; ".join(
-              f"seed {seed}: {general_text_ratios(r, f'streamed20-kd256a90-500{suffix}-global', tuned=False)} vs "
-              f"{general_text_ratios(r, f'streamed20-kd256a90-500{suffix}', tuned=False)}"
-              for seed, suffix in ((0, ""), (1, "-s1"), (2, "-s2"))), "recipes#general"),
+          "test / pydoc / jargon perplexity over the dense model's", lambda r: seed_by_seed(
+              r, "streamed20-kd256a90-500{seed}-global", "streamed20-kd256a90-500{seed}"), "recipes#general"),
     Claim("Quality", "The same recipe at 50% of the groups, `--allocation layer` (the default) vs `global` vs "
           "`global --cooldown 0.2`: PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs "
           "dense (parameters removed)",
           lambda r: " vs ".join(f"{general_text_ratios(r, run)} ({r.removed(f'general/{run}'):.1%})" for run in (
               "streamed50-kd256a90-500", "streamed50-kd256a90-500-global", "streamed50-kd256a90-500-global-c20")),
           "recipes#general"),
+    Claim("Quality", "At 50% on seeds 0, 1 and 2: `--allocation layer` (the default) vs `global --cooldown 0.2`, "
+          "PTB test / pydoc / jargon perplexity over the dense model's", lambda r: seed_by_seed(
+              r, "streamed50-kd256a90-500{seed}", "streamed50-kd256a90-500{seed}-global-c20"), "recipes#general"),
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
           lambda r: f"{general_text_ratios(r, 'streamed20-kd256a90-500', label='general-gemma3')} "
