@@ -21,7 +21,7 @@ from loraprune.archs import arch_for
 from loraprune.pipeline.counts import count_parameters, count_prunable
 from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
-from loraprune.runtime.checkpoint import Checkpoint, Checkpointer, latest
+from loraprune.runtime.checkpoint import Checkpoint, Checkpointer, has_checkpoints, latest
 
 from . import common
 
@@ -103,7 +103,7 @@ def checkpoints(args, name: str, spec: str) -> tuple[Checkpointer | None, Checkp
     if not args.checkpoints:
         return None, None
     directory = Path(args.checkpoints) / name
-    resume = latest(directory) if directory.is_dir() and any(directory.glob("step-*")) else None
+    resume = latest(directory) if has_checkpoints(directory) else None
     if resume is not None and resume.run != {"spec": spec}:
         raise SystemExit(f"bench.recipes: {directory} holds an unfinished run of {resume.run}, not {spec!r}")
     return Checkpointer(directory, {"spec": spec}, every=CHECKPOINT_EVERY, replace=resume is None), resume

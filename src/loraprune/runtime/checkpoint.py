@@ -60,11 +60,16 @@ def resume_command(directory: str | Path) -> str:
 
 def check_no_checkpoints(directory: Path, overwrite: bool) -> None:
     """A fresh run must not mix its checkpoints with an earlier run's, unless overwriting them."""
-    if not overwrite and directory.is_dir() and _steps(directory):
+    if not overwrite and has_checkpoints(directory):
         raise LoraPruneError(
             f"{directory} holds checkpoints of an earlier run: continue it with `{resume_command(directory)}`, "
             "or pass --overwrite to start again"
         )
+
+
+def has_checkpoints(directory: Path) -> bool:
+    """Whether `directory` holds step-NNNNNN folders (complete or not): a run to continue, not start."""
+    return directory.is_dir() and bool(_steps(directory))
 
 
 def _steps(directory: Path) -> list[tuple[int, Path]]:
@@ -105,7 +110,7 @@ class Checkpointer:
 
     def abandon(self) -> None:
         """The run failed: with no checkpoint to resume from, nothing will read the kept folders."""
-        if not (self.directory.is_dir() and _steps(self.directory)):
+        if not has_checkpoints(self.directory):
             for folder in self.kept:
                 shutil.rmtree(folder, ignore_errors=True)
 
