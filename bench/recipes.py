@@ -66,13 +66,11 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
         print(f"[recipes] {name}: done before ({path})", flush=True)
         return
     started = time.perf_counter()
-    model, report, resume = common.fresh(base), None, None
+    model, report, checkpointer, resume = common.fresh(base), None, None, None
     if ratio is not None:
         config = common.budget(args, ratio, criterion, **settings)
         checkpointer, resume = checkpoints(args, name, spec)
         model, report = prune(model, tokenizer, load_text(args.data, "train"), config, False, checkpointer, resume)
-        if checkpointer is not None:
-            shutil.rmtree(checkpointer.directory, ignore_errors=True)  # the run is complete
         if args.save:
             save_pruned(model, tokenizer, Path(args.save) / name, report, overwrite=True)
     seconds = time.perf_counter() - started
@@ -94,6 +92,8 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
     }
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
+    if checkpointer is not None:  # kept through evaluation, which takes minutes on a larger model
+        shutil.rmtree(checkpointer.directory, ignore_errors=True)
     print(f"[recipes] {name}: {row['perplexity']} ({seconds:.0f} s to prune)", flush=True)
 
 

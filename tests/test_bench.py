@@ -216,3 +216,11 @@ def test_a_recipe_run_stopped_part_way_continues_from_its_checkpoint(outputs, tm
     assert parted["resumed_from_step"] == 2 and whole["resumed_from_step"] is None
     assert parted["perplexity"] == whole["perplexity"] and parted["masks"] == whole["masks"]
     assert not (tmp_path / "ck" / "parted").exists() and not (tmp_path / "ck" / "whole").exists()
+
+    def evaluation_dies(*_):
+        raise Killed
+
+    monkeypatch.setattr(recipes.common, "perplexities", evaluation_dies)  # killed after the last step
+    with pytest.raises(Killed):
+        recipes.main([*argv, f"late={run}"])
+    assert recipes.has_checkpoints(tmp_path / "ck" / "late")
