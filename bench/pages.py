@@ -397,6 +397,11 @@ def general_text_ratios(r: Numbers, run: str, tuned: bool = True, label: str = "
     return f"{ratios}; {n(r.ppl(f'{label}/{run}', 'gcide test'))} vs {n(r.ppl(f'{label}/dense', 'gcide test'))}"
 
 
+def ratios_and_removed(r: Numbers, run: str, label: str = "general") -> str:
+    """general_text_ratios, then the share of the dense model's parameters the run removed."""
+    return f"{general_text_ratios(r, run, label=label)} ({r.removed(f'{label}/{run}'):.1%})"
+
+
 def seed_by_seed(r: Numbers, run: str, other: str) -> str:
     """Two recipes-general runs on seeds 0, 1 and 2 ('{seed}' in their names: '', '-s1', '-s2'), their
     held-out ratios side by side, seed by seed."""
@@ -596,7 +601,7 @@ CLAIMS = [
     Claim("Quality", "The same recipe at 50% of the groups, `--allocation layer` (the default) vs `global` vs "
           "`global --cooldown 0.2`: PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs "
           "dense (parameters removed)",
-          lambda r: " vs ".join(f"{general_text_ratios(r, run)} ({r.removed(f'general/{run}'):.1%})" for run in (
+          lambda r: " vs ".join(ratios_and_removed(r, run) for run in (
               "streamed50-kd256a90-500", "streamed50-kd256a90-500-global", "streamed50-kd256a90-500-global-c20")),
           "recipes#general"),
     Claim("Quality", "At 50% on seeds 0, 1 and 2: `--allocation layer` (the default) vs `global --cooldown 0.2`, "
@@ -605,8 +610,7 @@ CLAIMS = [
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed), for "
           "`streamed` (the default) vs `gradient`", lambda r: " vs ".join(
-              f"{general_text_ratios(r, f'{criterion}20-kd256a90-500', label='general-gemma3')} "
-              f"({r.removed(f'general-gemma3/{criterion}20-kd256a90-500'):.1%})"
+              ratios_and_removed(r, f"{criterion}20-kd256a90-500", "general-gemma3")
               for criterion in ("streamed", "gradient")),
           "recipes#general-gemma3"),
     Claim("Quality", "Gemma 3 270M, nothing pruned: 120 LoRA steps on `gcide+foldoc` with the task loss alone, first "
