@@ -47,3 +47,22 @@ def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(" ".join(words[i : i + 12]) for i in range(0, len(words), 12)))
     return path
+
+
+@pytest.fixture
+def ctrl_c_at_window(monkeypatch):
+    """ctrl_c_at_window(n): Ctrl-C once the dense model's top-k of n windows are kept (teacher_cache.py);
+    ctrl_c_at_window(None): no more."""
+    from loraprune.pipeline import teacher_cache
+
+    write = teacher_cache._write
+
+    def stop_at(windows_done: int | None) -> None:
+        def writing(path, value):
+            write(path, value)
+            if path.name == teacher_cache.DONE and value == windows_done:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(teacher_cache, "_write", write if windows_done is None else writing)
+
+    return stop_at

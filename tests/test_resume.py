@@ -120,10 +120,29 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder,
     # resume in this process (same thread count): the result is still the uninterrupted one, and the
     # dense model's top-k for distillation (the default) are read back, not computed again
     assert (tmp_path / "out.checkpoints" / "teacher" / "COMPLETE").is_file()
-    monkeypatch.setattr(teacher_cache, "_fill", lambda *args: pytest.fail("the dense model's top-k ran again"))
+    monkeypatch.setattr(teacher_cache, "_fill", lambda *a, **k: pytest.fail("the dense model's top-k ran again"))
     assert main(["prune", "--resume", str(tmp_path / "out"), "--quiet"]) == 0
     same_result(finished(reference), out)
     print(f"Ctrl-C + resume: {time.monotonic() - started:.1f} s")
+
+
+def test_ctrl_c_while_the_dense_top_k_is_computed_keeps_it(tmp_path, tiny_folder, reference, capsys, monkeypatch,
+                                                           ctrl_c_at_window):  # fmt: skip
+    out = tmp_path / "out"
+    command = ["prune", "--model", str(tiny_folder), "--data", str(reference["corpus"]), "--output", str(out), *RUN]
+    ctrl_c_at_window(16)
+    assert main(command) == 130
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("loraprune: stopped while computing the dense model's top-k: 16 of 120 windows")
+    assert not out.exists()
+
+    ctrl_c_at_window(None)
+    sizes, forward = [], teacher_cache.last_hidden_states
+    monkeypatch.setattr(teacher_cache, "last_hidden_states", lambda m, h, batch, **k: sizes.append(len(batch))
+                        or forward(m, h, batch, **k))  # fmt: skip
+    assert main(command) == 0  # the same command again: the other 104 windows, and the same model
+    assert sum(sizes) == 120 - 16
+    same_result(finished(reference), out)
 
 
 def test_resume_refuses_other_settings_and_non_runs(tmp_path, tiny_folder, capsys):

@@ -1,4 +1,5 @@
-"""The dense model's top-k kept in a run's folder: read back by a resumed run, never another run's."""
+"""The dense model's top-k kept in a run's folder: read back by a resumed run, gone on with by a run
+started again after a stop, never another model's or another text's."""
 
 import errno
 import json
@@ -9,7 +10,7 @@ import torch
 from loraprune.errors import LoraPruneError
 from loraprune.pipeline import teacher_cache
 from loraprune.pipeline.teacher_cache import top_k_targets
-from loraprune.runtime.checkpoint import Checkpointer
+from loraprune.runtime.checkpoint import Checkpointer, Interrupted, partial_folder
 from tiny import tiny_model
 
 
@@ -23,9 +24,9 @@ def test_kept_targets_are_the_computed_ones_and_are_read_back_without_the_model(
     kept = top_k_targets(model, windows(0), k=8, temperature=2.0, store=store)
     assert all(a.equal(b) for a, b in zip(kept, expected, strict=True))
     assert json.loads((store / "COMPLETE").read_text())["k"] == 8
-    assert not list(store.parent.glob(".teacher.partial-*"))  # the staging folder became `store`
+    assert not partial_folder(store).exists()  # it became `store`
 
-    def no_forward(*args):
+    def no_forward(*args, **kwargs):
         raise AssertionError("the dense model ran again")
 
     monkeypatch.setattr(teacher_cache, "_fill", no_forward)
@@ -38,8 +39,45 @@ def test_kept_targets_are_the_computed_ones_and_are_read_back_without_the_model(
             top_k_targets(model, windows(0), **{"k": 8, "temperature": 2.0, **other}, store=store)
     with pytest.raises(AssertionError, match="ran again"):
         top_k_targets(model, windows(1), k=8, temperature=2.0, store=store)
+    other_model = tiny_model("llama-gqa", seed=1)
+    with pytest.raises(AssertionError, match="ran again"):
+        top_k_targets(other_model, windows(0), k=8, temperature=2.0, store=store)
     assert (store / "COMPLETE").is_file()  # a failed computation leaves what was complete
-    assert not list(store.parent.glob(".teacher.partial-*"))
+
+
+def stopped_after_two_windows(model, store, ctrl_c_at_window):
+    """top_k_targets into `store`, stopped by Ctrl-C once two of the five windows are written."""
+    ctrl_c_at_window(2)
+    with pytest.raises(Interrupted, match="2 of 5 windows are kept in"):
+        top_k_targets(model, windows(0), k=8, batch_size=2, store=store)
+    ctrl_c_at_window(None)
+    assert not store.exists() and partial_folder(store).is_dir()
+
+
+def forwards_counted(monkeypatch) -> list[int]:
+    """The size of each batch the dense model runs from now on."""
+    sizes, forward = [], teacher_cache.last_hidden_states
+
+    def counted(model, head, batch, **kwargs):
+        sizes.append(len(batch))
+        return forward(model, head, batch, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "last_hidden_states", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_a_stopped_computation_goes_on_for_the_same_model_only(tmp_path, monkeypatch, ctrl_c_at_window, same_model):
+    model, store = tiny_model("llama-gqa"), tmp_path / "teacher"
+    stopped_after_two_windows(model, store, ctrl_c_at_window)
+    if not same_model:
+        model = tiny_model("llama-gqa", seed=1)
+    expected = top_k_targets(model, windows(0), k=8, batch_size=2)
+    sizes = forwards_counted(monkeypatch)
+    kept = top_k_targets(model, windows(0), k=8, batch_size=2, store=store)
+    assert sizes == ([2, 1] if same_model else [2, 2, 1])  # windows 2 to 4, or all five again
+    assert all(a.equal(b) for a, b in zip(kept, expected, strict=True))
+    assert (store / "COMPLETE").is_file() and not partial_folder(store).exists()
 
 
 def test_other_windows_replace_the_kept_targets(tmp_path):
@@ -47,26 +85,20 @@ def test_other_windows_replace_the_kept_targets(tmp_path):
     top_k_targets(model, windows(0), k=8, store=store)
     ids, _ = top_k_targets(model, windows(1), k=8, store=store)
     assert ids.equal(top_k_targets(model, windows(1), k=8)[0])
-    assert json.loads((store / "COMPLETE").read_text()) == teacher_cache.fingerprint(windows(1), 8, 1.0)
-
-
-def test_a_fresh_run_starts_without_an_earlier_runs_targets(tmp_path):
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "COMPLETE").write_text("{}")
-    assert (Checkpointer(tmp_path, {}).kept_folder("teacher") / "COMPLETE").is_file()  # resumed: kept
-    assert not Checkpointer(tmp_path, {}, replace=True).kept_folder("teacher").exists()  # fresh: emptied
+    assert json.loads((store / "COMPLETE").read_text()) == teacher_cache.fingerprint(model, windows(1), 8, 1.0)
 
 
 def test_a_failed_run_leaves_its_targets_only_beside_a_checkpoint(tmp_path):
     checkpointer = Checkpointer(tmp_path, {}, replace=True)
     folder = checkpointer.kept_folder("teacher")
     folder.mkdir()
+    partial_folder(folder).mkdir()
     (tmp_path / "step-000004").mkdir()
     checkpointer.abandon()
-    assert folder.is_dir()  # --resume will read it
+    assert folder.is_dir() and partial_folder(folder).is_dir()  # --resume will read them
     (tmp_path / "step-000004").rmdir()
     checkpointer.abandon()
-    assert not folder.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("kept", [False, True])

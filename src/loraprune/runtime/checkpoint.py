@@ -11,6 +11,7 @@ The output folder OUT is written only at the end, atomically, so checkpoints liv
         step-000038/           the previous one, removed only once a newer one is complete
         teacher/               the dense model's top-k for distillation, made before the first step
                                (teacher_cache.py): `--resume` reads it back
+        .teacher.partial/      the same while it is computed: a run stopped then goes on from it
 
 `--resume` continues from the newest checkpoint whose files match its COMPLETE marker; a damaged
 newer one is skipped with a warning. The folder is removed once the pruned model is saved.
@@ -43,7 +44,8 @@ _STEP = re.compile(r"^step-(\d+)$")
 
 
 class Interrupted(LoraPruneError):
-    """Ctrl-C during training, after a checkpoint was saved: the CLI exits 130, as shells do."""
+    """Ctrl-C during training, after a checkpoint was saved, or while the dense model's top-k is computed
+    (what is done is kept: teacher_cache.py): the CLI exits 130, as shells do."""
 
     exit_code = 130
 
@@ -65,6 +67,11 @@ def check_no_checkpoints(directory: Path, overwrite: bool) -> None:
             f"{directory} holds checkpoints of an earlier run: continue it with `{resume_command(directory)}`, "
             "or pass --overwrite to start again"
         )
+
+
+def partial_folder(kept: Path) -> Path:
+    """Where what goes into the kept folder `kept` is written until it is complete."""
+    return kept.with_name(f".{kept.name}.partial")
 
 
 def has_checkpoints(directory: Path) -> bool:
@@ -100,11 +107,10 @@ class Checkpointer:
 
     def kept_folder(self, name: str) -> Path:
         """The folder `name` among the checkpoints, for what the run computes once before training and
-        `--resume` should read back (the dense model's top-k: teacher_cache.py). A fresh run's starts
-        empty: what is there belongs to an earlier run."""
+        `--resume` should read back (the dense model's top-k: teacher_cache.py), and its work in progress
+        (partial_folder). What they hold says what it was computed from: its user reads it back only
+        if that is what it would compute, whichever run left it."""
         folder = self.directory / name
-        if self.replace:
-            shutil.rmtree(folder, ignore_errors=True)
         self.kept.append(folder)
         return folder
 
@@ -113,6 +119,7 @@ class Checkpointer:
         if not has_checkpoints(self.directory):
             for folder in self.kept:
                 shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(partial_folder(folder), ignore_errors=True)
 
     def due(self, step: int, last_step: int) -> bool:
         return self.interrupted or (self.every is not None and (step % self.every == 0 or step == last_step))
