@@ -609,9 +609,9 @@ CLAIMS = [
               r, "streamed50-kd256a90-500{seed}", "streamed50-kd256a90-500{seed}-global-c20"), "recipes#general"),
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed), for "
-          "`streamed` (the default) vs `gradient`", lambda r: " vs ".join(
+          "`streamed` (the default) vs `lora` vs `gradient`", lambda r: " vs ".join(
               ratios_and_removed(r, f"{criterion}20-kd256a90-500", "general-gemma3")
-              for criterion in ("streamed", "gradient")),
+              for criterion in ("streamed", "lora", "gradient")),
           "recipes#general-gemma3"),
     Claim("Quality", "Gemma 3 270M, nothing pruned: 120 LoRA steps on `gcide+foldoc` with the task loss alone, first "
           "100 windows: PTB test / pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense",
