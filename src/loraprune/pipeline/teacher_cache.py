@@ -61,8 +61,7 @@ def fingerprint(model: nn.Module, windows: Tensor, k: int, temperature: float) -
 
 def stored_targets(store: Path, made_from: dict) -> tuple[Tensor, Tensor] | None:
     """The targets in `store` if they are complete and were made from `made_from`, else None."""
-    marker = store / MARKER
-    if not marker.is_file() or json.loads(marker.read_text()) != made_from:
+    if _read(store / MARKER) != made_from:
         return None
     # copy-on-write: the tensors are writable, the files never change
     ids, log_p = (torch.from_numpy(np.load(store / name, mmap_mode="c")) for name in FILES)
