@@ -21,7 +21,7 @@ from torch import Tensor
 from loraprune import prune
 from loraprune.pipeline.texts import load_text
 
-from . import common
+from . import common, publish
 
 NAME = "ema"
 
@@ -99,7 +99,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         print(f"[ema] λ={lam:g}: {row['perplexity']}, mean flip rate {row['mean_flip_rate']}", flush=True)
         del pruned
 
-    return common.publish(args, argv, NAME, "6.2 Moving-average sensitivity (λ)", {"rows": rows})
+    return publish.publish(args, argv, NAME, "6.2 Moving-average sensitivity (λ)", {"rows": rows})
 
 
 def section(payload: dict, page, results) -> str:

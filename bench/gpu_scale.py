@@ -22,11 +22,12 @@ from loraprune.archs import arch_for
 from loraprune.pipeline.groups import LayerGroups
 from loraprune.pipeline.shrink import shrink
 
-from . import common
-from .scale import DTYPES, Stepper, build, model_config, release, sync
+from . import common, publish
+from .scale import DTYPES, Stepper, build, release, sync
+from .shapes import model_config
 
 NAME = "gpu_scale"
-SHAPES = {"7b": "llama-7b", "tiny": "tiny"}  # LLaMA-1 7B, and the CPU smoke test's toy (scale.SHAPES)
+SHAPES = {"7b": "llama-7b", "tiny": "tiny"}  # LLaMA-1 7B, and the CPU smoke test's toy (shapes.SHAPES)
 GB = 1e9  # the paper's GB
 
 
@@ -130,7 +131,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                "seconds": time.perf_counter() - started}  # fmt: skip
     common.write_json(args, NAME, payload)
     title = f"GPU: a LLaMA-{args.shape}-shaped model ({args.label})"
-    common.write_page(args, NAME, f"{NAME}-{args.label}", title)
+    publish.write_page(args, NAME, f"{NAME}-{args.label}", title)
     return payload
 
 

@@ -11,7 +11,7 @@ import torch
 from loraprune import prune
 from loraprune.pipeline.texts import load_text
 
-from . import common
+from . import common, publish
 
 NAME = "masks"
 
@@ -61,7 +61,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         rows.append(row)
         print(f"[masks] {row}", flush=True)
 
-    return common.publish(args, argv, NAME, f"5. Mask agreement: {first} vs {second}", {"rows": rows})
+    return publish.publish(args, argv, NAME, f"5. Mask agreement: {first} vs {second}", {"rows": rows})
 
 
 def section(payload: dict, page, results) -> str:

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from . import common
+from . import common, publish
 from .scale import release, reset_peak, rss_kib
 
 NAME = "memory"
@@ -176,7 +176,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                     "met": lo[key] / gr[key] <= 0.5,
                 }
             )
-    return common.publish(args, argv, NAME, "2. Memory: lora vs gradient criterion", {"runs": runs, "ratios": ratios})
+    return publish.publish(args, argv, NAME, "2. Memory: lora vs gradient criterion", {"runs": runs, "ratios": ratios})
 
 
 def mib(value: float | None) -> str:

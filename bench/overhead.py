@@ -25,7 +25,7 @@ from loraprune.pipeline.train import lora_optimizer
 from loraprune.pruning import training_loss
 from loraprune.tasks import TASKS
 
-from . import common
+from . import common, publish
 
 NAME = "overhead"
 
@@ -123,7 +123,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
             print(f"[overhead] {b}x{s} {name}: {row['median_s']:.3f} s, x{row['ratio_vs_plain']:.3f}", flush=True)
         del variants
 
-    return common.publish(args, argv, NAME, "3. Overhead: LoRAPrune step vs plain LoRA step", {"rows": results})
+    return publish.publish(args, argv, NAME, "3. Overhead: LoRAPrune step vs plain LoRA step", {"rows": results})
 
 
 def section(payload: dict, page, results) -> str:

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import common
+from . import common, scale_report
+from .recipe_runs import removed_groups, removed_iou, runs_of
 
 CLAIMS_FILE = common.ROOT / "BENCHMARKS.md"
 
@@ -112,8 +113,6 @@ def one_per_file(name: str) -> Finder:
 
 def recipe_folders(results: Path, keep: Callable[[Path], bool]) -> list[Result]:
     """bench/results/recipes-<label>/: a JSON per run, a section per label."""
-    from .recipes import runs_of
-
     found = []
     for folder in sorted(p for p in results.glob("recipes-*") if p.is_dir()):
         files = [p for p in sorted(folder.glob("*.json")) if keep(p)]
@@ -134,12 +133,6 @@ def scale_groups(results: Path, keep: Callable[[Path], bool]) -> list[Result]:
             payload = {"label": label, "payloads": [p for _, p in mine], "folder": folder}
             found.append(Result(label, payload, [f for f, _ in mine]))
     return found
-
-
-def scale_section(payload: dict, page: Path, results: Path) -> str:
-    from .scale_report import section
-
-    return section(payload, page, results)
 
 
 def diagnose_folders(results: Path, keep: Callable[[Path], bool]) -> list[Result]:
@@ -230,7 +223,7 @@ PAGES = {
     "memory": Page("How much memory does a pruning step take, by criterion?", "bench.memory",
                    "`make bench` or `python -m bench.memory`"),
     "scale": Page("Does the memory claim hold at 0.36B-7B shapes?", "bench.scale", "`make bench-scale`",
-                  find=scale_groups, render=scale_section),
+                  find=scale_groups, render=scale_report.section),
     "score_blocks": Page("What does walking a projection in blocks cost in the score update?", "bench.score_blocks",
                          "`python -m bench.score_blocks`"),
     "overhead": Page("How much slower is a pruning step than a plain LoRA step?", "bench.overhead",
@@ -377,8 +370,6 @@ def progressive(r: Numbers, ratio: int) -> dict:
 
 def iou(r: Numbers, a: str, b: str) -> str:
     """IoU of the groups two recipes runs removed (from their saved masks), e.g. iou(r, 'accum/x', 'accum/y')."""
-    from .recipes import removed_groups, removed_iou
-
     one, two = (removed_groups(r.json("recipes-{}/{}.json".format(*run.split("/")))["masks"]) for run in (a, b))
     return f"{removed_iou(one, two):.2f}"
 

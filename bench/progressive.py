@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import common
+from . import common, publish
 from .scale import reset_peak, rss_kib
 
 NAME = "progressive"
@@ -160,7 +160,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                         "met": loop["progressive"] / loop["end"] <= target,
                         "perplexity_ratio": ppl["progressive"] / ppl["end"]})  # fmt: skip
     title = "8. Progressive shrinking: pruning-loop time, memory and perplexity (`--shrink progressive` vs `end`)"
-    return common.publish(args, argv, NAME, title, {"runs": runs, "summary": summary})
+    return publish.publish(args, argv, NAME, title, {"runs": runs, "summary": summary})
 
 
 def section(payload: dict, page, results) -> str:

@@ -15,7 +15,7 @@ from loraprune.pipeline.counts import count_parameters, count_prunable
 from loraprune.pipeline.evaluate import perplexity
 from loraprune.pipeline.texts import load_text
 
-from . import common
+from . import common, publish
 
 NAME = "quality"
 TARGETS = [  # (ratio, criterion, other, max ratio of perplexities), from the issue
@@ -101,7 +101,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                     "met": value <= limit,
                 }
             )
-    return common.publish(args, argv, NAME, "1. Quality: perplexity by criterion and ratio",
+    return publish.publish(args, argv, NAME, "1. Quality: perplexity by criterion and ratio",
                           {"rows": rows, "targets": targets})  # fmt: skip
 
 

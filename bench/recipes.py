@@ -23,7 +23,8 @@ from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
 from loraprune.runtime.checkpoint import Checkpoint, Checkpointer, has_checkpoints, latest
 
-from . import common
+from . import common, publish
+from .recipe_runs import removed_groups, removed_iou
 
 NAME = "recipes"
 EVALS = "ptb:test,ptb:valid,pydoc:test"
@@ -117,16 +118,6 @@ def packed_masks(scores: dict) -> dict:
     }
 
 
-def removed_groups(masks: dict) -> set[tuple[str, int, int]]:
-    return {(name, i, j) for name, layers in masks.items() for i, row in enumerate(layers) for j, bit in enumerate(row)
-            if bit == "0"}  # fmt: skip
-
-
-def removed_iou(a: set, b: set) -> float:
-    """|removed by both| / |removed by either| (1 when neither removed anything)."""
-    return len(a & b) / max(1, len(a | b))
-
-
 def mask_agreement(rows: list[dict]) -> str:
     """IoU of the groups (heads and channels together) that two runs removed, for every pair of runs
     that saved their masks; '' when fewer than two did."""
@@ -154,12 +145,7 @@ def main(argv=None, model=None, tokenizer=None) -> None:
         }
         for spec in args.runs:
             run_one(args, spec, base, tokenizer, evals, folder)
-    common.write_page(args, NAME, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})")
-
-
-def runs_of(folder: Path) -> list[dict]:
-    """Every run measured under one label (a folder of JSON, one per run), in the order they ran."""
-    return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["machine"]["date"])
+    publish.write_page(args, NAME, f"{NAME}-{args.label}", f"7. Recipes inside LoRA's memory ({args.label})")
 
 
 def run_arguments(row: dict) -> dict:

@@ -23,7 +23,7 @@ from loraprune.pipeline.texts import load_text
 from loraprune.pipeline.train import lora_optimizer
 from loraprune.tasks.causal_lm import causal_lm_loss
 
-from . import common
+from . import common, publish
 
 NAME = "recovery"
 
@@ -107,7 +107,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
 
     figure, _ = plot(args, shipped, rows, key)
     results = {"dense_as_shipped": shipped, "rows": rows, "figure": figure}
-    return common.publish(args, argv, NAME, "6.4 Recovery after pruning", results)
+    return publish.publish(args, argv, NAME, "6.4 Recovery after pruning", results)
 
 
 def section(payload: dict, page, results) -> str:

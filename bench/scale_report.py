@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from . import common
+from .shapes import SHAPES, model_config
 
 GiB = 2**30
 CRITERIA = ("lora", "sketch", "streamed", "gradient")
@@ -101,8 +102,6 @@ def plot(args, rows: list[dict], payloads: list[dict]) -> Path:
     lines, at 1x128 and 1x512, checkpointing off (solid) and on (dashed); returns the PNG's path."""
     from loraprune.tools.estimate import estimate
 
-    from .scale import SHAPES, model_config
-
     plt = common.pyplot()
     colours = {"lora": "tab:green", "sketch": "tab:blue", "streamed": "tab:purple", "gradient": "tab:red"}
     seqs = sorted({r["seq_len"] for r in rows})
@@ -139,17 +138,6 @@ def plot(args, rows: list[dict], payloads: list[dict]) -> Path:
     axes[0][-1].legend(fontsize=7, loc="upper left")
     path, _ = common.save_figure(args, "scale", fig, CAPTION)
     return path
-
-
-def render(args) -> dict:
-    """After a run (or --render-only): the plot from every scale-*.json in --results, then the page."""
-    rows, payloads = load_rows(Path(args.results))
-    if not rows:
-        print("[scale] no scale-*.json in", args.results)
-        return {}
-    plot(args, rows, payloads)
-    common.write_page(args, "scale", "memory-scale", TITLE)
-    return {"rows": rows, "numbers": tables(rows)[2]}
 
 
 def section(payload: dict, page, results: Path) -> str:

@@ -12,7 +12,7 @@ import time
 from loraprune import prune
 from loraprune.pipeline.texts import load_text
 
-from . import common
+from . import common, publish
 
 NAME = "schedules"
 
@@ -60,7 +60,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         del pruned
 
     figure, _ = plot(args, rows)
-    return common.publish(args, argv, NAME, "6.3 Schedules", {"rows": rows, "figure": figure})
+    return publish.publish(args, argv, NAME, "6.3 Schedules", {"rows": rows, "figure": figure})
 
 
 def section(payload: dict, page, results) -> str:

@@ -15,8 +15,9 @@ import torch
 from loraprune.pipeline import importance, scoring
 from loraprune.tools.preflight import return_freed_memory
 
-from . import common
-from .scale import DTYPES, SHAPES, Stepper, build, model_config
+from . import common, publish
+from .scale import DTYPES, Stepper, build
+from .shapes import SHAPES, model_config
 
 NAME = "score_blocks"
 
@@ -71,7 +72,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
                "block_bytes": scoring.SCORE_BLOCK_BYTES, "rows": rows}  # fmt: skip
     tight = "-tight" if args.return_freed_memory else ""
     common.write_json(args, f"{NAME}-{args.size}{tight}", payload)
-    common.write_page(args, NAME, f"{NAME}-{args.size}{tight}-{args.label}", f"Score blocks: {args.size}{tight}")
+    publish.write_page(args, NAME, f"{NAME}-{args.size}{tight}-{args.label}", f"Score blocks: {args.size}{tight}")
     return payload
 
 

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from . import common
+from . import common, publish
 
 NAME = "serving"
 _PPL = re.compile(r"Final estimate: PPL = (\S+) \+/- (\S+)")  # on stderr; 'inf' or 'nan' too
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
         row["tokens_per_s_runs"] = speeds[key]
         print(f"[serving] {key[0]} {key[1]}: {row['tokens_per_s']}", flush=True)
     payload = {"rows": [{"label": label, **row} for (label, _), row in rows.items()], "reference": next(iter(models))}
-    return common.publish(args, argv, NAME, "llama.cpp: speed and perplexity of the exports", payload)
+    return publish.publish(args, argv, NAME, "llama.cpp: speed and perplexity of the exports", payload)
 
 
 def section(payload: dict, page, results) -> str:

@@ -19,7 +19,7 @@ from loraprune import PruneConfig, prune
 from loraprune.pipeline.export import save_pruned
 from loraprune.pipeline.texts import load_text
 
-from . import common
+from . import common, publish
 from .recipes import parse_run
 
 NAME = "speed"
@@ -133,7 +133,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         print(f"[speed] {r}", flush=True)
 
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
-    return common.publish(args, argv, NAME, "4. Inference speed: dense vs pruned", {"rows": rows, "params": params})
+    return publish.publish(args, argv, NAME, "4. Inference speed: dense vs pruned", {"rows": rows, "params": params})
 
 
 def section(payload: dict, page, results) -> str:

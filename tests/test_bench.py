@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts next to src/, not an installed package
 
-from bench import common, masks, memory, overhead, progressive, quality, speed  # noqa: E402
+from bench import common, masks, memory, overhead, progressive, publish, quality, speed  # noqa: E402
 
 TRAIN = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--prune-freq", "1"]
 RUNS = {
@@ -82,9 +82,9 @@ def test_a_rerun_replaces_only_its_own_section(outputs):
 
 def test_table_and_markers(tmp_path):
     path = tmp_path / "B.md"
-    common.update_markdown(path, "x", "X", "first body")
-    common.update_markdown(path, "y", "Y", "second body")
-    common.update_markdown(path, "x", "X", common.table(["a", "b"], [[1, 0.5]]))
+    publish.update_markdown(path, "x", "X", "first body")
+    publish.update_markdown(path, "y", "Y", "second body")
+    publish.update_markdown(path, "x", "X", common.table(["a", "b"], [[1, 0.5]]))
     text = path.read_text()
     assert (
         "first body" not in text
@@ -112,7 +112,7 @@ def test_a_page_is_built_from_the_json_alone_and_carries_no_provenance(outputs, 
     monkeypatch.setattr(common, "PAGES", tmp_path / "pages")
     args = quality.arguments().parse_args(base[:-2])  # without --markdown
     assert args.markdown is None  # the default: docs/benchmarks/<page>.md, here under tmp_path
-    common.write_page(args, "quality", "quality", "unused")
+    publish.write_page(args, "quality", "quality", "unused")
     text = (tmp_path / "pages" / "quality.md").read_text()
     assert text.startswith(f"# {pages.PAGES['quality'].title}\n") and "\n## smoke\n" in text
     assert "| lora 0.5 |" in text and "quality-smoke.json" in text

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from bench import scale
+from bench import scale, shapes
 from bench.scale_report import cell
 
 
@@ -41,7 +41,7 @@ def test_a_point_that_does_not_fit_is_not_run_and_shows_its_estimate(tmp_path, m
 def test_the_shapes_have_their_published_parameter_counts(size, billions):
     from loraprune.tools.estimate import model_counts
 
-    assert model_counts(scale.model_config(size))["parameters"] / 1e9 == pytest.approx(billions, abs=0.002)
+    assert model_counts(shapes.model_config(size))["parameters"] / 1e9 == pytest.approx(billions, abs=0.002)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -112,3 +112,15 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, kept)
     with pytest.raises(LoraPruneError, match="the disk is full: writing the dense model's top-"):
         top_k_targets(tiny_model("llama-gqa"), windows(0), k=8, store=store)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_the_top_k_pass_shows_progress_only_when_asked(tmp_path, capsys, kept):
+    """A run logged to a file still shows how far the pass is (tqdm would hide it off a terminal);
+    --quiet shows nothing."""
+    model, store = tiny_model("llama-gqa"), (tmp_path / "teacher" if kept else None)
+    top_k_targets(model, windows(0), k=8, batch_size=2, store=store)
+    assert "top-8" not in capsys.readouterr().err
+    top_k_targets(model, windows(1), k=8, batch_size=2, store=store, progress=True)
+    err = capsys.readouterr().err
+    assert "dense model's top-8" in err and "3/3" in err  # 5 windows, 2 a batch

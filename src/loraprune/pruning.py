@@ -72,7 +72,7 @@ def prune(
     # from the dense model, before LoRA: the embedding task's teacher targets are computed here, and
     # the causal LM's top-k for distillation, kept beside the checkpoints for --resume (one process)
     store = checkpointer.kept_folder("teacher") if checkpointer and distributed.world_size() == 1 else None
-    train_windows = task.examples(model, tokenizer, data, config, store)
+    train_windows = task.examples(model, tokenizer, data, config, store, progress)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
     dense_layer = count_parameters(arch.layers_of(model)[0])  # what a layer removed whole takes with it
 

@@ -69,14 +69,14 @@ def stored_targets(store: Path, made_from: dict) -> tuple[Tensor, Tensor] | None
 
 
 @torch.no_grad()
-def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float = 1.0,
-                  batch_size: int = 8, store: Path | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float = 1.0, batch_size: int = 8,
+                  store: Path | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(ids int32 [windows, tokens, k], log-probabilities float16 [windows, tokens, k + 1]): the dense
     `model`'s top-k next tokens at every position of `windows` [n, tokens] and their log-probabilities
     at `temperature`, then the log-probability of all the other tokens; memory-mapped. With `store`
     (a folder among a run's checkpoints), targets made from the same weights and windows are read back
-    from it, or from where an earlier run stopped computing them, and new ones are kept there. A
-    progress bar shows on a terminal."""
+    from it, or from where an earlier run stopped computing them, and new ones are kept there. With
+    `progress`, a progress bar on stderr."""
     made_from = fingerprint(model, windows, k, temperature) if store is not None else None
     if store is not None and (found := stored_targets(store, made_from)) is not None:
         return found
@@ -88,14 +88,14 @@ def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float 
     shapes = ((n, tokens, k), np.int32), ((n, tokens, k + 1), np.float16)
     if store is None:
         ids, log_p = (torch.from_numpy(memory_mapped(shape, dtype)) for shape, dtype in shapes)
-        _fill(model, head, windows, temperature, batch_size, ids, log_p)
+        _fill(model, head, windows, temperature, batch_size, ids, log_p, progress=progress)
         return ids, log_p
-    _fill_kept(model, head, windows, temperature, batch_size, shapes, store, made_from)
+    _fill_kept(model, head, windows, temperature, batch_size, shapes, store, made_from, progress)
     return stored_targets(store, made_from)
 
 
 def _fill_kept(model: nn.Module, head: nn.Module, windows: Tensor, temperature: float, batch_size: int,
-               shapes: tuple, store: Path, made_from: dict) -> None:  # fmt: skip
+               shapes: tuple, store: Path, made_from: dict, progress: bool) -> None:  # fmt: skip
     """Compute the targets into the folder beside `store` (checkpoint.partial_folder), going on from
     the windows it holds when they were made from `made_from`, and rename it to `store` once complete.
     Ctrl-C, or a kill, leaves it for the next run; a full disk removes it."""
@@ -119,7 +119,7 @@ def _fill_kept(model: nn.Module, head: nn.Module, windows: Tensor, temperature: 
             _write(partial / DONE, windows_done)
 
         ids, log_p = map(torch.from_numpy, arrays)
-        _fill(model, head, windows, temperature, batch_size, ids, log_p, start=done, written=written)
+        _fill(model, head, windows, temperature, batch_size, ids, log_p, start=done, written=written, progress=progress)
         _write(partial / MARKER, made_from)
         shutil.rmtree(store, ignore_errors=True)
         partial.rename(store)
@@ -149,7 +149,7 @@ def _write(path: Path, value) -> None:
 
 
 def _fill(model: nn.Module, head: nn.Module, windows: Tensor, temperature: float, batch_size: int,
-          ids: Tensor, log_p: Tensor, start: int = 0, written=None) -> None:  # fmt: skip
+          ids: Tensor, log_p: Tensor, start: int = 0, written=None, progress: bool = False) -> None:  # fmt: skip
     """Write the dense `model`'s top-k (k = ids.shape[-1]) of every window from `start` on into `ids`
     and `log_p`; `written(windows_done)` after each batch."""
     n, tokens = windows.shape
@@ -158,7 +158,7 @@ def _fill(model: nn.Module, head: nn.Module, windows: Tensor, temperature: float
     rows = loss_chunk_tokens(vocab)
     model.eval()
     try:
-        for first_window in tqdm(range(start, n, batch_size), desc=f"dense model's top-{k}", disable=None):
+        for first_window in tqdm(range(start, n, batch_size), desc=f"dense model's top-{k}", disable=not progress):
             batch = windows[first_window : first_window + batch_size].to(device)
             hidden = last_hidden_states(model, head, batch, use_cache=False)
             flat = hidden.reshape(-1, hidden.shape[-1])

@@ -34,8 +34,9 @@ from .common import input_probe, logits, own_loss, token_inputs
 class Task:
     name: str  # its Auto class and input processor: archs.TASK_MODELS
     load: Callable[[str, str], Any]  # (data spec, split) -> raw data (text, sentences, images)
-    # (dense model, tokenizer, raw, config, store) -> training examples; store: a folder of this run
-    # where what is costly to make may be kept for --resume, or None
+    # (dense model, tokenizer, raw, config, store, progress) -> training examples; store: a folder of
+    # this run where what is costly to make may be kept for --resume, or None; progress: show a bar
+    # while something long is computed
     examples: Callable[..., Tensor | dict]
     forward: Callable[[nn.Module, Any], Any]  # (model, batch on the CPU) -> what the loss reads
     loss: Callable[[Any, Any, Any], Tensor]  # (output, batch, the dense model's output or None) -> scalar

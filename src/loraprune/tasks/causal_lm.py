@@ -42,11 +42,11 @@ def distilled_loss(model: nn.Module, batch: Tensor | dict, teacher, distill: flo
     return distilled_causal_lm_loss(model, batch.to(device_of(model)), teacher.run, distill, temperature)
 
 
-def examples(model, tokenizer, text: str, config, store: Path | None = None) -> Tensor | dict:
+def examples(model, tokenizer, text: str, config, store: Path | None = None, progress: bool = False) -> Tensor | dict:
     """The text's windows; under --distill-top-k K only those training will draw (steps × global batch
     × grad accum, a sample seeded by --seed when the text has more: the same on every rank), each with
     the dense `model`'s top-K next tokens at every position (teacher_cache.py), kept in or read back
-    from the folder `store` when given."""
+    from the folder `store` when given (`progress`: a progress bar while they are computed)."""
     all_windows = windows(tokenize(tokenizer, text), config.seq_len, bos_token_id(tokenizer))
     if not (config.distill and config.distill_top_k):
         return all_windows
@@ -55,7 +55,9 @@ def examples(model, tokenizer, text: str, config, store: Path | None = None) -> 
     if len(all_windows) > needed:
         picked = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(config.seed))[:needed]
         all_windows = all_windows[picked.sort().values]
-    ids, log_p = top_k_targets(model, all_windows, config.distill_top_k, config.distill_temperature, store=store)
+    ids, log_p = top_k_targets(
+        model, all_windows, config.distill_top_k, config.distill_temperature, store=store, progress=progress
+    )
     return {"input_ids": all_windows, "teacher_ids": ids, "teacher_log_p": log_p}
 
 

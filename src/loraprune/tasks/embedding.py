@@ -49,7 +49,7 @@ def embedding_loss(embeddings: Tensor, batch: dict, dense: Tensor | None = None)
     return 1 - F.cosine_similarity(embeddings, dense.to(embeddings.device), dim=-1).mean()
 
 
-def examples(model, tokenizer, sentences: list[str] | str, config, store=None) -> dict:
+def examples(model, tokenizer, sentences: list[str] | str, config, store=None, progress=False) -> dict:
     """The sentences training will see, padded, with the dense `model`'s embedding of each
     (`teacher`: the loss's target, one forward per sentence as a per-step teacher would cost, but
     from the dense model before it is pruned). Training draws steps × batch size × grad accum

@@ -11,7 +11,7 @@ def forward(model: nn.Module, batch: dict):
     return model(**to_device(batch, device_of(model)))  # with labels: the model's own cross-entropy
 
 
-def examples(model, processor, images: tuple[Tensor, Tensor], config, store=None) -> dict:
+def examples(model, processor, images: tuple[Tensor, Tensor], config, store=None, progress=False) -> dict:
     pixel_values, labels = images
     return {"pixel_values": pixel_values, "labels": labels}
 

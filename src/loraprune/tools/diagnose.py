@@ -211,7 +211,7 @@ def run_diagnose(settings, training: PruneConfig) -> dict:
     task = task_for(load_config(settings.model), config.task)
     data = task.load(settings.data, "train")
     model, tokenizer = load_model(settings.model, task=task.name)
-    examples = task.examples(model, tokenizer, data, config)
+    examples = task.examples(model, tokenizer, data, config, progress=not settings.quiet)
     result = diagnose(model, examples, config, task, at_steps, settings.probe_batches,
                       settings.layers_per_pass, progress=not settings.quiet)  # fmt: skip
     result.update(model=settings.model, data=settings.data)
