@@ -119,7 +119,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_folder,
 
     # resume in this process (same thread count): the result is still the uninterrupted one, and the
     # dense model's top-k for distillation (the default) are read back, not computed again
-    assert (tmp_path / "out.checkpoints" / "teacher" / "COMPLETE").is_file()
+    assert any((tmp_path / "out.checkpoints" / "teacher").glob("*/COMPLETE"))
     monkeypatch.setattr(teacher_cache, "_fill", lambda *a, **k: pytest.fail("the dense model's top-k ran again"))
     assert main(["prune", "--resume", str(tmp_path / "out"), "--quiet"]) == 0
     same_result(finished(reference), out)
@@ -143,6 +143,25 @@ def test_ctrl_c_while_the_dense_top_k_is_computed_keeps_it(tmp_path, tiny_folder
     assert main(command) == 0  # the same command again: the other 104 windows, and the same model
     assert sum(sizes) == 120 - 16
     same_result(finished(reference), out)
+
+
+def test_a_teacher_cache_serves_later_runs(tmp_path, tiny_folder, reference, capsys, monkeypatch):
+    """--teacher-cache: the first run computes the dense model's top-k into it and leaves it there, a run
+    at another ratio (the same windows) reads it back, and the result is that of a run without it."""
+    cache = tmp_path / "cache"
+    command = ["prune", "--model", str(tiny_folder), "--data", str(reference["corpus"]), *RUN, "--teacher-cache",
+               str(cache)]  # fmt: skip
+    assert main([*command, "--output", str(tmp_path / "a")]) == 0
+    same_result(finished(reference), tmp_path / "a")
+    assert len(list(cache.glob("*/COMPLETE"))) == 1 and not (tmp_path / "a.checkpoints").exists()
+    monkeypatch.setattr(teacher_cache, "_fill", lambda *a, **k: pytest.fail("the dense model's top-k ran again"))
+    assert main([*command, "--output", str(tmp_path / "b"), "--ratio", "0.4"]) == 0
+
+    capsys.readouterr()
+    assert main([*command, "--output", str(tmp_path / "c"), "--distill", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher-cache keeps the dense model's top-k" in err[0]
+    assert not (tmp_path / "c").exists()
 
 
 def test_resume_refuses_other_settings_and_non_runs(tmp_path, tiny_folder, capsys):

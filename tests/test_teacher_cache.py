@@ -18,13 +18,19 @@ def windows(seed: int):
     return torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(seed))
 
 
+def computation(store, model, seed: int = 0, k: int = 8, temperature: float = 1.0):
+    """The folder in `store` of the top-k of `model` over windows(seed)."""
+    return teacher_cache.computation_folder(store, teacher_cache.fingerprint(model, windows(seed), k, temperature))
+
+
 def test_kept_targets_are_the_computed_ones_and_are_read_back_without_the_model(tmp_path, monkeypatch):
     model, store = tiny_model("llama-gqa"), tmp_path / "run.checkpoints" / "teacher"
     expected = top_k_targets(model, windows(0), k=8, temperature=2.0)
     kept = top_k_targets(model, windows(0), k=8, temperature=2.0, store=store)
     assert all(a.equal(b) for a, b in zip(kept, expected, strict=True))
-    assert json.loads((store / "COMPLETE").read_text())["k"] == 8
-    assert not partial_folder(store).exists()  # it became `store`
+    folder = computation(store, model, temperature=2.0)
+    assert json.loads((folder / "COMPLETE").read_text())["k"] == 8
+    assert [p.name for p in store.iterdir()] == [folder.name]  # the partial folder became it
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the dense model ran again")
@@ -42,7 +48,7 @@ def test_kept_targets_are_the_computed_ones_and_are_read_back_without_the_model(
     other_model = tiny_model("llama-gqa", seed=1)
     with pytest.raises(AssertionError, match="ran again"):
         top_k_targets(other_model, windows(0), k=8, temperature=2.0, store=store)
-    assert (store / "COMPLETE").is_file()  # a failed computation leaves what was complete
+    assert (folder / "COMPLETE").is_file()  # a failed computation leaves what was complete
 
 
 def stopped_after_two_windows(model, store, ctrl_c_at_window):
@@ -51,7 +57,8 @@ def stopped_after_two_windows(model, store, ctrl_c_at_window):
     with pytest.raises(Interrupted, match="2 of 5 windows are kept in"):
         top_k_targets(model, windows(0), k=8, batch_size=2, store=store)
     ctrl_c_at_window(None)
-    assert not store.exists() and partial_folder(store).is_dir()
+    folder = computation(store, model)
+    assert not folder.exists() and partial_folder(folder).is_dir()
 
 
 def forwards_counted(monkeypatch) -> list[int]:
@@ -77,15 +84,21 @@ def test_a_stopped_computation_goes_on_for_the_same_model_only(tmp_path, monkeyp
     kept = top_k_targets(model, windows(0), k=8, batch_size=2, store=store)
     assert sizes == ([2, 1] if same_model else [2, 2, 1])  # windows 2 to 4, or all five again
     assert all(a.equal(b) for a, b in zip(kept, expected, strict=True))
-    assert (store / "COMPLETE").is_file() and not partial_folder(store).exists()
+    folder = computation(store, model)
+    assert (folder / "COMPLETE").is_file() and not partial_folder(folder).exists()
 
 
-def test_other_windows_replace_the_kept_targets(tmp_path):
-    model, store = tiny_model("llama-gqa"), tmp_path / "teacher"
-    top_k_targets(model, windows(0), k=8, store=store)
-    ids, _ = top_k_targets(model, windows(1), k=8, store=store)
-    assert ids.equal(top_k_targets(model, windows(1), k=8)[0])
-    assert json.loads((store / "COMPLETE").read_text()) == teacher_cache.fingerprint(model, windows(1), 8, 1.0)
+def test_the_targets_of_other_windows_and_models_are_kept_beside(tmp_path, monkeypatch):
+    """A store such as --teacher-cache serves several runs: each reads back its own targets."""
+    models, store = [tiny_model("llama-gqa"), tiny_model("llama-gqa", seed=1)], tmp_path / "cache"
+    expected = {
+        (m, s): top_k_targets(models[m], windows(s), k=8, store=store)[0].clone() for m in (0, 1) for s in (0, 1)
+    }
+    assert len(list(store.iterdir())) == 4
+    sizes = forwards_counted(monkeypatch)
+    for (m, s), ids in expected.items():
+        assert top_k_targets(models[m], windows(s), k=8, store=store)[0].equal(ids)
+    assert sizes == []  # all four read back
 
 
 def test_a_failed_run_leaves_its_targets_only_beside_a_checkpoint(tmp_path):

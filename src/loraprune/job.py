@@ -59,6 +59,12 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
             f"several processes and FSDP support causal LMs without 8-/4-bit loading so far, not {what}: "
             "run it in one process without --fsdp"
         )
+    teacher_cache = None if run.teacher_cache is None else Path(run.teacher_cache)
+    if teacher_cache and not (task.top_k_distill and plan.config.distill and plan.config.distill_top_k):
+        raise LoraPruneError("--teacher-cache keeps the dense model's top-k, which only a causal LM's --distill with "
+                             "--distill-top-k computes")  # fmt: skip
+    if teacher_cache and several:
+        raise LoraPruneError("--teacher-cache is read and written by one process: run without it")
     checkpoints = checkpoint_dir(output)
     if resume is None:
         check_no_checkpoints(checkpoints, run.overwrite)
@@ -84,7 +90,9 @@ def prune_job(config: PruneConfig, run: RunSettings, resume: Checkpoint | None =
             for spec in other_texts
         ]  # fmt: skip
 
-    pruned, report = prune(model, tokenizer, train_data, plan, progress, checkpointer, resume)
+    pruned, report = prune(
+        model, tokenizer, train_data, plan, progress, checkpointer, resume, teacher_cache=teacher_cache
+    )
     if evaluate:
         evaluation["pruned"] = task.evaluate(pruned, eval_set, run.eval_batch_size, progress)
         for text in evaluation["other_texts"]:

@@ -6,6 +6,7 @@ are separate steps (export.py, evaluate.py).
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,7 @@ def prune(
     checkpointer: Checkpointer | None = None,
     resume: Checkpoint | None = None,
     on_pruning_step=None,
+    teacher_cache: Path | None = None,
 ) -> tuple[nn.Module, dict]:
     """Prune `model` (modified in place) by LoRAPrune, fine-tuning on `data`: for a causal LM a text,
     for a BERT embedding model a list of sentences (or a text, one per line), for a ViT classifier
@@ -62,7 +64,9 @@ def prune(
     `config.task` or the model type's default). Returns the physically smaller model, LoRA merged,
     and a report dict. `config` may be a Plan that check_compatible made for this model.
     `checkpointer` saves checkpoints while training; `resume` continues from one (checkpoint.py).
-    `on_pruning_step(step, pruner)` is called after each pruning step (train.train)."""
+    `on_pruning_step(step, pruner)` is called after each pruning step (train.train). `teacher_cache`: a
+    folder where what is computed once from the dense model (the top-k to distil from) is kept across
+    runs; by default it is kept among the checkpoints."""
     started = time.perf_counter()
     plan = config if isinstance(config, Plan) else check_compatible(model.config, config)
     config, arch, task, sharded = plan.config, plan.arch, plan.task, plan.sharded
@@ -70,8 +74,10 @@ def prune(
     distributed.init(always=sharded)
     progress = progress and distributed.is_main()
     # from the dense model, before LoRA: the embedding task's teacher targets are computed here, and
-    # the causal LM's top-k for distillation, kept beside the checkpoints for --resume (one process)
-    store = checkpointer.kept_folder("teacher") if checkpointer and distributed.world_size() == 1 else None
+    # the causal LM's top-k for distillation, kept for --resume and later runs (one process)
+    store = None
+    if distributed.world_size() == 1:
+        store = teacher_cache or (checkpointer.kept_folder("teacher") if checkpointer else None)
     train_windows = task.examples(model, tokenizer, data, config, store, progress)
     before = {"total": count_parameters(model), "prunable": count_prunable(model, arch)}
     dense_layer = count_parameters(arch.layers_of(model)[0])  # what a layer removed whole takes with it

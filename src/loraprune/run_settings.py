@@ -21,9 +21,9 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # what a resumed run may set differently from its checkpoint: none of it changes the result
 RESUME_MAY_CHANGE = {"quiet", "evaluate", "eval_data", "eval_batch_size", "eval_windows", "checkpoint_every",
                      "max_nan_steps", "gradient_checkpointing", "overwrite", "memory_check",
-                     "return_freed_memory", "gguf"}  # fmt: skip
+                     "return_freed_memory", "gguf", "teacher_cache"}  # fmt: skip
 REQUIRED = ("model", "output")
-PATHS = ("model", "data", "output")  # recorded as absolute paths where they are files or folders
+PATHS = ("model", "data", "output", "teacher_cache")  # recorded as absolute paths where they are files or folders
 
 
 def _require_positive(settings, *names: str) -> None:
@@ -62,6 +62,12 @@ class RunSettings:
     load_in_4bit: bool = setting(False, "load the base weights in 4 bits through bitsandbytes (CUDA GPU only)")
     checkpoint_every: int | None = setting(
         None, "save a checkpoint to OUT.checkpoints every K steps (Ctrl-C always saves one)"
+    )
+    teacher_cache: str | None = setting(
+        None,
+        "keep the dense model's top-k (--distill-top-k) in this folder after the run, one subfolder per model, "
+        "text sample, K and temperature, and read it back in later runs (another --ratio: the same windows) "
+        "instead of computing it; by default it is kept among the checkpoints and removed with them",
     )
     gguf: str | None = setting(None, "also write the pruned model to this GGUF file (f32) for llama.cpp")
     memory_check: bool = setting(

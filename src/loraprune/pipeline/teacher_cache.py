@@ -5,19 +5,21 @@ dense copy of the weights, so the model may shrink physically while it trains.
 Each position keeps the ids (int32) of its K most likely tokens and K + 1 log-probabilities (float16,
 at the distillation's temperature): those of the K, and that of every other token together, so the
 loss keeps the probability the K leave (lm_loss._sparse_kl_and_its_gradient). 6·K + 2 bytes per
-position, memory-mapped (10 MB per thousand 128-token windows at K = 64). A run with checkpoints keeps
-them in its checkpoint folder (`store`, removed with it), so that neither `--resume` nor a run stopped
-while they are computed runs the dense model over the same windows again:
+position, memory-mapped (10 MB per thousand 128-token windows at K = 64). They are kept in a folder
+(`store`): by default the run's checkpoint folder (removed with it), so that neither `--resume` nor a
+run stopped while they are computed runs the dense model over the same windows again; with
+`--teacher-cache DIR`, DIR, kept after the run for later runs of the same model, text, seed and steps
+(another --ratio, say). One folder per computation, named by what it is computed from:
 
-    OUT.checkpoints/teacher/   ids.npy, log_p.npy and COMPLETE (what they were computed from)
-    OUT.checkpoints/.teacher.partial/
-                               the same while they are computed, with MADE_FROM and DONE (the windows
-                               written so far); renamed to teacher/ once complete
-Elsewhere they live in temporary files deleted when the run ends. What they are computed from (the
-weights, the windows, K and the temperature: `fingerprint`) decides whether stored ones are read
+    STORE/<name>/              ids.npy, log_p.npy and COMPLETE (what they were computed from)
+    STORE/.<name>.partial/     the same while they are computed, with MADE_FROM and DONE (the windows
+                               written so far); renamed to <name>/ once complete
+Without a store they live in temporary files deleted when the run ends. What they are computed from
+(the weights, the windows, K and the temperature: `fingerprint`) decides whether stored ones are read
 back, so they are never another model's or another text's.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -59,6 +61,12 @@ def fingerprint(model: nn.Module, windows: Tensor, k: int, temperature: float) -
             "k": k, "temperature": temperature}  # fmt: skip
 
 
+def computation_folder(store: Path, made_from: dict) -> Path:
+    """The folder in `store` of the targets computed from `made_from` (a fingerprint)."""
+    digest = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
+    return store / f"top{made_from['k']}-{digest[:16]}"
+
+
 def stored_targets(store: Path, made_from: dict) -> tuple[Tensor, Tensor] | None:
     """The targets in `store` if they are complete and were made from `made_from`, else None."""
     if _read(store / MARKER) != made_from:
@@ -74,12 +82,14 @@ def top_k_targets(model: nn.Module, windows: Tensor, k: int, temperature: float 
     """(ids int32 [windows, tokens, k], log-probabilities float16 [windows, tokens, k + 1]): the dense
     `model`'s top-k next tokens at every position of `windows` [n, tokens] and their log-probabilities
     at `temperature`, then the log-probability of all the other tokens; memory-mapped. With `store`
-    (a folder among a run's checkpoints), targets made from the same weights and windows are read back
-    from it, or from where an earlier run stopped computing them, and new ones are kept there. With
-    `progress`, a progress bar on stderr."""
-    made_from = fingerprint(model, windows, k, temperature) if store is not None else None
-    if store is not None and (found := stored_targets(store, made_from)) is not None:
-        return found
+    (a folder among a run's checkpoints, or --teacher-cache), targets made from the same weights and
+    windows are read back from it, or from where an earlier run stopped computing them, and new ones
+    are kept there. With `progress`, a progress bar on stderr."""
+    if store is not None:
+        made_from = fingerprint(model, windows, k, temperature)
+        store = computation_folder(store, made_from)
+        if (found := stored_targets(store, made_from)) is not None:
+            return found
     head = chunked_head(model)
     if head is None:
         raise LoraPruneError("--distill-top-k reads the output embedding directly; this model's is sharded "
@@ -125,6 +135,8 @@ def _fill_kept(model: nn.Module, head: nn.Module, windows: Tensor, temperature: 
         partial.rename(store)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the store too, if this made it and it holds nothing else
+            partial.parent.rmdir()
         raise write_error(error, f"writing the dense model's top-k to {partial}", "nothing was kept") from error
     except KeyboardInterrupt:
         raise Interrupted(

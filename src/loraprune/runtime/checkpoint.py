@@ -10,8 +10,8 @@ The output folder OUT is written only at the end, atomically, so checkpoints liv
             COMPLETE           written last: the size of each file above
         step-000038/           the previous one, removed only once a newer one is complete
         teacher/               the dense model's top-k for distillation, made before the first step
-                               (teacher_cache.py): `--resume` reads it back
-        .teacher.partial/      the same while it is computed: a run stopped then goes on from it
+                               (teacher_cache.py; elsewhere with --teacher-cache): `--resume` reads it
+                               back, and a run stopped while it is computed goes on from its partial
 
 `--resume` continues from the newest checkpoint whose files match its COMPLETE marker; a damaged
 newer one is skipped with a warning. The folder is removed once the pruned model is saved.
