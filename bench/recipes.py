@@ -36,7 +36,11 @@ def arguments():
     p.add_argument("--eval-data", default=EVALS, help="TEXT:SPLIT,... to measure perplexity on")
     p.add_argument("--save", help="folder to save each pruned model in (one sub-folder per run, for bench.serving)")
     every = f"a sub-folder per run, every {CHECKPOINT_EVERY} steps"
-    p.add_argument("--checkpoints", help=f"folder of each run's checkpoints ({every}): a stopped run continues")
+    p.add_argument(
+        "--checkpoints",
+        help=f"folder of each run's checkpoints ({every}): a stopped run continues; "
+        "its teacher-cache/ keeps the dense model's top-k for every later run on the same windows",
+    )
     p.add_argument("runs", nargs="*", help="NAME=CRITERION:RATIO[:setting=value,...] (none: rebuild the table)")
     return p
 
@@ -71,7 +75,9 @@ def run_one(args, spec: str, base, tokenizer, evals: dict, folder: Path) -> None
     if ratio is not None:
         config = common.budget(args, ratio, criterion, **settings)
         checkpointer, resume = checkpoints(args, name, spec)
-        model, report = prune(model, tokenizer, load_text(args.data, "train"), config, False, checkpointer, resume)
+        cache = Path(args.checkpoints) / "teacher-cache" if args.checkpoints else None
+        model, report = prune(model, tokenizer, load_text(args.data, "train"), config, False, checkpointer, resume,
+                              teacher_cache=cache)  # fmt: skip
         if args.save:
             save_pruned(model, tokenizer, Path(args.save) / name, report, overwrite=True)
     seconds = time.perf_counter() - started

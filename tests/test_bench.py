@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from loraprune.pipeline import teacher_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts next to src/, not an installed package
 
@@ -191,6 +193,9 @@ def test_a_recipe_run_stopped_part_way_continues_from_its_checkpoint(outputs, tm
     run = "streamed:0.5:distill=0.9,distill_top_k=8"  # progressive shrinking, top-k kept beside the checkpoints
     monkeypatch.setattr(recipes, "CHECKPOINT_EVERY", 1)
     recipes.main([*argv, f"whole={run}"])
+    assert len(list((tmp_path / "ck" / "teacher-cache").glob("*/COMPLETE"))) == 1
+    # later runs on the same windows read it back
+    monkeypatch.setattr(teacher_cache, "_fill", lambda *a, **k: pytest.fail("the dense model's top-k ran again"))
 
     class Killed(Exception):
         pass
