@@ -598,6 +598,13 @@ CLAIMS = [
     Claim("Quality", "At 50% on seeds 0, 1 and 2: `--allocation layer` (the default) vs `global --cooldown 0.2`, "
           "PTB test / pydoc / jargon perplexity over the dense model's", lambda r: seed_by_seed(
               r, "streamed50-kd256a90-500{seed}", "streamed50-kd256a90-500{seed}-global-c20"), "recipes#general"),
+    Claim("Quality", "At 50% on seed 1 (the worst of the three under `global --cooldown 0.2`), that recipe as it is vs "
+          "with `--distill 1 --min-keep 0.3` vs `--lora-r 32 --lora-alpha 64` vs `--lr 1e-3`: PTB test / pydoc / "
+          "jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed)",
+          lambda r: " vs ".join(ratios_and_removed(r, f"streamed50-kd256a{run}") for run in (
+              "90-500-s1-global-c20", "100-500-s1-global-c20-mk30", "90-500-s1-global-c20-r32",
+              "90-500-s1-global-c20-lr1e3")),
+          "recipes#general"),
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed), for "
           "`streamed` (the default) vs `lora` vs `gradient`", lambda r: " vs ".join(
