@@ -107,9 +107,9 @@ class Checkpointer:
 
     def kept_folder(self, name: str) -> Path:
         """The folder `name` among the checkpoints, for what the run computes once before training and
-        `--resume` should read back (the dense model's top-k: teacher_cache.py), and its work in progress
-        (partial_folder). What they hold says what it was computed from: its user reads it back only
-        if that is what it would compute, whichever run left it."""
+        `--resume` should read back (the dense model's top-k: teacher_cache.py), with its work in
+        progress inside. What it holds says what it was computed from: its user reads it back only if
+        that is what it would compute, whichever run left it."""
         folder = self.directory / name
         self.kept.append(folder)
         return folder
@@ -119,7 +119,6 @@ class Checkpointer:
         if not has_checkpoints(self.directory):
             for folder in self.kept:
                 shutil.rmtree(folder, ignore_errors=True)
-                shutil.rmtree(partial_folder(folder), ignore_errors=True)
 
     def due(self, step: int, last_step: int) -> bool:
         return self.interrupted or (self.every is not None and (step % self.every == 0 or step == last_step))
