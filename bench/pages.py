@@ -605,6 +605,10 @@ CLAIMS = [
               "90-500-s1-global-c20", "100-500-s1-global-c20-mk30", "90-500-s1-global-c20-r32",
               "90-500-s1-global-c20-lr1e3")),
           "recipes#general"),
+    Claim("Quality", "At 50% on seed 2, `global --cooldown 0.2` vs the same with `--lr 1e-3`: PTB test / pydoc / "
+          "jargon perplexity over the dense model's", lambda r: " vs ".join(general_text_ratios(r, run, tuned=False)
+              for run in ("streamed50-kd256a90-500-s2-global-c20", "streamed50-kd256a90-500-s2-global-c20-lr1e3")),
+          "recipes#general"),
     Claim("Quality", "The default recipe on Gemma 3 270M, 20% of the groups, 500 steps, first 100 windows: PTB test "
           "/ pydoc / jargon perplexity over the dense model's; gcide (tuned) vs dense (parameters removed), for "
           "`streamed` (the default) vs `lora` vs `gradient`", lambda r: " vs ".join(
